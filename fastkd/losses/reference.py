@@ -1,0 +1,317 @@
+"""Pure-PyTorch reference of every loss in fastkd: the executable form of ``shared/spec/methods.md``.
+
+Everything here works on 2-D logits ``(N, C)`` (the public API flattens leading dimensions),
+upcasts to at least fp32 before any exponential or reduction, and returns **per-row** values
+(shape ``(N,)``, dtype fp32 or fp64) unless a function says otherwise. Reductions and input
+validation live in :mod:`fastkd.losses.functional`; this module assumes valid inputs.
+
+Conventions shared with the Triton kernels (the kernels are tested against this file):
+
+* A row whose label equals ``ignore_index`` contributes 0 to CE and to every label-dependent KD
+  term (ATS, ISATS, DKD), and gets a zero gradient.
+* ``-inf`` logits are "masked" classes. A class whose teacher probability is exactly 0
+  contributes 0 to a KL sum (``0 * log 0 = 0``), also where the student logit is ``-inf`` at
+  the same place. A class the teacher gives mass but the student masks makes the row ``+inf``.
+* NaN in a row's logits makes that row's loss NaN (it is never hidden); other rows are untouched.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "upcast",
+    "cross_entropy",
+    "kd",
+    "ats_teacher_log_probs",
+    "ats",
+    "isats_default_candidates",
+    "isats_select_tau",
+    "isats",
+    "dkd_parts",
+    "dkd",
+    "dkd_warmup_weight",
+    "dist",
+    "tolerant_gap",
+    "tolerant_teacher_loss",
+    "linear_cka",
+]
+
+
+def upcast(x: Tensor) -> Tensor:
+    """fp16/bf16 -> fp32; fp32 and fp64 are kept (fp64 is how tests build the exact reference)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _valid_rows(target: Tensor, ignore_index: int) -> Tensor:
+    return target != ignore_index
+
+
+def _safe_target(target: Tensor, ignore_index: int) -> Tensor:
+    """Labels usable for gather: ignored rows point at class 0 (their result is masked out)."""
+    return torch.where(target == ignore_index, torch.zeros_like(target), target).long()
+
+
+def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """sum_i p_i (log p_i - log q_i) per row with the 0 * log 0 = 0 convention."""
+    p = log_p.exp()
+    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    return terms.sum(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Cross-entropy
+# --------------------------------------------------------------------------------------------
+def cross_entropy(z: Tensor, target: Tensor, label_smoothing: float = 0.0, ignore_index: int = -100) -> Tensor:
+    """Per-row CE = LSE(z) - sum_i t_i z_i with target t = (1-eps) e_y + eps/C; ignored rows 0."""
+    z = upcast(z)
+    C = z.shape[-1]
+    valid = _valid_rows(target, ignore_index)
+    y = _safe_target(target, ignore_index)
+    lse = torch.logsumexp(z, dim=-1)
+    z_y = z.gather(-1, y[:, None]).squeeze(-1)
+    ce = lse - z_y
+    if label_smoothing:
+        eps = float(label_smoothing)
+        # (1-eps)(LSE - z_y) + eps * (LSE - mean(z)): the smoothed target's CE.
+        ce = (1.0 - eps) * ce + eps * (lse - z.sum(-1) / C)
+    return torch.where(valid, ce, torch.zeros_like(ce))
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Vanilla KD
+# --------------------------------------------------------------------------------------------
+def kd(z: Tensor, v: Tensor, temperature: float = 1.0) -> Tensor:
+    """Per-row T^2 * KL(sm(v/T) || sm(z/T))."""
+    z, v = upcast(z), upcast(v)
+    T = float(temperature)
+    log_ps = torch.log_softmax(z / T, dim=-1)
+    log_pt = torch.log_softmax(v / T, dim=-1)
+    return T * T * _kl_rows(log_pt, log_ps)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. ATS and ISATS
+# --------------------------------------------------------------------------------------------
+def ats_teacher_log_probs(v: Tensor, target: Tensor, tau_target, tau_other, ignore_index: int = -100) -> Tensor:
+    """log q with q = sm(v_c / tau_c), tau_c = tau_target on the label, tau_other elsewhere.
+
+    ``tau_other`` may be a float or a per-row tensor of shape (N,) (ISATS). Ignored rows are
+    computed with class 0 as their "target" (their value is masked out by the callers).
+    """
+    v = upcast(v)
+    y = _safe_target(target, ignore_index)
+    on_target = torch.zeros_like(v, dtype=torch.bool)
+    on_target.scatter_(-1, y[:, None], True)
+    if isinstance(tau_other, Tensor):
+        tau_o = tau_other.to(v.dtype)[:, None]
+    else:
+        tau_o = torch.full((), float(tau_other), dtype=v.dtype, device=v.device)
+    tau_t = torch.full((), float(tau_target), dtype=v.dtype, device=v.device)
+    scaled = torch.where(on_target, v / tau_t, v / tau_o)
+    return torch.log_softmax(scaled, dim=-1)
+
+
+def ats(
+    z: Tensor,
+    v: Tensor,
+    target: Tensor,
+    tau_target: float = 4.0,
+    tau_other=2.0,
+    student_temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Per-row ATS = s^2 * KL(q || sm(z/s)); ignored rows 0. ``tau_other`` float or (N,)."""
+    z = upcast(z)
+    s = float(student_temperature)
+    log_q = ats_teacher_log_probs(v, target, tau_target, tau_other, ignore_index).to(z.dtype)
+    log_ps = torch.log_softmax(z / s, dim=-1)
+    out = s * s * _kl_rows(log_q, log_ps)
+    return torch.where(_valid_rows(target, ignore_index), out, torch.zeros_like(out))
+
+
+def isats_default_candidates(tau_target: float, n: int = 16) -> list[float]:
+    """The default ISATS grid: ``n`` values evenly spaced in [0.5, tau_target]."""
+    lo = min(0.5, float(tau_target))
+    return torch.linspace(lo, float(tau_target), n, dtype=torch.float64).tolist()
+
+
+def isats_select_tau(
+    v: Tensor,
+    target: Tensor,
+    tau_target: float = 4.0,
+    candidates: Optional[Sequence[float]] = None,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Per-row ``tau_other`` chosen from ``candidates`` (no gradient).
+
+    Maximises the (population) variance of q's C-1 wrong-class probabilities subject to the
+    true class staying q's arg-max (``v_y / tau_target >= max_{c != y} v_c / t``).
+    Ties go to the first (in the given order) candidate. A row where no candidate keeps the
+    label on top (the teacher is wrong) gets the largest candidate, the one closest to plain
+    KD. Ignored rows get the largest candidate too (their loss is 0 regardless).
+    """
+    if candidates is None:
+        candidates = isats_default_candidates(tau_target)
+    v = upcast(v).detach()
+    if v.dtype != torch.float64:
+        v = v.double()
+    N, C = v.shape
+    y = _safe_target(target, ignore_index)
+    on_target = torch.zeros_like(v, dtype=torch.bool)
+    on_target.scatter_(-1, y[:, None], True)
+    v_y = v.gather(-1, y[:, None]).squeeze(-1)
+    v_wrong_max = torch.where(on_target, torch.full_like(v, -math.inf), v).amax(-1)
+    best_var = torch.full((N,), -math.inf, dtype=v.dtype, device=v.device)
+    best_tau = torch.full((N,), float(max(candidates)), dtype=v.dtype, device=v.device)
+    for t in candidates:
+        log_q = ats_teacher_log_probs(v, target, tau_target, float(t), ignore_index)
+        q = log_q.exp()
+        wrong = torch.where(on_target, torch.zeros_like(q), q)
+        mean = wrong.sum(-1) / (C - 1)
+        var = (torch.where(on_target, torch.zeros_like(q), (q - mean[:, None]) ** 2)).sum(-1) / (C - 1)
+        ok = v_y / float(tau_target) >= v_wrong_max / float(t)
+        better = ok & (var > best_var)
+        best_var = torch.where(better, var, best_var)
+        best_tau = torch.where(better, torch.full_like(best_tau, float(t)), best_tau)
+    return best_tau
+
+
+def isats(
+    z: Tensor,
+    v: Tensor,
+    target: Tensor,
+    tau_target: float = 4.0,
+    candidates: Optional[Sequence[float]] = None,
+    student_temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Per-row ISATS: ATS with each row's ``tau_other`` from :func:`isats_select_tau`."""
+    tau = isats_select_tau(v, target, tau_target, candidates, ignore_index)
+    return ats(z, v, target, tau_target, tau.to(upcast(z).dtype), student_temperature, ignore_index)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. DKD
+# --------------------------------------------------------------------------------------------
+def dkd_parts(z: Tensor, v: Tensor, target: Tensor, temperature: float = 4.0, ignore_index: int = -100):
+    """Per-row (TCKD, NCKD), both without the T^2 factor, through log-sum-exp forms."""
+    z, v = upcast(z), upcast(v)
+    T = float(temperature)
+    y = _safe_target(target, ignore_index)
+    on_target = torch.zeros_like(z, dtype=torch.bool)
+    on_target.scatter_(-1, y[:, None], True)
+
+    def split(x):
+        x = x / T
+        lse = torch.logsumexp(x, dim=-1)
+        x_nt = torch.where(on_target, torch.full_like(x, -math.inf), x)
+        lse_nt = torch.logsumexp(x_nt, dim=-1)
+        log_p_y = x.gather(-1, y[:, None]).squeeze(-1) - lse
+        log_1m_p_y = lse_nt - lse
+        log_hat = x_nt - lse_nt[:, None]  # log p^ over non-target classes (-inf on y)
+        return log_p_y, log_1m_p_y, log_hat
+
+    s_y, s_ny, s_hat = split(z)
+    t_y, t_ny, t_hat = split(v)
+    b_t = torch.stack([t_y, t_ny], -1)
+    b_s = torch.stack([s_y, s_ny], -1)
+    tckd = _kl_rows(b_t, b_s)
+    nckd = _kl_rows(t_hat, s_hat)
+    valid = _valid_rows(target, ignore_index)
+    zero = torch.zeros_like(tckd)
+    return torch.where(valid, tckd, zero), torch.where(valid, nckd, zero)
+
+
+def dkd(
+    z: Tensor,
+    v: Tensor,
+    target: Tensor,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Per-row DKD = T^2 (alpha TCKD + beta NCKD) (the warm-up weight is applied by callers)."""
+    tckd, nckd = dkd_parts(z, v, target, temperature, ignore_index)
+    T = float(temperature)
+    return T * T * (float(alpha) * tckd + float(beta) * nckd)
+
+
+def dkd_warmup_weight(epoch: float, warmup_epochs: float) -> float:
+    """min(epoch / warmup, 1); no warm-up (``warmup_epochs <= 0``) gives 1."""
+    if warmup_epochs <= 0:
+        return 1.0
+    return float(min(max(epoch, 0.0) / warmup_epochs, 1.0))
+
+
+# --------------------------------------------------------------------------------------------
+# 5. DIST
+# --------------------------------------------------------------------------------------------
+def _pearson(a: Tensor, b: Tensor, dim: int, eps: float = 1e-8) -> Tensor:
+    a = a - a.mean(dim, keepdim=True)
+    b = b - b.mean(dim, keepdim=True)
+    return (a * b).sum(dim) / (a.norm(dim=dim) * b.norm(dim=dim) + eps)
+
+
+def dist(zs: Tensor, zt: Tensor, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0) -> Tensor:
+    """DIST as one scalar: tau^2 (beta (1 - mean_b rho_rows) + gamma (1 - mean_c rho_cols))."""
+    zs, zt = upcast(zs), upcast(zt)
+    tau = float(temperature)
+    ys = torch.softmax(zs / tau, dim=-1)
+    yt = torch.softmax(zt / tau, dim=-1)
+    inter = 1.0 - _pearson(ys, yt, dim=1).mean()
+    intra = 1.0 - _pearson(ys, yt, dim=0).mean()
+    return tau * tau * (float(beta) * inter + float(gamma) * intra)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Tolerant teacher (our reconstruction: the paper's exact term is not available to us)
+# --------------------------------------------------------------------------------------------
+def tolerant_gap(z: Tensor, k: int = 5) -> Tensor:
+    """Per-row top-1 logit minus the mean of the next ``k-1`` largest logits.
+
+    Our reconstruction of the "tolerant teacher" (Yang et al. 2018) confidence-gap term; the
+    paper's exact term is not available to us. Needs ``2 <= k <= C``.
+    """
+    z = upcast(z)
+    top = z.topk(k, dim=-1).values
+    return top[:, 0] - top[:, 1:].mean(-1)
+
+
+def tolerant_teacher_loss(
+    logits: Tensor,
+    target: Tensor,
+    eta: float = 0.5,
+    k: int = 5,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Teacher-training loss CE + eta * gap, mean over non-ignored rows (scalar)."""
+    ce = cross_entropy(logits, target, label_smoothing, ignore_index)
+    gap = tolerant_gap(logits, k)
+    valid = _valid_rows(target, ignore_index)
+    per_row = torch.where(valid, ce + float(eta) * gap, torch.zeros_like(ce))
+    return per_row.sum() / valid.sum().clamp_min(1)
+
+
+# --------------------------------------------------------------------------------------------
+# 8. Linear CKA (for DPK's mixing ratio)
+# --------------------------------------------------------------------------------------------
+def linear_cka(x: Tensor, y: Tensor, eps: float = 1e-12) -> Tensor:
+    """||X^T Y||_F^2 / (||X^T X||_F ||Y^T Y||_F) on column-centred X (n, p), Y (n, q)."""
+    x = upcast(x).flatten(1)
+    y = upcast(y).flatten(1)
+    x = x - x.mean(0, keepdim=True)
+    y = y - y.mean(0, keepdim=True)
+    if x.shape[0] < max(x.shape[1], y.shape[1]):
+        # Same value through the n x n Gram matrices: ||X^T Y||_F^2 = <XX^T, YY^T>_F and
+        # ||X^T X||_F = ||X X^T||_F. Cheaper when features are wider than the batch.
+        kx, ky = x @ x.T, y @ y.T
+        return (kx * ky).sum() / (kx.norm() * ky.norm() + eps)
+    num = (x.T @ y).square().sum()
+    den = (x.T @ x).norm() * (y.T @ y).norm()
+    return num / (den + eps)
