@@ -58,7 +58,8 @@ def _safe_target(target: Tensor, ignore_index: int) -> Tensor:
 def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
     """sum_i p_i (log p_i - log q_i) per row with the 0 * log 0 = 0 convention."""
     p = log_p.exp()
-    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    # ``p == 0`` (not ``p > 0``): a NaN probability must stay NaN, never be zeroed away.
+    terms = torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_q))
     return terms.sum(-1)
 
 
