@@ -1,0 +1,9 @@
+"""Fused Triton kernels for fastkd (installed as ``fastkd.kernels``).
+
+Importing this package defines the Triton kernels; under ``TRITON_INTERPRET=1`` (set before
+the import) they run on CPU tensors in Triton's interpreter, otherwise on CUDA tensors.
+"""
+from .dist import fused_dist
+from .kd_softmax_kl import KDSoftmaxKLFunction, fused_distill
+
+__all__ = ["fused_distill", "fused_dist", "KDSoftmaxKLFunction"]
