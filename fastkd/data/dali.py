@@ -1,0 +1,250 @@
+"""The NVIDIA DALI backend.
+
+Pipeline (one per pass over a shard plan; built with ``enable_checkpointing=True``):
+
+* ``fn.readers.file`` reads the shard's files in the order of :func:`fastkd.data.index.shard_plan`
+  (DALI's own shuffling and sharding are off: we hand it the exact list, so DALI and the torch
+  backend read the same samples, and the order is fixed by seed and epoch). Its "label" output is
+  the sample's position in that list; labels, validity flags and dataset indices are looked up
+  from it in Python.
+* Train: ``fn.decoders.image_random_crop`` decodes only the random window (area 0.08-1,
+  aspect 3/4-4/3; nvJPEG on the GPU with ``device="mixed"``), then one ``fn.resize`` per output
+  size and one ``fn.crop_mirror_normalize`` per view with a shared ``fn.random.coin_flip``: the
+  teacher view is cut from the same window with the same flip, never a second random crop.
+* Validation: decode, resize the shorter side to ``image_size / 0.875``, centre crop.
+* Output NCHW, or NHWC memory (channels_last), in fp32/fp16 straight from DALI; DALI has no bf16
+  output, so bf16 is produced from its fp32 output on the device (said once in the log).
+
+Without a GPU (or on a CPU device) the same graph runs CPU-only: ``device_id=None``, CPU decoders.
+
+Resume: a state_dict taken mid-epoch carries the DALI pipeline checkpoint (reader position and the
+states of every random generator), so a resumed run produces the very same batches. A state
+without a usable checkpoint (taken by the torch backend, or with other pipeline settings) resumes
+at the same remaining samples with fresh augmentation draws.
+
+Corrupt files: a decoding error stops a DALI pipeline, so the files of the failing batches are
+re-checked with PIL to name the culprit; with ``skip_corrupt`` the pass continues from there
+with a new pipeline that leaves the file out (the following batches re-align to full size).
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from .._compat import log_once
+from .index import TRAIN_RATIO, TRAIN_SCALE, ShardPlan, derive_seed, val_resize_size
+from .loader import Batch, BaseLoader
+
+logger = logging.getLogger("fastkd")
+
+# Batches DALI may be working on ahead of the one that failed (pipeline prefetch plus the
+# reader's queue); the files of this many batches are re-checked when a decode fails.
+_SUSPECT_BATCHES = 4
+
+
+def _make_pipeline(files, *, train: bool, sizes: tuple, norms: list, decoder_device: str, on_gpu: bool,
+                   out_dtype: str, layout: str, batch_size: int, num_threads: int, device_id, seed: int,
+                   checkpoint: Optional[str]):
+    """Build the DALI pipeline for one pass over ``files`` (see the module docstring)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    dtype = {"float32": types.FLOAT, "float16": types.FLOAT16}[out_dtype]
+    op_device = "gpu" if on_gpu else "cpu"
+
+    @pipeline_def(batch_size=batch_size, num_threads=max(1, num_threads), device_id=device_id, seed=seed,
+                  enable_checkpointing=True, prefetch_queue_depth=2)
+    def pipeline():
+        # labels = position in ``files``: Python maps it back to label / validity / dataset index.
+        jpegs, pos = fn.readers.file(files=list(files), labels=list(range(len(files))), random_shuffle=False,
+                                     pad_last_batch=True, name="Reader")
+        # Fancy (smooth) chroma upsampling is what libjpeg, PIL and torchvision do; with it the
+        # CPU decoder matches PIL bit for bit.
+        if train:
+            images = fn.decoders.image_random_crop(
+                jpegs, device=decoder_device, output_type=types.RGB, random_area=list(TRAIN_SCALE),
+                random_aspect_ratio=list(TRAIN_RATIO), num_attempts=10, jpeg_fancy_upsampling=True)
+        else:
+            images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB,
+                                       jpeg_fancy_upsampling=True)
+        if on_gpu and decoder_device == "cpu":
+            images = images.gpu()
+        # subpixel_scale=False: scale = input / rounded output size, as PIL and torchvision resize.
+        resize = dict(device=op_device, interp_type=types.INTERP_LINEAR, antialias=True, subpixel_scale=False)
+        if train:
+            mirror = fn.random.coin_flip(probability=0.5)
+            resized = [fn.resize(images, resize_x=s, resize_y=s, **resize) for s in sizes]
+            crop = {}
+        else:
+            mirror = 0
+            resized = [fn.resize(images, resize_shorter=val_resize_size(s), **resize) for s in sizes]
+        outs = []
+        for size_idx, mean, std in norms:
+            if not train:
+                crop = dict(crop=(sizes[size_idx], sizes[size_idx]), crop_pos_x=0.5, crop_pos_y=0.5)
+            outs.append(fn.crop_mirror_normalize(
+                resized[size_idx], device=op_device, dtype=dtype, output_layout=layout, mirror=mirror,
+                mean=[255.0 * m for m in mean], std=[255.0 * s for s in std], **crop))
+        return (*outs, pos)
+
+    return pipeline(checkpoint=checkpoint) if checkpoint is not None else pipeline()
+
+
+def _pil_error(path: str) -> Optional[str]:
+    """Why PIL cannot decode ``path``, or None when it can."""
+    from .torch_loader import _open_rgb
+
+    try:
+        _open_rgb(path)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+class DaliLoader(BaseLoader):
+    backend = "dali"
+
+    def __init__(self, index, spec, *, gpu_decode: bool = True):
+        super().__init__(index, spec, num_samples_total=len(index), classes=index.classes)
+        import nvidia.dali  # noqa: F401  (fail early, in the caller, when it is missing)
+
+        self._on_gpu = spec.device.type == "cuda"
+        self._decoder_device = "mixed" if self._on_gpu and gpu_decode else "cpu"
+        views = [spec.student]
+        if spec.teacher is not None and not spec.teacher_is_student:
+            views.append(spec.teacher)
+        self._sizes = tuple(dict.fromkeys(v.size for v in views))
+        self._norms = [(self._sizes.index(v.size), v.mean, v.std) for v in views]
+        self._out_dtype = "float16" if spec.dtype == torch.float16 else "float32"
+        if spec.dtype == torch.bfloat16:
+            log_once("fastkd.data: DALI has no bfloat16 output; it normalises to fp32 and the batch is "
+                     "cast to bf16 on the device (same values, one extra pass)")
+        self._layout = "HWC" if spec.channels_last else "CHW"
+        self._names = [f"view{i}" for i in range(len(views))] + ["pos"]
+        # Identifies the pipeline graph: a checkpoint only restores into an identical one.
+        self._config_id = hashlib.sha1(json.dumps(
+            [spec.train, self._sizes, self._norms, self._decoder_device, self._out_dtype, self._layout],
+            default=str).encode()).hexdigest()[:16]
+        self._active = None  # the running pass: {"it", "start", "excluded", "consumed"}
+
+    # ---- one pass ------------------------------------------------------------------------------
+    def _build(self, plan: ShardPlan, start: int, excluded: list, checkpoint: Optional[str] = None):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        s = self.spec
+        entries = self._entries(plan, start, excluded)
+        pipe = _make_pipeline(
+            [self.index.paths[i] for i in plan.indices[entries]], train=s.train, sizes=self._sizes,
+            norms=self._norms, decoder_device=self._decoder_device, on_gpu=self._on_gpu,
+            out_dtype=self._out_dtype, layout=self._layout, batch_size=s.batch_size, num_threads=s.num_threads,
+            device_id=s.device.index if self._on_gpu else None,
+            seed=derive_seed(s.seed, plan.epoch, s.shard_id, start), checkpoint=checkpoint)
+        # The epoch length comes from the reader (reader_name); PARTIAL keeps the last, short batch.
+        # prepare_first_batch=False: the first batch would run inside the constructor, where a
+        # decode error would escape the recovery in _run.
+        it = DALIGenericIterator([pipe], self._names, reader_name="Reader", last_batch_policy=LastBatchPolicy.PARTIAL,
+                                 auto_reset=False, prepare_first_batch=False)
+        return {"it": it, "entries": entries, "start": start, "excluded": excluded, "consumed": 0}
+
+    def _entries(self, plan: ShardPlan, start: int, excluded: list) -> np.ndarray:
+        entries = np.arange(start, len(plan), dtype=np.int64)
+        if excluded:
+            entries = entries[~np.isin(plan.indices[entries], np.asarray(excluded, dtype=np.int64))]
+        return entries
+
+    def _run(self, plan: ShardPlan, start: int, resume_extra: Optional[dict]) -> Iterator[tuple[Batch, int]]:
+        active = self._restore(plan, start, resume_extra)
+        if active is None:
+            entries = self._readable_entries(plan, start)
+            if len(entries) == 0:
+                return
+            active = self._build(plan, int(entries[0]), sorted(self._skipped))
+        self._active = active
+        try:
+            while active["consumed"] < len(active["entries"]):
+                try:
+                    out = next(active["it"])[0]
+                except StopIteration:
+                    break
+                except RuntimeError as exc:  # DALI stops on a file it cannot decode
+                    active = self._recover(plan, active, exc)
+                    self._active = active
+                    continue
+                pos = out["pos"].view(-1).numpy().astype(np.int64)
+                entries = active["entries"][pos]
+                active["consumed"] = int(pos[-1]) + 1
+                labels, valid, indices = self._labels_valid_indices(plan, entries)
+                views = [self._finish(out[name]) for name in self._names[:-1]]
+                teacher = None
+                if self.spec.teacher is not None:
+                    teacher = views[0] if self.spec.teacher_is_student else views[1]
+                left = active["entries"][active["consumed"]:]
+                position = int(left[0]) if len(left) else len(plan)
+                yield (Batch(images=views[0], labels=self._to_device(labels), teacher_images=teacher,
+                             valid=self._to_device(valid), indices=indices), position)
+        finally:
+            if self._active is active:  # a newer pass may have replaced it already
+                self._active = None
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        if self._layout == "HWC":
+            x = x.permute(0, 3, 1, 2)  # NCHW view of NHWC memory: channels_last
+        if self.spec.dtype == torch.bfloat16:
+            x = x.to(torch.bfloat16)  # keeps the memory format
+        return x
+
+    def _recover(self, plan: ShardPlan, active: dict, exc: RuntimeError) -> dict:
+        """A decode error: name the file (and raise), or skip it and rebuild from the failed batch."""
+        left = active["entries"][active["consumed"]:]
+        suspects = left[: _SUSPECT_BATCHES * self.spec.batch_size]
+        bad = []
+        for k in suspects:
+            index = int(plan.indices[k])
+            error = _pil_error(self.index.paths[index])
+            if error is not None:
+                bad.append((index, error))
+        if not bad:
+            names = ", ".join(repr(self.index.paths[int(plan.indices[k])]) for k in suspects[:8])
+            raise RuntimeError(f"DALI failed while reading these files (PIL decodes them all, so the failure "
+                               f"is DALI's): {names} ...\n{exc}") from exc
+        for index, error in bad:
+            self._skip_or_raise(index, error)  # raises CorruptImageError unless skip_corrupt
+        active["it"] = None  # the failed pipeline is unusable; drop it before building the next
+        entries = self._readable_entries(plan, int(left[0]))
+        if len(entries) == 0:
+            return {"it": iter(()), "entries": entries, "start": len(plan), "excluded": [], "consumed": 0}
+        return self._build(plan, int(entries[0]), sorted(self._skipped))
+
+    # ---- resume --------------------------------------------------------------------------------
+    def _extra_state(self) -> dict:
+        active = self._active
+        if active is None or not hasattr(active["it"], "checkpoints"):
+            return {}
+        checkpoint = active["it"].checkpoints()[0]
+        if isinstance(checkpoint, bytes):
+            checkpoint = "b64:" + base64.b64encode(checkpoint).decode("ascii")
+        return {"dali_checkpoint": checkpoint, "dali_config": self._config_id, "dali_start": active["start"],
+                "dali_excluded": list(active["excluded"]), "dali_consumed": active["consumed"]}
+
+    def _restore(self, plan: ShardPlan, start: int, extra: Optional[dict]) -> Optional[dict]:
+        if not extra or "dali_checkpoint" not in extra:
+            return None
+        if extra.get("dali_config") != self._config_id:
+            log_once("fastkd.data: the DALI checkpoint in the loader state was made with other pipeline settings; "
+                     "resuming at the same samples with fresh augmentation draws")
+            return None
+        checkpoint = extra["dali_checkpoint"]
+        if isinstance(checkpoint, str) and checkpoint.startswith("b64:"):
+            checkpoint = base64.b64decode(checkpoint[4:])
+        active = self._build(plan, int(extra["dali_start"]), [int(i) for i in extra["dali_excluded"]],
+                             checkpoint=checkpoint)
+        active["consumed"] = int(extra["dali_consumed"])
+        left = active["entries"][active["consumed"]:]
+        if (int(left[0]) if len(left) else len(plan)) != start:
+            raise ValueError("loader state is inconsistent: its DALI checkpoint does not resume at its position")
+        return active

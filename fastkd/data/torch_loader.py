@@ -1,0 +1,299 @@
+"""The torch backend: a DataLoader over a shard plan, decoding with PIL or on the GPU.
+
+CPU decoding (default on a CPU device): DataLoader workers open each file with PIL (which
+handles grayscale, CMYK and EXIF orientation), cut the crop window, resize with PIL's
+antialiased bilinear filter, and return uint8 HWC arrays; the main process moves the batch
+(from pinned memory) to the device and normalises it there.
+
+GPU decoding (``gpu_decode``, default on a CUDA device): workers only read the file bytes and the
+EXIF orientation; the main process decodes the batch with nvJPEG through
+``torchvision.io.decode_jpeg(device="cuda")`` and crops / resizes each image on the GPU. Files
+nvJPEG cannot decode (CMYK JPEGs, PNGs, ...) are decoded by PIL instead, said once in the log.
+
+Augmentation randomness is keyed per sample on ``(seed, epoch, position in the epoch order)``
+(a numpy generator per sample, see :func:`crop_window`), so it does not depend on the number of
+workers or shards,
+and a resumed run draws exactly the crops an uninterrupted one would. The student and teacher
+views are cut from the same window with the same flip.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from .._compat import log_once
+from .index import (
+    TRAIN_RATIO,
+    TRAIN_SCALE,
+    ShardPlan,
+    center_crop_offset,
+    derive_seed,
+    shorter_side_size,
+    val_resize_size,
+)
+from .loader import Batch, BaseLoader, Normalizer
+
+logger = logging.getLogger("fastkd")
+
+# EXIF orientation tag -> (transpose before flips?, flip left-right, flip top-bottom), as PIL's
+# ImageOps.exif_transpose applies them; used to orient GPU-decoded images.
+_EXIF_ORIENTATION_TAG = 0x0112
+
+
+def crop_window(height: int, width: int, seed: int, epoch: int, key: int) -> tuple[int, int, int, int, bool]:
+    """(top, left, h, w, flip) of a training crop, drawn from a generator keyed on the sample.
+
+    The algorithm of torchvision's ``RandomResizedCrop.get_params`` (area 0.08-1 of the image,
+    log-uniform aspect ratio 3/4-4/3, 10 attempts, then the largest centred crop with the ratio
+    clamped), written against a per-sample numpy generator: torchvision's version draws from the
+    global torch RNG, and reseeding that per sample costs milliseconds (tiny torch ops contend
+    for intra-op threads), more than decoding a small JPEG.
+    """
+    rng = np.random.default_rng(derive_seed(seed, epoch, key))
+    area = height * width
+    log_ratio = (math.log(TRAIN_RATIO[0]), math.log(TRAIN_RATIO[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*TRAIN_SCALE)
+        ratio = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * ratio)))
+        h = int(round(math.sqrt(target_area / ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            break
+    else:  # fallback: central crop
+        in_ratio = width / height
+        if in_ratio < TRAIN_RATIO[0]:
+            w, h = width, int(round(width / TRAIN_RATIO[0]))
+        elif in_ratio > TRAIN_RATIO[1]:
+            h, w = height, int(round(height * TRAIN_RATIO[1]))
+        else:
+            w, h = width, height
+        top, left = (height - h) // 2, (width - w) // 2
+    return top, left, h, w, bool(rng.random() < 0.5)
+
+
+def _open_rgb(source):
+    """Decode a file (path or file object) with PIL to an oriented RGB image; errors propagate."""
+    from PIL import Image, ImageOps
+
+    with Image.open(source) as im:
+        im.load()  # decode now: a truncated or corrupt file fails here, not later
+        im = ImageOps.exif_transpose(im)
+        return im.convert("RGB")
+
+
+class _PlanDataset(torch.utils.data.Dataset):
+    """Maps a key ``(dataset index, entry, order position, epoch)`` to a decoded sample.
+
+    Returns ``(entry, dataset index, payload, error)``: ``error`` is None or the reason the file
+    could not be read; the main process decides whether that is fatal (workers never drop data).
+    """
+
+    def __init__(self, paths, *, train: bool, seed: int, sizes: tuple, raw_bytes: bool):
+        self.paths = paths
+        self.train = train
+        self.seed = seed
+        self.sizes = sizes  # output sides: (student,) or (student, teacher)
+        self.raw_bytes = raw_bytes
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key):
+        index, entry, order_pos, epoch = key
+        path = self.paths[index]
+        if self.raw_bytes:
+            return self._read_bytes(entry, index, path)
+        try:
+            img = _open_rgb(path)
+        except Exception as exc:  # any decoder failure is reported, with the file, to the main process
+            return entry, index, None, f"{type(exc).__name__}: {exc}"
+        return entry, index, self._views(img, epoch, order_pos), None
+
+    def _views(self, img, epoch: int, order_pos: int) -> list:
+        import torchvision.transforms.functional as F
+        from torchvision.transforms import InterpolationMode
+
+        bilinear = InterpolationMode.BILINEAR
+        width, height = img.size
+        out = []
+        if self.train:
+            top, left, h, w, flip = crop_window(height, width, self.seed, epoch, order_pos)
+            for size in self.sizes:  # every view from the same window and flip
+                view = F.resized_crop(img, top, left, h, w, [size, size], interpolation=bilinear, antialias=True)
+                out.append(np.asarray(F.hflip(view) if flip else view))
+        else:
+            for size in self.sizes:
+                rh, rw = shorter_side_size(height, width, val_resize_size(size))
+                view = F.resize(img, [rh, rw], interpolation=bilinear, antialias=True)
+                view = F.crop(view, center_crop_offset(rh, size), center_crop_offset(rw, size), size, size)
+                out.append(np.asarray(view))
+        return out
+
+    def _read_bytes(self, entry, index, path):
+        from PIL import Image
+
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+            orientation = 1
+            try:  # header-only parse; the GPU decoder does not apply EXIF orientation itself
+                with Image.open(io.BytesIO(data)) as im:
+                    orientation = int(im.getexif().get(_EXIF_ORIENTATION_TAG, 1))
+            except Exception:
+                pass  # an unparsable header is the decoder's problem, reported there
+        except OSError as exc:
+            return entry, index, None, f"{type(exc).__name__}: {exc}"
+        return entry, index, (torch.frombuffer(bytearray(data), dtype=torch.uint8), orientation), None
+
+
+def _collate(items):
+    ok = [it for it in items if it[3] is None]
+    batch = {"entries": torch.tensor([it[0] for it in ok], dtype=torch.int64),
+             "bad": [(it[0], it[1], it[3]) for it in items if it[3] is not None]}
+    if ok and isinstance(ok[0][2], tuple):  # raw bytes for GPU decoding
+        batch["data"] = [it[2][0] for it in ok]
+        batch["orientation"] = [it[2][1] for it in ok]
+    elif ok:
+        batch["views"] = [torch.from_numpy(np.stack([it[2][v] for it in ok])) for v in range(len(ok[0][2]))]
+    return batch
+
+
+class _PlanBatchSampler:
+    """Yields the key lists of the pass being run; read in the main process on every ``iter``."""
+
+    def __init__(self):
+        self.batches: list = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _orient(img: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Apply an EXIF orientation (1..8) to a (C, H, W) tensor, as PIL's exif_transpose does."""
+    if orientation in (2, 4, 5, 7):  # these include a mirror
+        img = img.flip(-1)
+    # rotations (counter-clockwise quarter turns) after the mirror, matching PIL's transpose table
+    turns = {3: 2, 4: 2, 5: 1, 6: 3, 7: 3, 8: 1}.get(orientation, 0)
+    return torch.rot90(img, turns, dims=(-2, -1)) if turns else img
+
+
+class TorchLoader(BaseLoader):
+    backend = "torch"
+
+    def __init__(self, index, spec, *, gpu_decode: bool = False):
+        super().__init__(index, spec, num_samples_total=len(index), classes=index.classes)
+        import torchvision  # noqa: F401  (fail early, in the caller, when it is missing)
+
+        self.gpu_decode = bool(gpu_decode)
+        views = [spec.student]
+        if spec.teacher is not None and not spec.teacher_is_student:
+            views.append(spec.teacher)
+        # One resize per distinct size; the teacher may share the student's pixels and differ
+        # only in normalisation.
+        self._sizes = tuple(dict.fromkeys(v.size for v in views))
+        self._norms = [Normalizer(v, spec) for v in views]
+        self._view_of = [self._sizes.index(v.size) for v in views]
+        self._dataset = _PlanDataset(index.paths, train=spec.train, seed=spec.seed, sizes=self._sizes,
+                                     raw_bytes=self.gpu_decode)
+        self._sampler = _PlanBatchSampler()
+        workers = spec.num_threads
+        self._dataloader = torch.utils.data.DataLoader(
+            self._dataset, batch_sampler=self._sampler, num_workers=workers, collate_fn=_collate,
+            pin_memory=spec.device.type == "cuda", persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None)
+        if self.gpu_decode:
+            log_once("fastkd.data: torch backend decodes JPEGs on the GPU (nvJPEG via torchvision)")
+
+    def _run(self, plan: ShardPlan, start: int, resume_extra) -> Iterator[tuple[Batch, int]]:
+        bs = self.spec.batch_size
+        entries = self._readable_entries(plan, start)
+        chunks = [entries[i:i + bs] for i in range(0, len(entries), bs)]
+        self._sampler.batches = [[(int(plan.indices[k]), int(k), int(plan.keys[k]), plan.epoch) for k in chunk]
+                                 for chunk in chunks]
+        # The DataLoader keeps the order of the batch sampler (in_order=True), so chunk i <-> batch i.
+        for chunk, out in zip(chunks, self._dataloader):
+            for _entry, index, error in out["bad"]:
+                self._skip_or_raise(index, error)
+            if self.gpu_decode and out["entries"].numel():
+                views, ok = self._decode_on_gpu(plan, out)
+                out["entries"] = out["entries"][ok]
+                layout = "NCHW"
+            else:
+                views, layout = out.get("views"), "NHWC"
+            ok_entries = out["entries"].numpy()
+            if len(ok_entries) == 0:  # every file of this batch was corrupt and skipped
+                continue
+            labels, valid, indices = self._labels_valid_indices(plan, ok_entries)
+            images = [norm(views[v], layout) for norm, v in zip(self._norms, self._view_of)]
+            teacher = None
+            if self.spec.teacher is not None:
+                teacher = images[0] if self.spec.teacher_is_student else images[1]
+            yield (Batch(images=images[0], labels=self._to_device(labels), teacher_images=teacher,
+                         valid=self._to_device(valid), indices=indices), int(chunk[-1]) + 1)
+
+    # ---- GPU decoding ------------------------------------------------------------------------
+    def _decode_on_gpu(self, plan: ShardPlan, out: dict):
+        """Decode a batch of JPEG bytes with nvJPEG; returns (list of float views, kept mask)."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        dev = self.spec.device
+        data = out["data"]
+        try:
+            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=dev)
+        except RuntimeError:
+            decoded = [None] * len(data)  # find the files nvJPEG cannot take, one by one
+            for i, d in enumerate(data):
+                try:
+                    decoded[i] = decode_jpeg(d, mode=ImageReadMode.RGB, device=dev)
+                except RuntimeError:
+                    pass
+        entries = out["entries"].numpy()
+        keep = np.ones(len(data), dtype=bool)
+        per_view = [[] for _ in self._sizes]
+        for i, img in enumerate(decoded):
+            if img is None:
+                try:  # nvJPEG declines CMYK JPEGs and non-JPEG files: PIL decodes those
+                    img = torch.from_numpy(np.asarray(_open_rgb(io.BytesIO(data[i].numpy().tobytes()))))
+                    img = img.permute(2, 0, 1).to(dev, non_blocking=True)
+                    log_once("fastkd.data: some files are not nvJPEG-decodable (CMYK or non-JPEG); "
+                             "decoding those with PIL on the CPU")
+                except Exception as exc:
+                    keep[i] = False
+                    self._skip_or_raise(int(plan.indices[entries[i]]), f"{type(exc).__name__}: {exc}")
+                    continue
+            else:
+                img = _orient(img, out["orientation"][i])
+            for v, view in enumerate(self._gpu_views(img, plan.epoch, int(plan.keys[entries[i]]))):
+                per_view[v].append(view)
+        return [torch.stack(v) if v else None for v in per_view], torch.from_numpy(keep)
+
+    def _gpu_views(self, img: torch.Tensor, epoch: int, order_pos: int) -> list:
+        """Crop / resize one (3, H, W) uint8 CUDA image into float views in [0, 255]."""
+        import torch.nn.functional as F
+
+        _, height, width = img.shape
+        x = img.unsqueeze(0).float()
+        out = []
+        if self.spec.train:
+            top, left, h, w, flip = crop_window(height, width, self.spec.seed, epoch, order_pos)
+            window = x[:, :, top:top + h, left:left + w]
+            for size in self._sizes:
+                view = F.interpolate(window, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+                out.append((view.flip(-1) if flip else view)[0])
+        else:
+            for size in self._sizes:
+                rh, rw = shorter_side_size(height, width, val_resize_size(size))
+                view = F.interpolate(x, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
+                top, left = center_crop_offset(rh, size), center_crop_offset(rw, size)
+                out.append(view[0, :, top:top + size, left:left + size])
+        return out

@@ -1,0 +1,107 @@
+"""Indexing (ImageFolder, file lists), the shard plan, and the errors for bad data sets."""
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastkd.data import build_index, create_loader, shard_plan
+from fastkd.data.index import center_crop_offset, shorter_side_size, val_resize_size
+
+
+def test_image_folder_index_labels_follow_sorted_folders(image_folder, caplog):
+    with caplog.at_level(logging.WARNING, logger="fastkd"):
+        index = build_index(image_folder, train=False)
+    assert index.classes == ("cat", "dog", "eel")
+    assert len(index) == 21  # 18 position images + gray + cmyk + rotated
+    for path, label in zip(index.paths, index.labels):
+        assert Path(path).parent.name == index.classes[label]
+    assert list(index.labels) == sorted(index.labels)
+    assert "ignored 1 files" in caplog.text  # notes.txt is not silently dropped
+
+
+def test_split_root_is_resolved(tmp_path, image_folder):
+    (tmp_path / "train").symlink_to(image_folder)
+    (tmp_path / "val").symlink_to(image_folder)
+    index = build_index(tmp_path, train=True)
+    assert index.classes == ("cat", "dog", "eel") and len(index) == 21
+
+
+def test_file_list(tmp_path, image_folder):
+    index = build_index(image_folder, train=False)
+    rel = [Path(p).relative_to(image_folder) for p in index.paths[:5]]
+    (tmp_path / "data").symlink_to(image_folder)
+    lines = ["# comment", ""] + [f"data/{p} {7 - i}" for i, p in enumerate(rel)]
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    listed = build_index(tmp_path / "list.txt", train=True)
+    assert [Path(p).name for p in listed.paths] == [p.name for p in rel]
+    assert listed.labels.tolist() == [7, 6, 5, 4, 3]
+    assert listed.classes == tuple(str(i) for i in range(8))
+
+
+@pytest.mark.parametrize("content, match", [
+    ("data/missing.jpg 0\n", "missing files: .*missing.jpg"),
+    ("just_one_field\n", r"list.txt:1: expected 'path label'"),
+    ("a.jpg cat\n", "label 'cat' is not an integer"),
+    ("a.jpg -1\n", "negative"),
+    ("\n# nothing\n", "names no files"),
+])
+def test_file_list_errors(tmp_path, content, match):
+    (tmp_path / "list.txt").write_text(content)
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        build_index(tmp_path / "list.txt", train=True)
+
+
+def test_missing_root_and_empty_class_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        create_loader(tmp_path / "nope", train=True, batch_size=2, image_size=8, backend="torch")
+    with pytest.raises(FileNotFoundError, match="no class folders"):
+        build_index(tmp_path, train=True)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "x.jpg").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"class folder '.*/b' holds no images"):
+        build_index(tmp_path, train=True)
+
+
+def test_argument_errors(image_folder):
+    kw = dict(train=False, batch_size=4, image_size=16, backend="torch", device="cpu", num_threads=0)
+    with pytest.raises(ValueError, match="backend"):
+        create_loader(image_folder, **{**kw, "backend": "ffcv"})
+    with pytest.raises(ValueError, match=r"\[0, 1\] pixel units"):
+        create_loader(image_folder, **kw, mean=(123.7, 116.3, 103.5))
+    with pytest.raises(ValueError, match="shard_id"):
+        create_loader(image_folder, **kw, shard_id=2, num_shards=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        create_loader(image_folder, **{**kw, "batch_size": 0})
+    with pytest.raises(ValueError, match="cannot fill"):
+        create_loader(image_folder, **kw, num_shards=22)
+
+
+@pytest.mark.parametrize("n, shards", [(23, 2), (24, 4), (10, 3), (5, 5)])
+def test_shard_plan_covers_every_sample_once(n, shards):
+    plans = [shard_plan(n, shuffle=True, seed=3, epoch=1, shard_id=k, num_shards=shards) for k in range(shards)]
+    assert len({len(p) for p in plans}) == 1  # equal lengths: DDP ranks step together
+    real = np.concatenate([p.indices[p.valid] for p in plans])
+    assert sorted(real.tolist()) == list(range(n))
+    pads = np.concatenate([p.indices[~p.valid] for p in plans])
+    assert len(pads) == len(plans[0]) * shards - n
+    keys = np.concatenate([p.keys for p in plans])
+    assert sorted(keys.tolist()) == list(range(len(keys)))
+
+
+def test_shard_plan_order_fixed_by_seed_and_epoch():
+    def order(seed, epoch, shuffle=True):
+        return shard_plan(50, shuffle=shuffle, seed=seed, epoch=epoch, shard_id=0, num_shards=1).indices.tolist()
+
+    assert order(0, 0) == order(0, 0)
+    assert order(0, 0) != order(0, 1)
+    assert order(0, 0) != order(1, 0)
+    assert order(0, 0, shuffle=False) == order(0, 5, shuffle=False) == list(range(50))
+
+
+def test_resize_geometry_helpers():
+    assert val_resize_size(224) == 256 and val_resize_size(32) == 36
+    assert shorter_side_size(375, 500, 256) == (256, 341)  # 341.33 -> 341
+    assert shorter_side_size(120, 64, 36) == (68, 36)  # 67.5 rounds up, as DALI does
+    assert center_crop_offset(41, 24) == 9 and center_crop_offset(40, 24) == 8

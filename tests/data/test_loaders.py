@@ -1,0 +1,247 @@
+"""The real backends (torch; DALI in CPU mode) on real JPEG files.
+
+Every test runs once per backend (``backend`` fixture); the DALI runs skip where DALI is missing.
+References are computed here, independently of the loader, with PIL.
+"""
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastkd.data import CorruptImageError, IMAGENET_MEAN, IMAGENET_STD, build_index, create_loader
+
+TEACHER_MEAN = (0.5, 0.5, 0.5)
+TEACHER_STD = (0.25, 0.3, 0.35)
+
+
+def make(root, backend, **kw):
+    opts = dict(batch_size=4, image_size=16, backend=backend, device="cpu", num_threads=1 if backend == "dali" else 0)
+    opts.update(kw)
+    return create_loader(root, **opts)
+
+
+def pixels(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Undo the normalisation: float64 NCHW tensor in 0..255 pixel units."""
+    m = torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1) * 255
+    s = torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1) * 255
+    return x.double() * s + m
+
+
+def run(loader):
+    """All batches of one pass, as a list of dicts of CPU tensors."""
+    out = []
+    for b in loader:
+        out.append({"images": b.images.clone(), "labels": b.labels.clone(), "indices": b.indices.clone(),
+                    "valid": None if b.valid is None else b.valid.clone(),
+                    "teacher": None if b.teacher_images is None else b.teacher_images.clone()})
+    return out
+
+
+def tag_of(path):
+    """The B-channel tag a test image was written with (from its file name), or None."""
+    m = re.search(r"_t(\d{3})\.", Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def reference_val_view(path, size):
+    """Validation preprocessing written out with PIL: orient, shorter side to floor(size/0.875)
+    (longer side rounded half up), centre crop (offset rounded half up); uint8 HWC."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        img = ImageOps.exif_transpose(im).convert("RGB")
+    w, h = img.size
+    short = int(size / 0.875)
+    nw, nh = (short, int(h * short / w + 0.5)) if w <= h else (int(w * short / h + 0.5), short)
+    img = img.resize((nw, nh), Image.BILINEAR)
+    left, top = int((nw - size) / 2 + 0.5), int((nh - size) / 2 + 0.5)
+    return np.asarray(img.crop((left, top, left + size, top + size)))
+
+
+# ---------------------------------------------------------------------------------------------
+def test_validation_over_two_shards_covers_every_image_once(image_folder, backend):
+    index = build_index(image_folder, train=False)
+    seen, padding = [], 0
+    for shard in range(2):
+        loader = make(image_folder, backend, train=False, shard_id=shard, num_shards=2)
+        assert loader.classes == ["cat", "dog", "eel"]
+        assert len(loader) == 3  # ceil(ceil(21 / 2) / 4)
+        assert loader.num_samples == (11 if shard == 0 else 10)
+        for b in run(loader):
+            valid = torch.ones(len(b["labels"]), dtype=torch.bool) if b["valid"] is None else b["valid"]
+            assert b["valid"] is None or not b["valid"].all()  # .valid only where there is padding
+            padding += int((~valid).sum())
+            for i, label, ok, img in zip(b["indices"].tolist(), b["labels"].tolist(), valid.tolist(), b["images"]):
+                # labels follow the folders, and the pixels are those of that file (B channel = tag)
+                assert index.classes[label] == Path(index.paths[i]).parent.name
+                tag = tag_of(index.paths[i])
+                if tag is not None and "cmyk" not in index.paths[i]:
+                    assert abs(pixels(img[None])[0, 2].mean().item() - tag) < 4
+                if ok:
+                    seen.append(i)
+    assert sorted(seen) == list(range(21)) and padding == 1
+
+
+def test_order_fixed_by_seed_and_epoch(image_folder, backend):
+    loader = make(image_folder, backend, train=True, seed=5)
+    first = run(loader)
+    assert loader.epoch == 1  # a completed pass moves on to the next epoch
+    loader.set_epoch(0)
+    again = run(loader)
+    second = run(loader)  # epoch 1
+    other_seed = run(make(image_folder, backend, train=True, seed=6))
+    order = lambda bs: torch.cat([b["indices"] for b in bs]).tolist()  # noqa: E731
+    assert order(first) == order(again)
+    assert all(torch.equal(a["images"], b["images"]) for a, b in zip(first, again))  # same crops too
+    assert order(second) != order(first) and sorted(order(second)) == sorted(order(first)) == list(range(21))
+    assert order(other_seed) != order(first)
+    # both backends read the same order (it comes from the shared shard plan)
+    assert order(first) == order(run(make(image_folder, "torch", train=True, seed=5)))
+
+
+def test_teacher_view_is_cut_from_the_same_window_and_flip(image_folder, backend):
+    loader = make(image_folder, backend, train=True, batch_size=7, image_size=16, teacher_image_size=40,
+                  teacher_mean=TEACHER_MEAN, teacher_std=TEACHER_STD, seed=1)
+    student, teacher, indices = [], [], []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        for b in run(loader):
+            assert b["images"].shape[1:] == (3, 16, 16) and b["teacher"].shape[1:] == (3, 40, 40)
+            student.append(pixels(b["images"]))
+            # bring the teacher view to the student's size with the same kind of filter
+            teacher.append(F.interpolate(pixels(b["teacher"], TEACHER_MEAN, TEACHER_STD), size=(16, 16),
+                                         mode="bilinear", antialias=True, align_corners=False))
+            indices += b["indices"].tolist()
+    student, teacher = torch.cat(student), torch.cat(teacher)
+    index = build_index(image_folder, train=True)
+    pos = torch.tensor([tag_of(index.paths[i]) is not None and "cmyk" not in index.paths[i]
+                        and "rotated" not in index.paths[i] for i in indices])
+    s, t = student[pos, :2], teacher[pos, :2]  # R encodes x, G encodes y
+    same = (s - t).abs().mean(dim=(1, 2, 3))
+    # the crops really vary: left edge (R of the first column) and flips differ between samples
+    left_edge = s[:, 0, :, 0].mean(dim=1)
+    assert left_edge.std() > 20 and (s[:, 0, :, -1].mean(1) < left_edge).any() and (s[:, 0, :, -1].mean(1) > left_edge).any()
+    # same window and flip: equal up to resampling; another sample's window is far off
+    mismatched = (s - t.roll(1, dims=0)).abs().mean(dim=(1, 2, 3))
+    assert same.max() < 2.0, same.max()
+    assert mismatched.median() > 5 * same.max()
+
+
+def test_normalisation_dtype_and_layout(image_folder, backend):
+    index = build_index(image_folder, train=False)
+    ref = np.stack([reference_val_view(p, 16) for p in index.paths])  # (N, 16, 16, 3) uint8
+    ref = torch.from_numpy(ref).permute(0, 3, 1, 2).double()
+    out = run(make(image_folder, backend, train=False, batch_size=21))[0]
+    assert out["images"].dtype == torch.float32 and out["images"].is_contiguous()
+    assert out["labels"].dtype == torch.int64 and out["labels"].tolist() == index.labels.tolist()
+    diff = (pixels(out["images"]) - ref).abs()
+    if backend == "torch":  # the same PIL operations: equal up to fp32 rounding
+        assert diff.max() < 1e-3
+    else:  # the same libjpeg-turbo decode; DALI's resampling differs from PIL's by at most a level
+        assert diff.max() <= 2.0 and diff.mean() < 0.25, (diff.max(), diff.mean())
+    x32 = out["images"]
+    for dtype, rtol in ((torch.float16, 2.0**-9), (torch.bfloat16, 2.0**-7)):
+        for channels_last in (False, True):
+            x = run(make(image_folder, backend, train=False, batch_size=21, dtype=dtype,
+                         channels_last=channels_last))[0]["images"]
+            assert x.dtype == dtype and x.shape == x32.shape
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            assert x.is_contiguous(memory_format=fmt)
+            torch.testing.assert_close(x.float(), x32, rtol=rtol, atol=1e-5)
+
+
+def test_corrupt_file_is_named_or_skipped_and_counted(corrupt_folder, backend, caplog):
+    with pytest.raises(CorruptImageError, match=r"garbage\.jpg"):
+        run(make(corrupt_folder, backend, train=False))
+    loader = make(corrupt_folder, backend, train=True, skip_corrupt=True, batch_size=3)
+    with caplog.at_level(logging.WARNING, logger="fastkd"):
+        batches = run(loader)
+    index = build_index(corrupt_folder, train=True)
+    got = torch.cat([b["indices"] for b in batches]).tolist()
+    bad = {i for i, p in enumerate(index.paths) if Path(p).name in ("garbage.jpg", "truncated.jpg")}
+    assert sorted(got) == sorted(set(range(len(index))) - bad)  # every good image exactly once
+    assert loader.skipped == 2
+    assert sorted(Path(p).name for p in loader.skipped_files) == ["garbage.jpg", "truncated.jpg"]
+    assert "garbage.jpg" in caplog.text and "truncated.jpg" in caplog.text and "2 file(s) skipped" in caplog.text
+    # later epochs leave the known-bad files out up front
+    assert sorted(torch.cat([b["indices"] for b in run(loader)]).tolist()) == sorted(got)
+    assert loader.skipped == 2
+
+
+@pytest.mark.parametrize("with_checkpoint", [True, False])
+def test_resume_mid_epoch(image_folder, backend, with_checkpoint):
+    opts = dict(train=True, batch_size=4, teacher_image_size=24, seed=2)
+    full_loader = make(image_folder, backend, **opts)
+    full_loader.set_epoch(3)
+    full = run(full_loader)
+
+    loader = make(image_folder, backend, **opts)
+    loader.set_epoch(3)
+    it = iter(loader)
+    for _ in range(2):
+        next(it)
+    state = json.loads(json.dumps(loader.state_dict()))  # it must survive a JSON / torch.save round trip
+    assert (state["epoch"], state["batch"], state["position"]) == (3, 2, 8)
+    if not with_checkpoint:
+        state = {"epoch": state["epoch"], "batch": state["batch"]}
+    del it, loader
+
+    resumed = make(image_folder, backend, **opts)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(3)  # the engine's usual call keeps a resume point of the same epoch
+    rest = run(resumed)
+    assert [b["indices"].tolist() for b in rest] == [b["indices"].tolist() for b in full[2:]]
+    if with_checkpoint or backend == "torch":  # torch draws crops per sample; DALI restores its RNG state
+        for a, b in zip(rest, full[2:]):
+            assert torch.equal(a["images"], b["images"]) and torch.equal(a["teacher"], b["teacher"])
+    assert resumed.epoch == 4
+
+
+def test_resume_state_of_another_run_is_refused(image_folder, backend):
+    state = make(image_folder, backend, train=True, seed=1).state_dict()
+    with pytest.raises(ValueError, match="seed=1"):
+        make(image_folder, backend, train=True, seed=2).load_state_dict(state)
+
+
+@pytest.mark.dali
+def test_dali_and_torch_agree_on_validation_batches(photo_folder, image_folder):
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    for root, size in ((photo_folder, 64), (image_folder, 24)):
+        kw = dict(train=False, batch_size=8, image_size=size, teacher_image_size=size + 8)
+        for a, b in zip(run(make(root, "dali", **kw)), run(make(root, "torch", **kw))):
+            assert torch.equal(a["indices"], b["indices"]) and torch.equal(a["labels"], b["labels"])
+            for key in ("images", "teacher"):
+                diff = (pixels(a[key]) - pixels(b[key])).abs()
+                # same libjpeg-turbo decode; the two resamplers differ by at most a level or two
+                assert diff.max() <= 2.0 and diff.mean() < 0.25, (root.name, key, diff.max(), diff.mean())
+
+
+def test_torch_workers_give_the_same_batches(image_folder):
+    kw = dict(train=True, batch_size=5, teacher_image_size=20, seed=4)
+    in_process = run(make(image_folder, "torch", num_threads=0, **kw))
+    workers = run(make(image_folder, "torch", num_threads=2, **kw))
+    assert len(in_process) == len(workers) == 5
+    for a, b in zip(in_process, workers):
+        assert torch.equal(a["indices"], b["indices"]) and torch.equal(a["images"], b["images"])
+        assert torch.equal(a["teacher"], b["teacher"])
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_gpu_decode_orientation_matches_pil(orientation):
+    from PIL import Image, ImageOps
+
+    from fastkd.data.torch_loader import _orient
+
+    img = np.random.default_rng(orientation).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    pil = Image.fromarray(img)
+    pil.info["exif"] = exif.tobytes()
+    expected = np.asarray(ImageOps.exif_transpose(pil))
+    got = _orient(torch.from_numpy(img).permute(2, 0, 1), orientation).permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(got, expected)
