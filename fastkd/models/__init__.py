@@ -1,0 +1,122 @@
+"""Model factory: ``create_model("fastkd:resnet8" | "timm:NAME" | "torchvision:NAME", num_classes)``.
+
+Every model is built randomly initialised; weights come only from local files through
+:func:`load_weights` (nothing is ever downloaded). timm and torchvision are imported inside the
+branch that uses them.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .. import _compat
+from .cifar_resnet import CONFIGS as FASTKD_MODELS
+from .cifar_resnet import CifarResNet, cifar_resnet
+
+__all__ = ["create_model", "load_weights", "split_name", "FASTKD_MODELS", "CifarResNet"]
+
+PREFIXES = ("fastkd", "timm", "torchvision")
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``"timm:resnet50"`` -> ``("timm", "resnet50")``; the prefix is required."""
+    if not isinstance(name, str) or ":" not in name:
+        raise ValueError(
+            f"model name {name!r} needs a source prefix: 'fastkd:NAME' (built-in: {', '.join(FASTKD_MODELS)}), "
+            f"'timm:NAME' or 'torchvision:NAME'"
+        )
+    source, arch = name.split(":", 1)
+    if source not in PREFIXES or not arch:
+        raise ValueError(f"model name {name!r}: the prefix must be one of {', '.join(PREFIXES)} followed by a name")
+    return source, arch
+
+
+def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
+    """Build a randomly initialised classifier with ``num_classes`` outputs.
+
+    ``kwargs`` go to the underlying constructor (e.g. ``drop_path_rate`` for timm models).
+    """
+    source, arch = split_name(name)
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if source == "fastkd":
+        return cifar_resnet(arch, num_classes=num_classes, **kwargs)
+    if source == "timm":
+        if not _compat.has_timm():
+            raise ImportError(f"model {name!r} needs timm: pip install 'fastkd[models]' (or pip install timm)")
+        import timm
+
+        if not timm.is_model(arch):
+            raise ValueError(f"timm has no model named {arch!r} (see timm.list_models())")
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+    if not _compat.has_torchvision():
+        raise ImportError(f"model {name!r} needs torchvision: pip install 'fastkd[models]' (or pip install torchvision)")
+    import torchvision
+
+    known = torchvision.models.list_models(module=torchvision.models)
+    if arch not in known:
+        raise ValueError(f"torchvision has no classification model named {arch!r} (see torchvision.models.list_models())")
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+
+
+def _extract_state_dict(obj, path) -> dict:
+    if isinstance(obj, Mapping):
+        for key in ("model", "state_dict"):  # fastkd checkpoints, timm/Lightning-style checkpoints
+            if key in obj and isinstance(obj[key], Mapping):
+                return dict(obj[key])
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return dict(obj)
+    raise ValueError(
+        f"{path}: not a model checkpoint: expected a state_dict or a dict with a 'model' or 'state_dict' entry"
+    )
+
+
+def _strip_wrapper_prefix(sd: dict, path) -> dict:
+    # DDP saves parameters as "module.x", torch.compile as "_orig_mod.x": the same weights.
+    for prefix in ("module.", "_orig_mod."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            _compat.log_once(f"fastkd: {path}: removed the wrapper prefix {prefix!r} from every key")
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_weights(model: nn.Module, path) -> nn.Module:
+    """Load a fastkd checkpoint (``{"model": state_dict, ...}``) or a bare ``state_dict`` into ``model``.
+
+    The file is read with ``torch.load(weights_only=True)`` (no arbitrary code runs). Every key
+    must match in name and shape; otherwise a ``ValueError`` names the file and the mismatches.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {path!r} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(
+            f"{path}: cannot be read as a weights-only PyTorch checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); a file holding pickled Python objects beyond tensors "
+            f"can be re-saved with torch.save(model.state_dict(), path)"
+        ) from exc
+    sd = _strip_wrapper_prefix(_extract_state_dict(obj, path), path)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        def few(items):
+            return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {few(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches: {few(shapes)}")
+        raise ValueError(f"{path}: weights do not fit {type(model).__name__}: " + "; ".join(parts))
+    model.load_state_dict(sd, strict=True)
+    return model
