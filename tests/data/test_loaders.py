@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from fastkd.data import CorruptImageError, IMAGENET_MEAN, IMAGENET_STD, build_index, create_loader
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 TEACHER_MEAN = (0.5, 0.5, 0.5)
 TEACHER_STD = (0.25, 0.3, 0.35)
 
@@ -36,9 +37,10 @@ def run(loader):
     """All batches of one pass, as a list of dicts of CPU tensors."""
     out = []
     for b in loader:
-        out.append({"images": b.images.clone(), "labels": b.labels.clone(), "indices": b.indices.clone(),
-                    "valid": None if b.valid is None else b.valid.clone(),
-                    "teacher": None if b.teacher_images is None else b.teacher_images.clone()})
+        assert b.images.device == b.labels.device == loader.spec.device
+        out.append({"images": b.images.cpu(), "labels": b.labels.cpu(), "indices": b.indices.clone(),
+                    "valid": None if b.valid is None else b.valid.cpu(),
+                    "teacher": None if b.teacher_images is None else b.teacher_images.cpu()})
     return out
 
 
@@ -104,9 +106,10 @@ def test_order_fixed_by_seed_and_epoch(image_folder, backend):
     assert order(first) == order(run(make(image_folder, "torch", train=True, seed=5)))
 
 
-def test_teacher_view_is_cut_from_the_same_window_and_flip(image_folder, backend):
+@pytest.mark.parametrize("device", DEVICES)
+def test_teacher_view_is_cut_from_the_same_window_and_flip(image_folder, backend, device):
     loader = make(image_folder, backend, train=True, batch_size=7, image_size=16, teacher_image_size=40,
-                  teacher_mean=TEACHER_MEAN, teacher_std=TEACHER_STD, seed=1)
+                  teacher_mean=TEACHER_MEAN, teacher_std=TEACHER_STD, seed=1, device=device)
     student, teacher, indices = [], [], []
     for epoch in range(3):
         loader.set_epoch(epoch)
@@ -132,11 +135,14 @@ def test_teacher_view_is_cut_from_the_same_window_and_flip(image_folder, backend
     assert mismatched.median() > 5 * same.max()
 
 
-def test_normalisation_dtype_and_layout(image_folder, backend):
+@pytest.mark.parametrize("device", DEVICES)
+def test_normalisation_dtype_and_layout(image_folder, backend, device):
     index = build_index(image_folder, train=False)
     ref = np.stack([reference_val_view(p, 16) for p in index.paths])  # (N, 16, 16, 3) uint8
     ref = torch.from_numpy(ref).permute(0, 3, 1, 2).double()
-    out = run(make(image_folder, backend, train=False, batch_size=21))[0]
+    # CPU decoding on either device: this test is about the arithmetic after the decoder
+    opts = dict(train=False, batch_size=21, device=device, gpu_decode=False)
+    out = run(make(image_folder, backend, **opts))[0]
     assert out["images"].dtype == torch.float32 and out["images"].is_contiguous()
     assert out["labels"].dtype == torch.int64 and out["labels"].tolist() == index.labels.tolist()
     diff = (pixels(out["images"]) - ref).abs()
@@ -147,8 +153,7 @@ def test_normalisation_dtype_and_layout(image_folder, backend):
     x32 = out["images"]
     for dtype, rtol in ((torch.float16, 2.0**-9), (torch.bfloat16, 2.0**-7)):
         for channels_last in (False, True):
-            x = run(make(image_folder, backend, train=False, batch_size=21, dtype=dtype,
-                         channels_last=channels_last))[0]["images"]
+            x = run(make(image_folder, backend, **opts, dtype=dtype, channels_last=channels_last))[0]["images"]
             assert x.dtype == dtype and x.shape == x32.shape
             fmt = torch.channels_last if channels_last else torch.contiguous_format
             assert x.is_contiguous(memory_format=fmt)
@@ -173,9 +178,10 @@ def test_corrupt_file_is_named_or_skipped_and_counted(corrupt_folder, backend, c
     assert loader.skipped == 2
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("with_checkpoint", [True, False])
-def test_resume_mid_epoch(image_folder, backend, with_checkpoint):
-    opts = dict(train=True, batch_size=4, teacher_image_size=24, seed=2)
+def test_resume_mid_epoch(image_folder, backend, with_checkpoint, device):
+    opts = dict(train=True, batch_size=4, teacher_image_size=24, seed=2, device=device)
     full_loader = make(image_folder, backend, **opts)
     full_loader.set_epoch(3)
     full = run(full_loader)
@@ -245,3 +251,22 @@ def test_gpu_decode_orientation_matches_pil(orientation):
     expected = np.asarray(ImageOps.exif_transpose(pil))
     got = _orient(torch.from_numpy(img).permute(2, 0, 1), orientation).permute(1, 2, 0).numpy()
     np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.gpu
+def test_gpu_decoding_agrees_with_cpu_decoding(image_folder, photo_folder, backend):
+    """nvJPEG (torch: torchvision.io.decode_jpeg; DALI: "mixed") against the CPU path.
+
+    The two JPEG decoders differ in IDCT rounding and chroma upsampling, so pixels may differ by
+    a few levels (more on sharp colour edges); the mean difference stays below one level.
+    """
+    for root, size in ((photo_folder, 64), (image_folder, 24)):
+        kw = dict(train=False, batch_size=8, image_size=size, teacher_image_size=size + 8)
+        cpu = run(make(root, backend, device="cpu", **kw))
+        gpu = run(make(root, backend, device="cuda", gpu_decode=True, **kw))
+        for a, b in zip(cpu, gpu):
+            assert torch.equal(a["indices"], b["indices"]) and torch.equal(a["labels"], b["labels"])
+            for key in ("images", "teacher"):
+                diff = (pixels(a[key]) - pixels(b[key])).abs()
+                print(root.name, key, f"max {diff.max():.2f} p99 {diff.quantile(0.99):.2f} mean {diff.mean():.3f}")
+                assert diff.mean() < 1.0 and diff.quantile(0.99) < 8.0, (root.name, key)
