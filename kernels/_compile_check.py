@@ -26,6 +26,7 @@ VARIANTS = [
     ("kd+ce single 1024 (ImageNet)", dict()),
     ("ats+smoothing single 8192", dict(METHOD=2, SMOOTH=True, BLOCK=8192)),
     ("kd+ce chunked 4096 (32000, 128256)", dict(BLOCK=4096, SINGLE=False, COUNT_MODE=2)),
+    ("kd+ce chunked 2048, register prefetch", dict(BLOCK=2048, SINGLE=False, COUNT_MODE=2, PREFETCH=True)),
     ("isats 16 candidates chunked", dict(METHOD=3, NUM_CAND=16, CAND_P2=16, BLOCK=4096, SINGLE=False)),
     ("isats 16 candidates single 4096", dict(METHOD=3, NUM_CAND=16, CAND_P2=16, BLOCK=4096)),
     ("dkd chunked", dict(METHOD=4, REUSE_CE=False, BLOCK=4096, SINGLE=False, COUNT_MODE=2)),
@@ -35,7 +36,7 @@ VARIANTS = [
                                        SINGLE=False)),
 ]
 BASE = dict(METHOD=1, HAS_TARGET=True, SMOOTH=False, REUSE_CE=True, CE_GRAD=True, KD_GRAD=True, WRITE_GRAD=True,
-            REDUCE=2, COUNT_MODE=1, NUM_CAND=1, CAND_P2=2, BLOCK=1024, SINGLE=True, BLOCK_N=1024)
+            REDUCE=2, COUNT_MODE=1, NUM_CAND=1, CAND_P2=2, BLOCK=1024, SINGLE=True, PREFETCH=False, BLOCK_N=1024)
 
 _PTRS = {"z_ptr": "*bf16", "v_ptr": "*bf16", "y_ptr": "*i64", "grad_ptr": "*bf16", "ce_ptr": "*fp32",
          "kd_ptr": "*fp32", "rows_ptr": "*fp32", "loss_ptr": "*fp32", "counter_ptr": "*i32", "count_ptr": "*i64",

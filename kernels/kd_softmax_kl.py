@@ -79,10 +79,13 @@ METHOD_IDS = {"ce": 0, "kd": 1, "ats": 2, "isats": 3, "dkd": 4}
 REDUCE_IDS = {"none": 0, "sum": 1, "batchmean": 2}
 
 # Rows up to MAX_SINGLE classes are processed from registers in one read; longer rows in
-# chunks of CHUNK columns (two sweeps). Tests and benchmarks may override these (see
+# chunks of CHUNK columns (two sweeps; with PREFETCH the next chunk's loads are issued before
+# the current chunk's math). Tests and benchmarks may override these (see
 # :func:`override_blocks`); numbers never depend on them beyond fp32 summation order.
 MAX_SINGLE = 8192
 CHUNK = 4096
+CHUNK_WARPS = 8
+PREFETCH = False
 # batchmean with N <= this many rows: each program counts the valid labels itself.
 COUNT_IN_KERNEL_MAX = 1024
 _BLOCK_N = 1024  # label / row-loss chunk for the in-kernel count and the final reduction
@@ -188,6 +191,17 @@ def _isats_select(M, S1, S2, v_y, tau_t, inv_tt, tau_max, C, cand_ptr,
         default_m = tl.where(t == tau_max, sh, default_m)
         default_ls = tl.where(t == tau_max, ls, default_ls)
     return best_inv, tl.where(found, best_m, default_m), tl.where(found, best_ls, default_ls)
+
+
+@triton.jit
+def _load_chunk(z_row, v_row, cols, mask, METHOD: tl.constexpr):
+    """Student and teacher logits of one chunk as fp32, -inf outside ``mask`` (v = z for CE)."""
+    z = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    if METHOD != 0:
+        v = tl.load(v_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    else:
+        v = z
+    return z, v
 
 
 @triton.jit
@@ -317,6 +331,7 @@ def _kd_fused_kernel(
     CAND_P2: tl.constexpr,      # next power of two >= NUM_CAND
     BLOCK: tl.constexpr,        # columns per chunk (the whole row when SINGLE)
     SINGLE: tl.constexpr,       # C <= BLOCK: one read, everything from registers
+    PREFETCH: tl.constexpr,     # chunked path: load chunk k+1 into registers while computing chunk k
     BLOCK_N: tl.constexpr,      # chunk of labels / row losses for counting and the final sum
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -375,23 +390,23 @@ def _kd_fused_kernel(
     cols0 = tl.arange(0, BLOCK)
     if SINGLE:
         in_row = cols0 < C
-        z = tl.load(z_row + cols0, mask=in_row, other=NEG_INF).to(tl.float32)
-        if METHOD != 0:
-            v = tl.load(v_row + cols0, mask=in_row, other=NEG_INF).to(tl.float32)
-        else:
-            v = z
+        z, v = _load_chunk(z_row, v_row, cols0, in_row, METHOD)
         mz, sz, zsum, ms, ss, mt, st, M, S1, S2 = _stats_update(
             z, v, cols0, y, in_row, mz, sz, zsum, ms, ss, mt, st, M, S1, S2,
             inv_s, inv_tt, inv_to, cand_ptr, METHOD, HAS_TARGET, SMOOTH, REUSE_CE, NUM_CAND, CAND_P2)
     else:
-        for start in range(0, C, BLOCK):
-            cols = start + cols0
+        n_chunks = tl.cdiv(C, BLOCK)
+        if PREFETCH:
+            z_nx, v_nx = _load_chunk(z_row, v_row, cols0, cols0 < C, METHOD)
+        for k in range(0, n_chunks):
+            cols = k * BLOCK + cols0
             in_row = cols < C
-            z = tl.load(z_row + cols, mask=in_row, other=NEG_INF).to(tl.float32)
-            if METHOD != 0:
-                v = tl.load(v_row + cols, mask=in_row, other=NEG_INF).to(tl.float32)
+            if PREFETCH:  # issue chunk k+1's loads before the math on chunk k
+                z, v = z_nx, v_nx
+                nxt = cols + BLOCK
+                z_nx, v_nx = _load_chunk(z_row, v_row, nxt, nxt < C, METHOD)
             else:
-                v = z
+                z, v = _load_chunk(z_row, v_row, cols, in_row, METHOD)
             mz, sz, zsum, ms, ss, mt, st, M, S1, S2 = _stats_update(
                 z, v, cols, y, in_row, mz, sz, zsum, ms, ss, mt, st, M, S1, S2,
                 inv_s, inv_tt, inv_to, cand_ptr, METHOD, HAS_TARGET, SMOOTH, REUSE_CE, NUM_CAND, CAND_P2)
@@ -444,17 +459,20 @@ def _kd_fused_kernel(
             inv_s, s, inv_tt, row_inv_to, alpha, beta, eps, C,
             METHOD, CE_GRAD, KD_GRAD, WRITE_GRAD)
     else:
+        # Backwards: the chunks read last in sweep 1 are the likeliest to still be in L2.
         kl = 0.0
-        n_chunks = tl.cdiv(C, BLOCK)
+        if PREFETCH:
+            last = (n_chunks - 1) * BLOCK + cols0
+            z_nx, v_nx = _load_chunk(z_row, v_row, last, last < C, METHOD)
         for k in range(0, n_chunks):
-            # Backwards: the chunks read last in sweep 1 are the likeliest to still be in L2.
             cols = (n_chunks - 1 - k) * BLOCK + cols0
             in_row = cols < C
-            z = tl.load(z_row + cols, mask=in_row, other=NEG_INF).to(tl.float32)
-            if METHOD != 0:
-                v = tl.load(v_row + cols, mask=in_row, other=NEG_INF).to(tl.float32)
+            if PREFETCH:
+                z, v = z_nx, v_nx
+                nxt = cols - BLOCK
+                z_nx, v_nx = _load_chunk(z_row, v_row, nxt, (nxt >= 0) & (nxt < C), METHOD)
             else:
-                v = z
+                z, v = _load_chunk(z_row, v_row, cols, in_row, METHOD)
             kl += _terms_and_grad(
                 z, v, cols, y, in_row, g_row + cols, mz, lsz, ms, lss, mt, lst, d, ce_scale, kd_scale, bad,
                 inv_s, s, inv_tt, row_inv_to, alpha, beta, eps, C,
@@ -534,16 +552,22 @@ class Spec:
     beta: float = 8.0
 
 
-def override_blocks(max_single: Optional[int] = None, chunk: Optional[int] = None) -> None:
-    """Force the single-block limit / chunk width (tests exercise the chunked path on small
-    rows this way; benchmarks sweep it). ``None`` restores the default."""
-    for key, val in (("max_single", max_single), ("chunk", chunk)):
+def override_blocks(max_single: Optional[int] = None, chunk: Optional[int] = None, warps: Optional[int] = None,
+                    prefetch: Optional[bool] = None) -> None:
+    """Force the single-block limit, or the chunked path's chunk width, warps per program and
+    register prefetch (tests exercise the chunked path on small rows this way; benchmarks sweep
+    them). ``None`` restores the default."""
+    for key, val, lo in (("max_single", max_single, 16), ("chunk", chunk, 16), ("warps", warps, 1)):
         if val is None:
             _overrides.pop(key, None)
+        elif val < lo or val & (val - 1):
+            raise ValueError(f"{key} must be a power of two >= {lo}, got {val}")
         else:
-            if val < 16 or val & (val - 1):
-                raise ValueError(f"{key} must be a power of two >= 16, got {val}")
             _overrides[key] = int(val)
+    if prefetch is None:
+        _overrides.pop("prefetch", None)
+    else:
+        _overrides["prefetch"] = bool(prefetch)
 
 
 def config_for(C: int, method: str = "kd") -> tuple[int, bool, int]:
@@ -553,12 +577,9 @@ def config_for(C: int, method: str = "kd") -> tuple[int, bool, int]:
     max_single = _overrides.get("max_single", MAX_SINGLE if method != "isats" else MAX_SINGLE // 2)
     if C <= max_single:
         block = max(16, triton.next_power_of_2(C))
-        single = True
-    else:
-        block = _overrides.get("chunk", CHUNK)
-        single = False
-    warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
-    return block, single, warps
+        return block, True, 4 if block <= 1024 else 8 if block <= 4096 else 16
+    block = _overrides.get("chunk", CHUNK)
+    return block, False, _overrides.get("warps", CHUNK_WARPS if block == CHUNK else 4 if block <= 1024 else 8)
 
 
 _counters: dict = {}
@@ -648,6 +669,7 @@ def _launch(z: torch.Tensor, v: Optional[torch.Tensor], y: Optional[torch.Tensor
         CAND_P2=max(2, triton.next_power_of_2(num_cand)),
         BLOCK=block,
         SINGLE=single,
+        PREFETCH=_overrides.get("prefetch", PREFETCH),
         BLOCK_N=_BLOCK_N,
         num_warps=warps,
     )

@@ -146,9 +146,9 @@ def run_case(method, z, v, y, *, dtype, ce_w=0.3, kd_w=0.7, eps=0.0, reduction="
 
 @pytest.fixture
 def chunked():
-    """Force the multi-chunk (two-sweep) path on small rows."""
+    """Force the multi-chunk (two-sweep) path on small rows; returns a setter for prefetch."""
     K.override_blocks(max_single=256, chunk=256)
-    yield
+    yield lambda prefetch: K.override_blocks(max_single=256, chunk=256, prefetch=prefetch)
     K.override_blocks()
 
 
@@ -168,6 +168,7 @@ def test_matches_reference_41x1271(method, dtype, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("method", KD_METHODS)
 def test_chunked_path_matches_reference(method, dtype, device, chunked):
+    chunked(dtype == torch.bfloat16)  # both loop variants: plain, and with the register prefetch
     z = rand((7, 1000), dtype, 4, device=device)
     v = rand((7, 1000), dtype, 5, device=device)
     y = labels(7, 1000, 6, device, ignored=(3,))
