@@ -1,0 +1,319 @@
+"""``fastkd analyze``: dark-knowledge metrics of one or more teachers on a labelled image folder.
+
+For each teacher: accuracy and, per temperature (and under ATS), the wrong-class metrics of
+``methods.md`` section 9; for each pair of teachers: the wrong-class rank agreement (mean
+per-sample Spearman), top-1 agreement and KL both ways. The data set is streamed once, every
+teacher sees the same batch, and only running sums are kept. Writes ``metrics.json``,
+``metrics.csv``, ``pairs.csv``, ``report.md`` and PNG plots to ``--output`` and prints the report.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+from typing import Iterable, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import metrics as M
+
+logger = logging.getLogger("fastkd")
+
+__all__ = ["TeacherSpec", "parse_teacher", "analyze", "write_outputs", "format_report",
+           "add_arguments", "main"]
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    label: str
+    model: str  # a fastkd.models name, e.g. fastkd:resnet8, timm:resnet50
+    checkpoint: Path
+
+
+def parse_teacher(spec: str) -> TeacherSpec:
+    """``[LABEL=]SOURCE:ARCH:CHECKPOINT`` -> :class:`TeacherSpec` (the label defaults to ARCH).
+
+    The model name itself holds one colon (``fastkd:resnet8``), so the checkpoint is everything
+    after the second colon and may contain colons of its own.
+    """
+    label = None
+    text = spec
+    head, sep, tail = spec.partition("=")
+    if sep and ":" not in head:
+        label, text = head.strip(), tail
+        if not label:
+            raise ValueError(f"--teacher {spec!r}: empty label before '='")
+    parts = text.split(":", 2)
+    if len(parts) != 3 or not all(p.strip() for p in parts):
+        raise ValueError(f"--teacher {spec!r}: expected [LABEL=]NAME:CHECKPOINT with NAME like fastkd:resnet8, "
+                         f"timm:resnet50 or torchvision:resnet18 (e.g. fastkd:resnet8:runs/t/last.pt)")
+    source, arch, checkpoint = parts
+    return TeacherSpec(label or arch, f"{source}:{arch}", Path(checkpoint))
+
+
+def _unique_labels(specs: Sequence[TeacherSpec]) -> list[TeacherSpec]:
+    """Same-architecture teachers without explicit labels get their checkpoint's name appended."""
+    counts = {}
+    for s in specs:
+        counts[s.label] = counts.get(s.label, 0) + 1
+    out = [TeacherSpec(f"{s.label}@{s.checkpoint.stem}", s.model, s.checkpoint) if counts[s.label] > 1 else s
+           for s in specs]
+    labels = [s.label for s in out]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise ValueError(f"teacher label(s) {dup} are ambiguous; name them: --teacher LABEL=NAME:CHECKPOINT")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The computation
+# --------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def analyze(models: Mapping[str, nn.Module], batches: Iterable, soft_labels: Sequence[M.SoftLabel], *,
+            device: torch.device, kl_temperature: float = 1.0) -> dict:
+    """Stream ``batches`` (:class:`fastkd.data.Batch`, or ``(images, labels)`` pairs) through
+    every model and return ``{"teachers": {...}, "pairs": [...]}``.
+
+    Models are put in eval mode. Logits are measured in float64 (:mod:`fastkd.analysis.metrics`).
+    Rows a sharded loader flags as padding (``Batch.valid`` False) are repeats and are left out.
+    """
+    labels = list(models)
+    meters = {k: M.TeacherMeter(soft_labels) for k in labels}
+    pairs = {(a, b): M.PairMeter(kl_temperature) for a, b in combinations(labels, 2)}
+    for m in models.values():
+        m.eval()
+    for batch in batches:
+        if hasattr(batch, "images"):
+            images, target, valid = batch.images, batch.labels, batch.valid
+        else:
+            (images, target), valid = batch, None
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True).long()
+        if valid is not None:
+            valid = valid.to(device)
+            images, target = images[valid], target[valid]
+        logits = {k: models[k](images).float() for k in labels}
+        for k in labels:
+            meters[k].update(logits[k], target)
+        for (a, b), meter in pairs.items():
+            meter.update(logits[a], logits[b], target)
+    return {
+        "teachers": {k: meters[k].result() for k in labels},
+        "pairs": [{"a": a, "b": b, **meter.result()} for (a, b), meter in pairs.items()],
+    }
+
+
+def pair_matrix(results: dict, key: str = "spearman") -> tuple[list[str], list[list[float]]]:
+    """Symmetric teachers x teachers matrix of a pair statistic (1 on the diagonal)."""
+    labels = list(results["teachers"])
+    idx = {k: i for i, k in enumerate(labels)}
+    mat = [[1.0 if i == j else math.nan for j in range(len(labels))] for i in range(len(labels))]
+    for p in results["pairs"]:
+        i, j = idx[p["a"]], idx[p["b"]]
+        mat[i][j] = mat[j][i] = p[key]
+    return labels, mat
+
+
+# --------------------------------------------------------------------------------------------
+# Output files
+# --------------------------------------------------------------------------------------------
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "n/a"
+        return f"{x:.4g}" if (x == 0 or 1e-3 <= abs(x) < 1e4) else f"{x:.3e}"
+    return str(x)
+
+
+def format_report(results: dict, title: str = "Dark-knowledge analysis") -> str:
+    """Markdown: one row per (teacher, soft label), then one row per pair of teachers."""
+    lines = [f"# {title}", ""]
+    cfg = results.get("config", {})
+    if cfg:
+        lines += [", ".join(f"{k}: {v}" for k, v in cfg.items() if not isinstance(v, (list, dict))), ""]
+    head = ["teacher", "accuracy", "soft label"] + list(M.METRICS)
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, res in results["teachers"].items():
+        for name, s in res["settings"].items():
+            row = [label, f"{res['accuracy']:.4f}", name] + [_fmt(s[m]) for m in M.METRICS]
+            lines.append("| " + " | ".join(row) + " |")
+    if results["pairs"]:
+        kl_t = results["pairs"][0]["kl_temperature"]
+        head = ["teacher A", "teacher B", "wrong-class Spearman", "rows (undefined)", "top-1 agreement",
+                f"KL(A||B) T={kl_t:g}", f"KL(B||A) T={kl_t:g}"]
+        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for p in results["pairs"]:
+            row = [p["a"], p["b"], _fmt(p["spearman"]), f"{p['spearman_rows']} ({p['spearman_undefined']})",
+                   f"{p['top1_agreement']:.4f}", _fmt(p["kl_ab"]), _fmt(p["kl_ba"])]
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(results: dict, out_dir, *, plots: bool = True, title: str = "Dark-knowledge analysis"
+                  ) -> list[Path]:
+    """Write metrics.json, metrics.csv, pairs.csv, report.md and (``plots``) the PNGs."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    path = out / "metrics.json"
+    # NaN is not JSON: write null for an undefined statistic.
+    path.write_text(json.dumps(_json_safe(results), indent=2) + "\n")
+    written.append(path)
+
+    path = out / "metrics.csv"
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["teacher", "num_samples", "accuracy", "soft_label", "kind", "temperature", "tau_target",
+                    "tau_other", *M.METRICS])
+        for label, res in results["teachers"].items():
+            for name, s in res["settings"].items():
+                w.writerow([label, res["num_samples"], res["accuracy"], name, s["kind"], s.get("temperature", ""),
+                            s.get("tau_target", ""), s.get("tau_other", ""), *(s[m] for m in M.METRICS)])
+    written.append(path)
+
+    path = out / "pairs.csv"
+    keys = ["a", "b", "num_samples", "spearman", "spearman_rows", "spearman_undefined", "top1_agreement",
+            "kl_ab", "kl_ba", "kl_temperature"]
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(keys)
+        for p in results["pairs"]:
+            w.writerow([p[k] for k in keys])
+    written.append(path)
+
+    path = out / "report.md"
+    path.write_text(format_report(results, title))
+    written.append(path)
+
+    if plots:
+        from . import plots as P
+
+        written += P.plot_metrics_vs_temperature(results["teachers"], out)
+        if len(results["teachers"]) > 1:
+            labels, mat = pair_matrix(results, "spearman")
+            written.append(P.plot_matrix(mat, labels, out / "affinity.png",
+                                         "class-affinity consistency\n(mean wrong-class Spearman)",
+                                         colorbar_label="Spearman", vmax=1.0))
+        else:
+            logger.info("one teacher: no affinity heat map (it compares pairs of teachers)")
+    return written
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------
+def add_arguments(parser) -> None:
+    parser.add_argument("--data", required=True, metavar="DIR",
+                        help="labelled images: an ImageNet-layout root (its val/ is used), a folder of class "
+                             "folders, or a file of 'path label' lines")
+    parser.add_argument("--teacher", action="append", required=True, metavar="[LABEL=]NAME:CHECKPOINT",
+                        help="a teacher to analyse, e.g. fastkd:resnet8:runs/t8/last.pt or "
+                             "big=timm:resnet50:r50.pth (repeat for several)")
+    parser.add_argument("--temperatures", default="1,2,4,8", help="comma-separated temperatures")
+    parser.add_argument("--ats", default="4,2", metavar="TAU_TARGET,TAU_OTHER",
+                        help="also report the metrics under ATS with these temperatures; 'none' to skip")
+    parser.add_argument("--kl-temperature", type=float, default=1.0,
+                        help="temperature of the pairwise KL between teachers")
+    parser.add_argument("--output", default="runs/analyze", metavar="DIR", help="where the reports go")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=224, help="evaluation image size (centre crop)")
+    parser.add_argument("--mean", default=None, help="normalisation mean, comma-separated (default: the loader's)")
+    parser.add_argument("--std", default=None, help="normalisation std, comma-separated (default: the loader's)")
+    parser.add_argument("--data-backend", default="auto", choices=("auto", "dali", "torch"),
+                        help="data loader backend")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="decoding threads / DataLoader workers (default: the loader's)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cuda, cuda:N or cpu")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def _floats(text: Optional[str], name: str) -> Optional[tuple]:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{name} takes comma-separated numbers, got {text!r}") from None
+
+
+def main(args) -> int:
+    soft_labels = [M.SoftLabel(temperature=t) for t in M.parse_temperatures(args.temperatures)]
+    ats = M.parse_ats(args.ats)
+    if ats is not None:
+        soft_labels.append(ats)
+    if not (math.isfinite(args.kl_temperature) and args.kl_temperature > 0):
+        raise ValueError(f"--kl-temperature must be positive, got {args.kl_temperature}")
+    if args.batch_size < 1 or args.image_size < 1:
+        raise ValueError("--batch-size and --image-size must be positive")
+    specs = _unique_labels([parse_teacher(s) for s in args.teacher])
+    for s in specs:
+        if not s.checkpoint.is_file():
+            raise FileNotFoundError(f"teacher {s.label!r}: checkpoint {s.checkpoint} does not exist")
+    if not args.no_plots:
+        from .plots import require_matplotlib
+
+        require_matplotlib()  # fail before the long pass over the data, not after
+    device = _device(args.device)
+
+    from ..data import create_loader
+    from ..data.index import resolve_split_root
+    from ..models import create_model, load_weights
+
+    data_dir = resolve_split_root(args.data, train=False)
+    loader_kw = {}
+    mean, std = _floats(args.mean, "--mean"), _floats(args.std, "--std")
+    if mean is not None:
+        loader_kw["mean"] = mean
+    if std is not None:
+        loader_kw["std"] = std
+    loader = create_loader(data_dir, train=False, batch_size=args.batch_size, image_size=args.image_size,
+                           backend=args.data_backend, device=str(device), num_threads=args.workers, **loader_kw)
+    num_classes = len(loader.classes)
+    models = {}
+    for s in specs:
+        model = create_model(s.model, num_classes=num_classes)
+        load_weights(model, s.checkpoint)
+        models[s.label] = model.to(device)
+    logger.info(f"analysing {len(models)} teacher(s) on {data_dir} ({loader.num_samples} images, "
+                f"{num_classes} classes) on {device}")
+
+    start = time.perf_counter()
+    results = analyze(models, loader, soft_labels, device=device, kl_temperature=args.kl_temperature)
+    results = {"config": {"data": str(data_dir), "num_classes": num_classes, "image_size": args.image_size,
+                          "device": str(device), "seconds": round(time.perf_counter() - start, 2),
+                          "teachers": [{"label": s.label, "model": s.model, "checkpoint": str(s.checkpoint)}
+                                       for s in specs],
+                          "soft_labels": [s.name for s in soft_labels]},
+               **results}
+    written = write_outputs(results, args.output, plots=not args.no_plots)
+    print(format_report(results))
+    print(f"wrote {len(written)} files to {args.output}: " + ", ".join(p.name for p in written))
+    return 0

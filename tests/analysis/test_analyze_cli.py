@@ -1,0 +1,153 @@
+"""``fastkd analyze`` end to end: tiny ResNet checkpoints on real digit JPEGs, every output file,
+and numbers that match an independent pass over the same images."""
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from fastkd import cli
+from fastkd.analysis import metrics as M
+from fastkd.analysis.cli import format_report, parse_teacher, write_outputs
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    from fastkd.data import make_digits_imagefolder
+
+    return make_digits_imagefolder(tmp_path_factory.mktemp("digits") / "d", size=16)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Two resnet8 teachers: one trained a few steps (not uniform), one at random init; saved as a
+    fastkd checkpoint dict and as a bare state_dict."""
+    from fastkd.models import create_model
+
+    d = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    a = create_model("fastkd:resnet8", num_classes=10)
+    opt = torch.optim.SGD(a.parameters(), lr=0.1)
+    x, y = torch.randn(32, 3, 16, 16), torch.randint(0, 10, (32,))
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(a(x), y).backward()
+        opt.step()
+    torch.save({"model": a.state_dict(), "epoch": 3}, d / "early.pt")
+    torch.manual_seed(1)
+    torch.save(create_model("fastkd:resnet8", num_classes=10).state_dict(), d / "init.pt")
+    return d / "early.pt", d / "init.pt"
+
+
+def test_parse_teacher():
+    s = parse_teacher("fastkd:resnet8:/tmp/a:b.pt")
+    assert (s.label, s.model, str(s.checkpoint)) == ("resnet8", "fastkd:resnet8", "/tmp/a:b.pt")
+    s = parse_teacher("big=timm:resnet50:r50.pth")
+    assert (s.label, s.model, str(s.checkpoint)) == ("big", "timm:resnet50", "r50.pth")
+    with pytest.raises(ValueError, match="NAME:CHECKPOINT"):
+        parse_teacher("resnet8.pt")
+
+
+def test_analyze_writes_every_file_with_the_right_numbers(digits, checkpoints, tmp_path, capsys):
+    early, init = checkpoints
+    out = tmp_path / "report"
+    rc = cli.main(["analyze", "--data", str(digits), "--teacher", f"fastkd:resnet8:{early}",
+                   "--teacher", f"fastkd:resnet8:{init}", "--temperatures", "1,4", "--ats", "4,2",
+                   "--image-size", "16", "--batch-size", "64", "--data-backend", "torch", "--workers", "0",
+                   "--device", "cpu", "--output", str(out)])
+    assert rc == 0
+    names = {p.name for p in out.iterdir()}
+    assert names == {"metrics.json", "metrics.csv", "pairs.csv", "report.md", "affinity.png"} | {
+        f"temperature_{m}.png" for m in M.METRICS}
+    for name in names:
+        if name.endswith(".png"):
+            assert (out / name).read_bytes()[:8] == PNG
+
+    res = json.loads((out / "metrics.json").read_text())
+    labels = ["resnet8@early", "resnet8@init"]
+    assert list(res["teachers"]) == labels
+    assert [p["a"] for p in res["pairs"]] == ["resnet8@early"]
+
+    # An independent pass: the same images through the same weights, metrics on the whole set.
+    from fastkd.data import create_loader
+    from fastkd.models import create_model, load_weights
+
+    loader = create_loader(digits, train=False, batch_size=50, image_size=16, backend="torch", num_threads=0,
+                           device="cpu")
+    logits = {k: [] for k in labels}
+    ys = []
+    models = {}
+    for k, path in zip(labels, (early, init)):
+        models[k] = load_weights(create_model("fastkd:resnet8", num_classes=10), path).eval()
+    with torch.no_grad():
+        for batch in loader:
+            ys.append(batch.labels)
+            for k in labels:
+                logits[k].append(models[k](batch.images))
+    y = torch.cat(ys)
+    logits = {k: torch.cat(v) for k, v in logits.items()}
+    assert res["teachers"][labels[0]]["num_samples"] == len(y) == loader.num_samples
+    for k in labels:
+        got = res["teachers"][k]
+        assert got["accuracy"] == pytest.approx((logits[k].argmax(1) == y).double().mean().item())
+        for sl in (M.SoftLabel(temperature=1.0), M.SoftLabel(temperature=4.0),
+                   M.SoftLabel(tau_target=4.0, tau_other=2.0)):
+            want = M.wrong_class_stats(logits[k], y, sl)
+            for m in M.METRICS:
+                assert got["settings"][sl.name][m] == pytest.approx(want[m].mean().item(), rel=1e-4, abs=1e-12)
+    pair = res["pairs"][0]
+    rho = M.wrong_class_spearman(logits[labels[0]], logits[labels[1]], y)
+    assert pair["spearman"] == pytest.approx(rho.nanmean().item(), rel=1e-4, abs=1e-6)
+    assert pair["top1_agreement"] == pytest.approx(
+        M.top1_agreement(logits[labels[0]], logits[labels[1]]).double().mean().item())
+
+    # CSV: one row per teacher and soft label; pairs: one row.
+    with (out / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["teacher"], r["soft_label"]) for r in rows] == [(k, s) for k in labels for s in ("T=1", "T=4", "ATS(4,2)")]
+    assert float(rows[1]["wrong_std"]) == pytest.approx(res["teachers"][labels[0]]["settings"]["T=4"]["wrong_std"])
+    with (out / "pairs.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 1
+    report = (out / "report.md").read_text()
+    assert "resnet8@early" in report and "ATS(4,2)" in report
+    printed = capsys.readouterr().out
+    assert "wrong-class Spearman" in printed and "wrote 10 files" in printed
+
+
+def test_analyze_names_bad_input(digits, checkpoints, tmp_path):
+    early, _ = checkpoints
+    base = ["analyze", "--data", str(digits), "--image-size", "16", "--device", "cpu", "--no-plots",
+            "--output", str(tmp_path)]
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        cli.main(base + ["--teacher", f"fastkd:resnet8:{tmp_path / 'missing.pt'}"])
+    with pytest.raises(ValueError, match="NAME:CHECKPOINT"):
+        cli.main(base + ["--teacher", str(early)])
+    with pytest.raises(ValueError, match="ambiguous"):
+        cli.main(base + ["--teacher", f"a=fastkd:resnet8:{early}", "--teacher", f"a=fastkd:resnet8:{early}"])
+    with pytest.raises(ValueError, match="weights do not fit"):  # a resnet8 checkpoint is no resnet8x4
+        cli.main(base + ["--teacher", f"fastkd:resnet8x4:{early}", "--data-backend", "torch", "--workers", "0"])
+
+
+def test_single_teacher_and_undefined_spearman_in_reports(tmp_path):
+    v = torch.tensor([[3.0, 1.0, 1.0, 1.0], [0.0, 2.0, 1.0, 3.0]])
+    y = torch.tensor([0, 3])
+    meter = M.TeacherMeter([M.SoftLabel(temperature=1.0)])
+    meter.update(v, y)
+    pair = M.PairMeter()
+    pair.update(v, v.flip(1), y)
+    res = {"teachers": {"only": meter.result()}, "pairs": []}
+    written = write_outputs(res, tmp_path / "one")
+    assert {p.name for p in written} == {"metrics.json", "metrics.csv", "pairs.csv", "report.md"} | {
+        f"temperature_{m}.png" for m in M.METRICS}
+    # a pair whose Spearman is undefined on one row and its value on the other
+    p = pair.result()
+    assert p["spearman_undefined"] == 1 and not math.isnan(p["spearman"])
+    both = {"teachers": {"a": meter.result(), "b": meter.result()}, "pairs": [{"a": "a", "b": "b", **p}]}
+    assert "1 (1)" in format_report(both)
+    both["pairs"][0]["spearman"] = math.nan  # no row had a defined Spearman
+    assert "n/a" in format_report(both)
+    write_outputs(both, tmp_path / "two", plots=False)
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["pairs"][0]["spearman"] is None
