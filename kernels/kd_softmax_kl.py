@@ -243,7 +243,8 @@ def _terms_and_grad(
     z, v, cols, y, in_row, g_ptrs,
     mz, lsz, ms, lss, mt, lst, d, ce_scale, kd_scale, grad_nan,
     inv_s, s, inv_tt, inv_to, alpha, beta, eps, C,
-    METHOD: tl.constexpr, CE_GRAD: tl.constexpr, KD_GRAD: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    METHOD: tl.constexpr, REUSE_CE: tl.constexpr, CE_GRAD: tl.constexpr, KD_GRAD: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
 ):
     """Sweep 2 on one chunk: the row's KL partial sum (NCKD for DKD) and the gradient chunk.
 
@@ -259,7 +260,10 @@ def _terms_and_grad(
     kl = 0.0
     g = tl.zeros_like(z)
     if METHOD != 0:
-        lps = (z * inv_s - ms) - lss      # DKD: log phat^s (meaningful on c != y)
+        if REUSE_CE:  # the same expression as CE's log-softmax below: one exp serves both
+            lps = (z - ms) - lss
+        else:
+            lps = (z * inv_s - ms) - lss  # DKD: log phat^s (meaningful on c != y)
         if METHOD == 2 or METHOD == 3:    # ats / isats (isats: inv_to is the row's chosen 1/tau_other)
             u = tl.where(is_y, v * inv_tt, v * inv_to)
         else:
@@ -457,7 +461,7 @@ def _kd_fused_kernel(
         kl = _terms_and_grad(
             z, v, cols0, y, in_row, g_row + cols0, mz, lsz, ms, lss, mt, lst, d, ce_scale, kd_scale, bad,
             inv_s, s, inv_tt, row_inv_to, alpha, beta, eps, C,
-            METHOD, CE_GRAD, KD_GRAD, WRITE_GRAD)
+            METHOD, REUSE_CE, CE_GRAD, KD_GRAD, WRITE_GRAD)
     else:
         # Backwards: the chunks read last in sweep 1 are the likeliest to still be in L2.
         kl = 0.0
@@ -476,7 +480,7 @@ def _kd_fused_kernel(
             kl += _terms_and_grad(
                 z, v, cols, y, in_row, g_row + cols, mz, lsz, ms, lss, mt, lst, d, ce_scale, kd_scale, bad,
                 inv_s, s, inv_tt, row_inv_to, alpha, beta, eps, C,
-                METHOD, CE_GRAD, KD_GRAD, WRITE_GRAD)
+                METHOD, REUSE_CE, CE_GRAD, KD_GRAD, WRITE_GRAD)
 
     # ---- per-row outputs -----------------------------------------------------------------
     kd = 0.0
@@ -521,13 +525,14 @@ def _scale_grad_kernel(
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     go = tl.load(go_ptr + row * stride_go).to(tl.float32)
     if go != 1.0:  # decided on the device: grad_output == 1 costs no gradient traffic at all
-        mask = cols < C
-        ptrs = grad_ptr + row * C + cols
-        g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(ptrs, (g * go).to(ptrs.dtype.element_ty), mask=mask)
+        for start in range(0, C, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < C
+            ptrs = grad_ptr + row * C + cols
+            g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(ptrs, (g * go).to(ptrs.dtype.element_ty), mask=mask)
 
 
 # =============================================================================================
@@ -683,7 +688,7 @@ def _scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
     go = grad_output.reshape(-1) if grad_output.dim() else grad_output.reshape(1)
     stride = go.stride(0) if go.numel() == N and grad_output.dim() else 0
     block = min(4096, max(16, triton.next_power_of_2(C)))
-    _scale_grad_kernel[(N, triton.cdiv(C, block))](grad, go, stride, C, BLOCK=block, num_warps=4 if block <= 1024 else 8)
+    _scale_grad_kernel[(N,)](grad, go, stride, C, BLOCK=block, num_warps=4 if block <= 1024 else 8)
 
 
 # =============================================================================================
