@@ -1,15 +1,18 @@
 """``fastkd bench data``: images/s of each input pipeline on a folder of ImageNet-like JPEGs.
 
-The folder is generated once (cached): crops of scikit-learn's two sample photographs, jittered
-and flipped, saved as about 500 x 375 JPEGs of quality 90 (ImageNet's typical size) in 10
-classes. Every pipeline does the training preprocessing (random-resized crop to 224, flip,
-normalise) and hands batches to the device; the clock covers whole epochs after one warm-up
-epoch, ending with a device synchronisation. Rows:
+The folder is generated once (cached, in parallel): crops of scikit-learn's two sample
+photographs, jittered and flipped, saved as about 500 x 375 JPEGs of quality 90 (ImageNet's
+typical size) in 10 classes. An epoch lists every file ``--epoch-images / --num-images`` times
+(a ``path label`` file list; a ``ConcatDataset`` for the baseline), so it is long enough to
+measure the steady state that an ImageNet epoch runs in. Every pipeline does the training
+preprocessing (random-resized crop to 224, flip, normalise) and hands batches to the device; the
+clock starts after ``--warmup-batches`` and stops at the end of the epoch, after a device
+synchronisation. Rows:
 
 * ``torchvision``: the plain baseline, ``ImageFolder`` + ``RandomResizedCrop`` / ``ToTensor`` /
   ``Normalize`` + ``DataLoader`` (same workers, pinned memory on CUDA);
 * ``fastkd-torch``: fastkd's torch backend (PIL decode in workers, normalisation on the device);
-* ``fastkd-torch-gpudec``: the same with nvJPEG decoding (CUDA only);
+* ``fastkd-torch-gpudec``: the same with nvJPEG decoding through torchvision (CUDA only);
 * ``fastkd-dali``: the DALI pipeline (CPU-only on a CPU device; nvJPEG "mixed" decode on CUDA);
 * ``synthetic``: random tensors made on the device (the ceiling of the consumer side).
 
@@ -38,13 +41,15 @@ _MARKER = ".fastkd_bench_jpegs.json"
 def add_arguments(parser) -> None:
     parser.add_argument("--data-dir", default=None,
                         help="where the JPEG folder is generated / cached (default: ~/.cache/fastkd/bench_jpegs_N)")
-    parser.add_argument("--num-images", type=int, default=512, help="JPEG files in the folder")
+    parser.add_argument("--num-images", type=int, default=256, help="distinct JPEG files in the folder")
+    parser.add_argument("--epoch-images", type=int, default=None,
+                        help="samples per epoch, a multiple of --num-images (default: 4 x --num-images)")
+    parser.add_argument("--warmup-batches", type=int, default=4, help="batches before the clock starts")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=None,
                         help="decoding threads / DataLoader workers (default: the usable CPU cores)")
-    parser.add_argument("--epochs", type=int, default=2, help="timed epochs after one warm-up epoch")
     parser.add_argument("--backends", default=",".join(BACKENDS),
                         help="comma-separated subset of " + ", ".join(BACKENDS))
     parser.add_argument("--step-batch-size", type=int, default=256,
@@ -55,25 +60,20 @@ def add_arguments(parser) -> None:
 
 
 # ---- the data set -------------------------------------------------------------------------
-def make_jpeg_folder(root, num_images: int, *, classes: int = 10, seed: int = 0) -> Path:
-    """Write ``num_images`` ImageNet-like JPEGs (about 500 x 375, quality 90) under ``root``; cached."""
+_SHAPES = [(500, 375), (375, 500), (500, 333), (500, 400), (480, 360), (333, 500)]
+
+
+def _write_jpegs(root: str, first: int, last: int, classes: int, seed: int) -> None:
+    """Write images ``first..last-1`` (a worker's share; each image has its own generator)."""
     import numpy as np
     from PIL import Image, ImageEnhance
     from sklearn.datasets import load_sample_images
 
-    root = Path(root)
-    params = {"num_images": num_images, "classes": classes, "seed": seed, "quality": 90}
-    marker = root / _MARKER
-    if marker.is_file() and json.loads(marker.read_text()) == params:
-        return root
-    rng = np.random.default_rng(seed)
     photos = [Image.fromarray(p) for p in load_sample_images().images]  # 640 x 427 each
-    shapes = [(500, 375), (375, 500), (500, 333), (500, 400), (480, 360), (333, 500)]
-    for c in range(classes):
-        (root / f"class{c:02d}").mkdir(parents=True, exist_ok=True)
-    for i in range(num_images):
+    for i in range(first, last):
+        rng = np.random.default_rng([seed, i])
         photo = photos[i % len(photos)]
-        w, h = shapes[int(rng.integers(len(shapes)))]
+        w, h = _SHAPES[int(rng.integers(len(_SHAPES)))]
         # a random window of the photo at a random scale, so every file has its own content
         scale = rng.uniform(0.55, 1.0)
         cw, ch = int(photo.width * scale), int(photo.height * scale)
@@ -82,9 +82,39 @@ def make_jpeg_folder(root, num_images: int, *, classes: int = 10, seed: int = 0)
         img = ImageEnhance.Color(img).enhance(rng.uniform(0.6, 1.4))
         if rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        img.save(root / f"class{i % classes:02d}" / f"img{i:05d}.JPEG", quality=90)
+        img.save(Path(root) / f"class{i % classes:02d}" / f"img{i:05d}.JPEG", quality=90)
+
+
+def make_jpeg_folder(root, num_images: int, *, classes: int = 10, seed: int = 0, workers: int = 1) -> Path:
+    """Write ``num_images`` ImageNet-like JPEGs (about 500 x 375, quality 90) under ``root``; cached."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    root = Path(root)
+    params = {"num_images": num_images, "classes": classes, "seed": seed, "quality": 90}
+    marker = root / _MARKER
+    if marker.is_file() and json.loads(marker.read_text()) == params:
+        return root
+    for c in range(classes):
+        (root / f"class{c:02d}").mkdir(parents=True, exist_ok=True)
+    step = -(-num_images // max(1, workers))
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        jobs = [pool.submit(_write_jpegs, str(root), a, min(a + step, num_images), classes, seed)
+                for a in range(0, num_images, step)]
+        for job in jobs:
+            job.result()
     marker.write_text(json.dumps(params))
     return root
+
+
+def write_epoch_list(root: Path, repeat: int) -> Path:
+    """A ``path label`` file list naming every image of ``root`` ``repeat`` times."""
+    from ..data import build_index
+
+    index = build_index(root, train=True)
+    path = root / f"epoch_x{repeat}.txt"
+    lines = [f"{p} {label}" for _ in range(repeat) for p, label in zip(index.paths, index.labels)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 # ---- timing ---------------------------------------------------------------------------------
@@ -95,28 +125,31 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_epochs(make_iter, device, epochs: int) -> tuple[float, int]:
-    """Run one warm-up epoch, then ``epochs`` timed ones; returns (seconds, images)."""
-    for _ in make_iter():
-        pass
-    _sync(device)
-    images, start = 0, time.perf_counter()
-    for _ in range(epochs):
-        for x in make_iter():
+def _time_epoch(make_iter, device, warmup: int) -> tuple[float, int]:
+    """Iterate one epoch; the clock runs from after ``warmup`` batches to its end. (seconds, images)."""
+    images, start = 0, None
+    for i, x in enumerate(make_iter()):
+        if i == warmup:
+            _sync(device)
+            start = time.perf_counter()
+        if start is not None:
             images += x.shape[0]
     _sync(device)
+    if start is None:
+        raise SystemExit(f"the epoch has no more than --warmup-batches={warmup} batches; list more images")
     return time.perf_counter() - start, images
 
 
-def _torchvision_baseline(root, args, device, threads):
+def _torchvision_baseline(root, repeat, args, device, threads):
     import torch
     from torchvision import datasets, transforms
 
     tf = transforms.Compose([
         transforms.RandomResizedCrop(args.image_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
         transforms.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))])
+    folder = datasets.ImageFolder(str(root), transform=tf)
     loader = torch.utils.data.DataLoader(
-        datasets.ImageFolder(str(root), transform=tf), batch_size=args.batch_size, shuffle=True,
+        torch.utils.data.ConcatDataset([folder] * repeat), batch_size=args.batch_size, shuffle=True,
         num_workers=threads, pin_memory=device.type == "cuda", persistent_workers=threads > 0,
         prefetch_factor=4 if threads > 0 else None)
 
@@ -200,12 +233,17 @@ def main(args) -> int:
 
     device = resolve_device(args.device)
     threads = args.threads if args.threads is not None else default_num_threads()
+    epoch_images = args.epoch_images or 4 * args.num_images
+    if epoch_images % args.num_images:
+        raise SystemExit(f"--epoch-images={epoch_images} must be a multiple of --num-images={args.num_images}")
+    repeat = epoch_images // args.num_images
     root = Path(args.data_dir or Path.home() / ".cache" / "fastkd" / f"bench_jpegs_{args.num_images}")
     t0 = time.perf_counter()
-    make_jpeg_folder(root, args.num_images)
-    print(f"data: {args.num_images} JPEGs in {root} (ready in {time.perf_counter() - t0:.1f} s); "
-          f"device {device}, {threads} threads, batch {args.batch_size}, {args.image_size} px, "
-          f"{args.epochs} timed epochs")
+    make_jpeg_folder(root, args.num_images, workers=threads)
+    epoch_list = write_epoch_list(root, repeat)
+    print(f"data: {args.num_images} JPEGs in {root} (ready in {time.perf_counter() - t0:.1f} s), epochs of "
+          f"{epoch_images}; device {device}, {threads} threads, batch {args.batch_size}, {args.image_size} px, "
+          f"clock after {args.warmup_batches} batches")
 
     wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = sorted(set(wanted) - set(BACKENDS))
@@ -220,14 +258,14 @@ def main(args) -> int:
             rows.append({"backend": name, "skipped": "DALI not installed"})
             continue
         if name == "torchvision":
-            make = _torchvision_baseline(root, args, device, threads)
+            make = _torchvision_baseline(root, repeat, args, device, threads)
         elif name == "synthetic":
-            make = _fastkd(root, args, device, threads, "synthetic")
+            make = _fastkd(epoch_list, args, device, threads, "synthetic")
         elif name == "fastkd-dali":
-            make = _fastkd(root, args, device, threads, "dali")
+            make = _fastkd(epoch_list, args, device, threads, "dali")
         else:
-            make = _fastkd(root, args, device, threads, "torch", gpu_decode=name == "fastkd-torch-gpudec")
-        seconds, images = _time_epochs(make, device, args.epochs)
+            make = _fastkd(epoch_list, args, device, threads, "torch", gpu_decode=name == "fastkd-torch-gpudec")
+        seconds, images = _time_epoch(make, device, args.warmup_batches)
         rows.append({"backend": name, "images_per_s": images / seconds, "images": images, "seconds": seconds})
         print(f"  {name:<22} {images / seconds:9.1f} images/s")
         del make
@@ -251,7 +289,8 @@ def main(args) -> int:
         print(line)
 
     record = {"machine": _machine(device), "device": str(device), "threads": threads, "batch_size": args.batch_size,
-              "image_size": args.image_size, "num_images": args.num_images, "epochs": args.epochs,
+              "image_size": args.image_size, "num_images": args.num_images, "epoch_images": epoch_images,
+              "warmup_batches": args.warmup_batches,
               "kd_step_images_per_s": step_rate, "rows": rows}
     if args.results:
         path = Path(args.results)

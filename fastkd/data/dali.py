@@ -64,14 +64,17 @@ def _make_pipeline(files, *, train: bool, sizes: tuple, norms: list, decoder_dev
         jpegs, pos = fn.readers.file(files=list(files), labels=list(range(len(files))), random_shuffle=False,
                                      pad_last_batch=True, name="Reader")
         # Fancy (smooth) chroma upsampling is what libjpeg, PIL and torchvision do; with it the
-        # CPU decoder matches PIL bit for bit.
+        # CPU decoder matches PIL bit for bit. nvJPEG before 13.2 cannot combine it with the
+        # region-of-interest decode of the training crop (DALI ignores it there, with a warning
+        # per thread), so the GPU training decode uses plain upsampling.
+        fancy = decoder_device == "cpu" or not train
         if train:
             images = fn.decoders.image_random_crop(
                 jpegs, device=decoder_device, output_type=types.RGB, random_area=list(TRAIN_SCALE),
-                random_aspect_ratio=list(TRAIN_RATIO), num_attempts=10, jpeg_fancy_upsampling=True)
+                random_aspect_ratio=list(TRAIN_RATIO), num_attempts=10, jpeg_fancy_upsampling=fancy)
         else:
             images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB,
-                                       jpeg_fancy_upsampling=True)
+                                       jpeg_fancy_upsampling=fancy)
         if on_gpu and decoder_device == "cpu":
             images = images.gpu()
         # subpixel_scale=False: scale = input / rounded output size, as PIL and torchvision resize.
@@ -109,12 +112,14 @@ def _pil_error(path: str) -> Optional[str]:
 class DaliLoader(BaseLoader):
     backend = "dali"
 
-    def __init__(self, index, spec, *, gpu_decode: bool = True):
+    def __init__(self, index, spec, *, gpu_decode: Optional[bool] = None):
         super().__init__(index, spec, num_samples_total=len(index), classes=index.classes)
         import nvidia.dali  # noqa: F401  (fail early, in the caller, when it is missing)
 
         self._on_gpu = spec.device.type == "cuda"
-        self._decoder_device = "mixed" if self._on_gpu and gpu_decode else "cpu"
+        # On a GPU, decode there by default ("mixed": nvJPEG, with the hardware JPEG engine where
+        # the GPU has one); gpu_decode=False decodes on the CPU and does the rest on the GPU.
+        self._decoder_device = "mixed" if self._on_gpu and gpu_decode is not False else "cpu"
         views = [spec.student]
         if spec.teacher is not None and not spec.teacher_is_student:
             views.append(spec.teacher)

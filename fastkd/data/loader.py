@@ -373,7 +373,10 @@ def create_loader(root, *, train: bool, batch_size: int, image_size: int, backen
         dtype: float32, float16 or bfloat16 output. channels_last: NHWC memory format.
         skip_corrupt: skip undecodable files (counted in ``loader.skipped`` and warned about)
             instead of failing with an error naming the file.
-        gpu_decode: decode JPEGs on the GPU (default: when the device is CUDA).
+        gpu_decode: decode JPEGs on the GPU. Default: yes for DALI on a CUDA device (nvJPEG and
+            the hardware JPEG engine), no for the torch backend (its nvJPEG path, through
+            torchvision, decodes the Huffman stream on the main process's CPU, so the workers'
+            PIL decoding is usually as fast).
         synthetic_samples, synthetic_classes: size of a synthetic data set without ``root``
             (default: ImageNet-1k's, 1,281,167 / 50,000 samples and 1000 classes).
     """
@@ -397,9 +400,7 @@ def create_loader(root, *, train: bool, batch_size: int, image_size: int, backen
                        student.mean if teacher_mean is None else _check_norm("teacher_mean", teacher_mean),
                        student.std if teacher_std is None else _check_norm("teacher_std", teacher_std))
     dev = resolve_device(device)
-    if gpu_decode is None:
-        gpu_decode = dev.type == "cuda"
-    elif gpu_decode and dev.type != "cuda":
+    if gpu_decode and dev.type != "cuda":
         raise ValueError("gpu_decode=True needs a CUDA device")
     spec = LoaderSpec(train=bool(train), batch_size=batch_size, student=student, teacher=teacher,
                       shard_id=int(shard_id), num_shards=num_shards, seed=int(seed), num_threads=int(num_threads),

@@ -5,7 +5,7 @@ handles grayscale, CMYK and EXIF orientation), cut the crop window, resize with 
 antialiased bilinear filter, and return uint8 HWC arrays; the main process moves the batch
 (from pinned memory) to the device and normalises it there.
 
-GPU decoding (``gpu_decode``, default on a CUDA device): workers only read the file bytes and the
+GPU decoding (``gpu_decode=True``, CUDA only): workers only read the file bytes and the
 EXIF orientation; the main process decodes the batch with nvJPEG through
 ``torchvision.io.decode_jpeg(device="cuda")`` and crops / resizes each image on the GPU. Files
 nvJPEG cannot decode (CMYK JPEGs, PNGs, ...) are decoded by PIL instead, said once in the log.
@@ -205,10 +205,13 @@ def _orient(img: torch.Tensor, orientation: int) -> torch.Tensor:
 class TorchLoader(BaseLoader):
     backend = "torch"
 
-    def __init__(self, index, spec, *, gpu_decode: bool = False):
+    def __init__(self, index, spec, *, gpu_decode: Optional[bool] = None):
         super().__init__(index, spec, num_samples_total=len(index), classes=index.classes)
         import torchvision  # noqa: F401  (fail early, in the caller, when it is missing)
 
+        # Off unless asked for: torchvision's nvJPEG path decodes the Huffman stream on the CPU of
+        # the main process (no hardware JPEG engine), so on a many-core machine the workers' PIL
+        # decoding is as fast and leaves the training loop its CPU.
         self.gpu_decode = bool(gpu_decode)
         views = [spec.student]
         if spec.teacher is not None and not spec.teacher_is_student:
@@ -280,7 +283,7 @@ class TorchLoader(BaseLoader):
         for i, img in enumerate(decoded):
             if img is None:
                 try:  # nvJPEG declines CMYK JPEGs and non-JPEG files: PIL decodes those
-                    img = torch.from_numpy(np.asarray(_open_rgb(io.BytesIO(data[i].numpy().tobytes()))))
+                    img = torch.from_numpy(np.array(_open_rgb(io.BytesIO(data[i].numpy().tobytes()))))
                     img = img.permute(2, 0, 1).to(dev, non_blocking=True)
                     log_once("fastkd.data: some files are not nvJPEG-decodable (CMYK or non-JPEG); "
                              "decoding those with PIL on the CPU")

@@ -109,7 +109,8 @@ def test_order_fixed_by_seed_and_epoch(image_folder, backend):
 @pytest.mark.parametrize("device", DEVICES)
 def test_teacher_view_is_cut_from_the_same_window_and_flip(image_folder, backend, device):
     loader = make(image_folder, backend, train=True, batch_size=7, image_size=16, teacher_image_size=40,
-                  teacher_mean=TEACHER_MEAN, teacher_std=TEACHER_STD, seed=1, device=device)
+                  teacher_mean=TEACHER_MEAN, teacher_std=TEACHER_STD, seed=1, device=device,
+                  gpu_decode=device == "cuda")  # on CUDA: nvJPEG and the crops cut on the GPU
     student, teacher, indices = [], [], []
     for epoch in range(3):
         loader.set_epoch(epoch)
@@ -151,13 +152,15 @@ def test_normalisation_dtype_and_layout(image_folder, backend, device):
     else:  # the same libjpeg-turbo decode; DALI's resampling differs from PIL's by at most a level
         assert diff.max() <= 2.0 and diff.mean() < 0.25, (diff.max(), diff.mean())
     x32 = out["images"]
-    for dtype, rtol in ((torch.float16, 2.0**-9), (torch.bfloat16, 2.0**-7)):
+    # Half precision: the fp32 result rounded, give or take DALI's own fp16 arithmetic on the GPU;
+    # the tolerance is one unit of the dtype at magnitude 1, far below one pixel level (~0.017).
+    for dtype, eps in ((torch.float16, 2.0**-10), (torch.bfloat16, 2.0**-7)):
         for channels_last in (False, True):
             x = run(make(image_folder, backend, **opts, dtype=dtype, channels_last=channels_last))[0]["images"]
             assert x.dtype == dtype and x.shape == x32.shape
             fmt = torch.channels_last if channels_last else torch.contiguous_format
             assert x.is_contiguous(memory_format=fmt)
-            torch.testing.assert_close(x.float(), x32, rtol=rtol, atol=1e-5)
+            torch.testing.assert_close(x.float(), x32, rtol=eps, atol=eps)
 
 
 def test_corrupt_file_is_named_or_skipped_and_counted(corrupt_folder, backend, caplog):
@@ -181,7 +184,7 @@ def test_corrupt_file_is_named_or_skipped_and_counted(corrupt_folder, backend, c
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("with_checkpoint", [True, False])
 def test_resume_mid_epoch(image_folder, backend, with_checkpoint, device):
-    opts = dict(train=True, batch_size=4, teacher_image_size=24, seed=2, device=device)
+    opts = dict(train=True, batch_size=4, teacher_image_size=24, seed=2, device=device, gpu_decode=device == "cuda")
     full_loader = make(image_folder, backend, **opts)
     full_loader.set_epoch(3)
     full = run(full_loader)
@@ -258,7 +261,8 @@ def test_gpu_decoding_agrees_with_cpu_decoding(image_folder, photo_folder, backe
     """nvJPEG (torch: torchvision.io.decode_jpeg; DALI: "mixed") against the CPU path.
 
     The two JPEG decoders differ in IDCT rounding and chroma upsampling, so pixels may differ by
-    a few levels (more on sharp colour edges); the mean difference stays below one level.
+    a few levels on sharp colour edges (measured on an H100: mean <= 0.51, 99th percentile <= 3.4
+    levels for torchvision's nvJPEG path; DALI's is within a level of its CPU decoder).
     """
     for root, size in ((photo_folder, 64), (image_folder, 24)):
         kw = dict(train=False, batch_size=8, image_size=size, teacher_image_size=size + 8)
@@ -269,4 +273,4 @@ def test_gpu_decoding_agrees_with_cpu_decoding(image_folder, photo_folder, backe
             for key in ("images", "teacher"):
                 diff = (pixels(a[key]) - pixels(b[key])).abs()
                 print(root.name, key, f"max {diff.max():.2f} p99 {diff.quantile(0.99):.2f} mean {diff.mean():.3f}")
-                assert diff.mean() < 1.0 and diff.quantile(0.99) < 8.0, (root.name, key)
+                assert diff.mean() < 0.75 and diff.quantile(0.99) < 6.0, (root.name, key)
