@@ -248,6 +248,10 @@ class DPKLoss(nn.Module):
             if f_s.dim() != 4 or f_t.dim() != 4:
                 raise ValueError(f"stage {i}: DPK needs (B, C, H, W) features, got {tuple(f_s.shape)} and "
                                  f"{tuple(f_t.shape)}")
+            if f_t.is_inference():
+                # A teacher run under torch.inference_mode: such tensors cannot be saved for
+                # backward (the projection saves its input), an ordinary copy can.
+                f_t = f_t.clone()
             f_t = self._match_teacher(i, f_s, f_t.detach())
             if self.training:
                 with torch.no_grad():

@@ -151,3 +151,29 @@ def test_single_teacher_and_undefined_spearman_in_reports(tmp_path):
     assert "n/a" in format_report(both)
     write_outputs(both, tmp_path / "two", plots=False)
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["pairs"][0]["spearman"] is None
+
+
+@pytest.mark.gpu
+def test_analyze_on_cuda(digits, checkpoints, tmp_path):
+    """The CUDA path (GPU JPEG decoding, teachers on the GPU) against a pass over the same loader."""
+    from fastkd.data import create_loader
+    from fastkd.models import create_model, load_weights
+
+    early, init = checkpoints
+    out = tmp_path / "gpu"
+    assert cli.main(["analyze", "--data", str(digits), "--teacher", f"a=fastkd:resnet8:{early}", "--teacher",
+                     f"b=fastkd:resnet8:{init}", "--image-size", "16", "--data-backend", "torch", "--device", "cuda",
+                     "--output", str(out)]) == 0
+    res = json.loads((out / "metrics.json").read_text())
+    assert res["config"]["device"] == "cuda"
+    loader = create_loader(digits, train=False, batch_size=128, image_size=16, backend="torch", device="cuda")
+    models = [load_weights(create_model("fastkd:resnet8", num_classes=10), p).cuda().eval() for p in (early, init)]
+    with torch.no_grad():
+        batches = [(b.labels, [m(b.images) for m in models]) for b in loader]
+    y = torch.cat([b[0] for b in batches])
+    for i, k in enumerate("ab"):
+        logits = torch.cat([b[1][i] for b in batches])
+        want = M.wrong_class_stats(logits, y, M.SoftLabel(temperature=4.0))["wrong_entropy"].mean().item()
+        assert res["teachers"][k]["settings"]["T=4"]["wrong_entropy"] == pytest.approx(want, rel=1e-3)
+        assert res["teachers"][k]["accuracy"] == pytest.approx((logits.argmax(1) == y).double().mean().item(),
+                                                               abs=2 / len(y))

@@ -183,3 +183,24 @@ def test_bad_input_is_named():
     assert M.parse_temperatures("1, 2,4") == [1.0, 2.0, 4.0]
     assert M.parse_ats("none") is None
     assert M.parse_ats("4,2").name == "ATS(4,2)"
+
+
+@pytest.mark.gpu
+def test_metrics_on_cuda_match_cpu():
+    v, y = logits_and_labels(n=300, c=1000, seed=9)
+    w = v + logits_and_labels(n=300, c=1000, seed=10)[0]
+    soft = [M.SoftLabel(temperature=2.0), M.SoftLabel(tau_target=4.0, tau_other=2.0)]
+    for sl in soft:
+        cpu, gpu = M.wrong_class_stats(v, y, sl), M.wrong_class_stats(v.cuda().float(), y.cuda(), sl)
+        for m in M.METRICS:
+            torch.testing.assert_close(gpu[m].cpu(), M.wrong_class_stats(v.float(), y, sl)[m], rtol=1e-9, atol=1e-15)
+            torch.testing.assert_close(gpu[m].cpu(), cpu[m], rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(M.wrong_class_spearman(v.cuda(), w.cuda(), y.cuda()).cpu(),
+                               M.wrong_class_spearman(v, w, y), rtol=1e-12, atol=1e-12)
+    meter = M.TeacherMeter(soft)
+    for lo in range(0, 300, 128):
+        meter.update(v[lo:lo + 128].cuda(), y[lo:lo + 128].cuda())
+    res = meter.result()
+    for sl in soft:
+        assert res["settings"][sl.name]["wrong_std"] == pytest.approx(
+            M.wrong_class_stats(v, y, sl)["wrong_std"].mean().item(), rel=1e-9)

@@ -114,6 +114,15 @@ def test_gradients_reach_student_and_dpk_modules_not_teacher():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_teacher_features_from_inference_mode_are_accepted():
+    dpk = DPKLoss([4], [6], seed=0)
+    with torch.inference_mode():
+        ft = feats(c=6, seed=1) * 1.0
+    fs = feats(c=4).requires_grad_()
+    dpk([fs], [ft]).backward()
+    assert fs.grad is not None and dpk.proj[0].weight.grad is not None
+
+
 def test_loss_is_the_sum_of_stage_mse_to_the_teacher():
     dpk = DPKLoss([4, 4], [6, 6], seed=0).eval()
     fs, ft = [feats(c=4), feats(c=4, seed=1)], [feats(c=6, seed=2), feats(c=6, seed=3)]
@@ -213,3 +222,22 @@ def test_tiny_dpk_run_lowers_the_loss():
             losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert all(0 <= r <= 1 for r in dpk.ratios)
+
+
+# ------------------------------------------------------------------------------ CUDA
+@pytest.mark.gpu
+def test_dpk_on_cuda_matches_cpu_ratio_and_mask_rate():
+    s, t = [feats(b=32, c=8, h=8, w=8)], [feats(b=32, c=16, h=8, w=8, seed=1)]
+    cpu, gpu = DPKLoss([8], [16], seed=0), DPKLoss([8], [16], seed=0).cuda()
+    cpu(s, t)
+    fs = s[0].cuda().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = gpu([fs], [t[0].cuda()])
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert fs.grad is not None and all(p.grad is not None for p in gpu.parameters())
+    np.testing.assert_allclose(gpu.ratios, cpu.ratios, rtol=1e-4)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    _, mask = mix_features(torch.zeros(64, 1, 32, 32, device="cuda"), torch.ones(64, 1, 32, 32, device="cuda"),
+                           0.3, generator=g)
+    assert abs(mask.mean().item() - 0.3) < 5 * math.sqrt(0.3 * 0.7 / mask.numel())
