@@ -1,0 +1,14 @@
+"""The distillation engine: config, the concurrent teacher runner, the training loop, checkpoints.
+
+``fastkd train`` and ``fastkd demo`` are thin front ends over :func:`train`::
+
+    from fastkd.engine import make_config, train
+    result = train(make_config(data="/imagenet", teacher="timm:resnet50", teacher_checkpoint="r50.pth",
+                               student="timm:resnet18", method="kd", output="runs/r50-r18"))
+"""
+from .config import ConfigError, TrainConfig, make_config
+from .runner import TeacherOutput, TeacherRunner
+from .trainer import Trainer, evaluate, train
+
+__all__ = ["TrainConfig", "ConfigError", "make_config", "train", "Trainer", "evaluate", "TeacherRunner",
+           "TeacherOutput"]

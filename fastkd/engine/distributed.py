@@ -1,0 +1,117 @@
+"""Distributed helpers: torchrun's environment, process groups, exact reductions.
+
+``torchrun`` (single- or multi-node) sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; each
+process then drives one GPU (``cuda:LOCAL_RANK``) with NCCL, or the CPU with gloo. Without those
+variables everything here degrades to a single process and every collective is a no-op.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    initialized_here: bool = False  # we created the process group (and destroy it at the end)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> ``cuda:LOCAL_RANK`` when CUDA is available, else CPU; ``cuda`` -> ``cuda:LOCAL_RANK``."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"--device {spec} asked for CUDA, but torch.cuda.is_available() is False on this machine")
+    dev = torch.device(f"cuda:{local_rank}" if spec == "cuda" else spec)
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise RuntimeError(f"--device {dev}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def init(device_spec: str = "auto") -> DistInfo:
+    """Join torchrun's process group if launched by it (NCCL on CUDA, gloo on CPU)."""
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    device = resolve_device(device_spec, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size <= 1:
+        return DistInfo(device=device)
+    if dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, initialized_here=False)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend=backend, **kwargs)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, initialized_here=True)
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.initialized_here and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """In-place sum over ranks (exact for integer tensors); a no-op in one process."""
+    if info.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_gather_object(obj, info: DistInfo) -> list:
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, info: DistInfo, src: int = 0):
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def broadcast_buffers(module: torch.nn.Module, info: DistInfo, src: int = 0) -> None:
+    """Give every rank ``src``'s buffers (batch-norm running statistics).
+
+    DDP broadcasts buffers at the start of each forward, so after the last training step every
+    rank holds statistics updated by its own batch; validation and checkpoints must see one
+    model, the one rank 0 saves.
+    """
+    if info.distributed:
+        for buf in module.buffers():
+            dist.broadcast(buf, src=src)
