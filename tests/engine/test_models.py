@@ -1,7 +1,6 @@
 """fastkd.models: the CIFAR-style ResNets, the factory, and loading weights from files."""
 import pytest
 import torch
-from torch import nn
 
 from fastkd.models import FASTKD_MODELS, create_model, load_weights
 

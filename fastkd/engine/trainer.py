@@ -1,0 +1,664 @@
+"""The distillation loop: ``train(cfg)`` runs a whole ``fastkd train``.
+
+One step, with the teacher one batch ahead (see :mod:`fastkd.engine.runner`)::
+
+    teacher_out(i) = runner.result(pending(i))       # the student stream waits on T(i)'s event
+    batch(i+1)     = next(loader)                    # host time: "data"
+    pending(i+1)   = runner.submit(batch(i+1))       # T(i+1) queued on the teacher stream
+    student step on batch(i), teacher_out(i)         # forward, loss, backward, optimizer
+
+Per epoch the engine logs the train loss (and its CE / KD terms), the student's validation
+top-1/top-5 counted exactly over all ranks (padding excluded), the teacher's top-1, teacher-
+student top-1 agreement and mean KL(teacher || student) at T=1, images/s and the step-time
+breakdown; it then writes ``last.pt`` (and ``best.pt``, ``epoch_N.pt``) atomically.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .. import __version__
+from ..losses import DistillLoss
+from ..losses import functional as lossF
+from ..losses import reference as ref
+from . import checkpoint as ckpt
+from . import config as C
+from . import distributed as D
+from .metrics import MetricsLogger, Progress, read_metrics
+from .optim import LRSchedule, build_optimizer, build_scheduler
+from .runner import TeacherOutput, TeacherRunner, autocast_context
+from .timing import StepTimer
+
+logger = logging.getLogger("fastkd")
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+IGNORE_INDEX = -100
+# Config keys that may differ between a checkpoint's run and the run resuming it.
+_RESUME_FREE_KEYS = {"resume", "output", "epochs", "log_interval", "device", "workers", "save_every",
+                     "checkpoint_interval", "data"}
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def evaluate(student: nn.Module, loader, device: torch.device, *, teacher: Optional[TeacherRunner] = None,
+             amp_dtype: Optional[torch.dtype] = None, dist: D.DistInfo = D.DistInfo()) -> dict:
+    """Student (and teacher) metrics over the whole validation set, exact across ranks.
+
+    Counts are integers, summed with one all-reduce; rows flagged ``valid=False`` (the padding
+    that evens out shards) are left out, so N processes count exactly what one process counts.
+    Returns percentages (``val_top1``, ``val_top5``, ``teacher_top1``, ``agreement``), the mean
+    ``kl`` = KL(teacher || student) at T=1, and the raw counts.
+    """
+    was_training = student.training
+    student.eval()
+    counts = torch.zeros(5, dtype=torch.int64, device=device)  # samples, top1, top5, teacher top1, agree
+    kl_sum = torch.zeros((), dtype=torch.float64, device=device)
+    try:
+        for batch in loader:
+            images = batch.images.to(device, non_blocking=True)
+            labels = batch.labels.to(device, non_blocking=True)
+            valid = (torch.ones_like(labels, dtype=torch.bool) if batch.valid is None
+                     else batch.valid.to(device, non_blocking=True))
+            with autocast_context(device, amp_dtype):
+                logits = student(images)
+            logits = logits.float()
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices
+            hit = top == labels[:, None]
+            counts[0] += valid.sum()
+            counts[1] += (hit[:, 0] & valid).sum()
+            counts[2] += (hit.any(1) & valid).sum()
+            if teacher is not None:
+                t_in = batch.teacher_images if batch.teacher_images is not None else batch.images
+                t_logits = teacher(t_in).logits.float()
+                t_pred = t_logits.argmax(1)
+                counts[3] += ((t_pred == labels) & valid).sum()
+                counts[4] += ((t_pred == top[:, 0]) & valid).sum()
+                kl_sum += torch.where(valid, ref.kd(logits, t_logits, 1.0), 0.0).sum().double()
+    finally:
+        student.train(was_training)
+    D.all_reduce_sum(counts, dist)
+    D.all_reduce_sum(kl_sum, dist)
+    n, top1, top5, t1, agree = counts.tolist()
+    if n == 0:
+        raise RuntimeError("the validation loader produced no samples")
+    out = {"val_samples": n, "val_correct_top1": top1, "val_correct_top5": top5,
+           "val_top1": 100.0 * top1 / n, "val_top5": 100.0 * top5 / n}
+    if teacher is not None:
+        out.update(teacher_correct_top1=t1, teacher_top1=100.0 * t1 / n, agreement=100.0 * agree / n,
+                   kl=float(kl_sum) / n)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Losses beyond DistillLoss
+# --------------------------------------------------------------------------------------------
+class TolerantTeacherLoss(nn.Module):
+    """``ce_weight * (CE + eta * gap)``: teacher training (methods.md 6; our reconstruction of
+    Yang et al. 2018, see :func:`fastkd.losses.reference.tolerant_teacher_loss`).
+
+    ``last_terms``: ``"ce"`` the CE mean, ``"kd"`` the tolerance term ``eta * gap`` (mean over
+    the same rows), so the engine's ``train_ce`` / ``train_kd`` columns add up to the loss.
+    """
+
+    needs_teacher = False
+
+    def __init__(self, ce_weight: float, eta: float, k: int, label_smoothing: float):
+        super().__init__()
+        self.ce_weight, self.eta, self.k, self.label_smoothing = ce_weight, eta, k, label_smoothing
+        self.last_terms: dict[str, Tensor] = {}
+
+    def set_epoch(self, epoch: float) -> None:
+        pass
+
+    def forward(self, logits: Tensor, teacher_logits, target: Tensor) -> Tensor:
+        z, y = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
+        loss = ref.tolerant_teacher_loss(z, y, self.eta, self.k, self.label_smoothing, IGNORE_INDEX)
+        with torch.no_grad():
+            valid = y != IGNORE_INDEX
+            count = valid.sum().clamp_min(1)
+            ce = torch.where(valid, ref.cross_entropy(z, y, self.label_smoothing, IGNORE_INDEX), 0.0).sum() / count
+        self.last_terms = {"ce": ce, "kd": loss.detach() - ce}
+        return self.ce_weight * loss
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------
+class Trainer:
+    """Holds the state of one ``fastkd train`` run; :meth:`run` trains and returns a summary."""
+
+    def __init__(self, cfg: C.TrainConfig):
+        C.validate(cfg)
+        self.cfg = cfg
+        if cfg.deterministic:
+            # cuBLAS needs this before its first use to be deterministic.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        self.dist = D.init(cfg.device)
+        self.device = self.dist.device
+        self.is_main = self.dist.is_main
+        if not self.is_main:
+            logger.setLevel(logging.WARNING)
+        self.out = Path(cfg.output)
+
+    # ---- set-up ---------------------------------------------------------------------------
+    def _seed(self) -> None:
+        import random
+
+        # The same seed on every rank: identical initial weights (DDP also broadcasts them).
+        torch.manual_seed(self.cfg.seed)
+        np.random.seed(self.cfg.seed % 2**32)
+        random.seed(self.cfg.seed)
+        if self.cfg.deterministic:
+            # warn_only: a few CUDA kernels (e.g. adaptive pooling's backward) have no
+            # deterministic version; PyTorch then warns naming them instead of failing the run.
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+    def _make_loaders(self) -> None:
+        from ..data import create_loader
+
+        cfg = self.cfg
+        tis = None
+        if self.use_teacher_at_all and cfg.teacher_image_size not in (None, cfg.image_size):
+            tis = cfg.teacher_image_size
+        common = dict(backend=cfg.data_backend, image_size=cfg.image_size, teacher_image_size=tis,
+                      shard_id=self.dist.rank, num_shards=self.dist.world_size, seed=cfg.seed,
+                      num_threads=cfg.workers, device=self.device, channels_last=cfg.channels_last)
+        if cfg.data_backend == "synthetic" and cfg.data is None:
+            n = cfg.synthetic_samples
+            common["synthetic_classes"] = cfg.synthetic_classes
+            train_extra = {"synthetic_samples": n}
+            val_extra = {"synthetic_samples": None if n is None else max(self.dist.world_size, n // 25)}
+        else:
+            train_extra = val_extra = {}
+        self.train_loader = create_loader(cfg.data, train=True, batch_size=cfg.batch_size, **common, **train_extra)
+        self.val_loader = create_loader(cfg.data, train=False, batch_size=cfg.val_batch_size or cfg.batch_size,
+                                        **common, **val_extra)
+        self.classes = self.train_loader.classes
+        if self.val_loader.classes != self.classes:
+            raise ValueError(f"train/ and val/ hold different classes: {len(self.classes)} vs "
+                             f"{len(self.val_loader.classes)} (first difference: "
+                             f"{next((a, b) for a, b in zip(self.classes + [None], self.val_loader.classes + [None]) if a != b)})")
+        self.steps_per_epoch = len(self.train_loader)
+        if self.steps_per_epoch == 0:
+            raise ValueError("the training loader yields no batches")
+
+    def _make_models(self) -> None:
+        from ..models import create_model, load_weights
+
+        cfg = self.cfg
+        num_classes = len(self.classes)
+        student = create_model(cfg.student, num_classes)
+        if cfg.student_checkpoint:
+            load_weights(student, cfg.student_checkpoint)
+        student.to(self.device)
+        if cfg.channels_last:
+            student.to(memory_format=torch.channels_last)
+        self.student = student
+        self.teacher = None
+        if self.use_teacher_at_all:
+            teacher = create_model(cfg.teacher, num_classes)
+            if cfg.teacher_checkpoint:
+                load_weights(teacher, cfg.teacher_checkpoint)
+            else:
+                logger.warning("fastkd: no --teacher-checkpoint: the teacher %s is randomly initialised "
+                               "(fine for benchmarks, useless for distillation)", cfg.teacher)
+            self.teacher = teacher
+
+    def _make_loss(self) -> None:
+        cfg = self.cfg
+        ce_w, kd_w = C.weights(cfg)
+        lm = C.logit_method(cfg)
+        if cfg.tolerant_eta is not None:
+            k = 5 if cfg.tolerant_k is None else cfg.tolerant_k
+            if k > len(self.classes):
+                raise ValueError(f"--tolerant-k {k} needs at least {k} classes; the data set has {len(self.classes)}")
+            self.loss_fn = TolerantTeacherLoss(ce_w, cfg.tolerant_eta, k, cfg.label_smoothing)
+        else:
+            params = {}
+            names = {"temperature": "temperature", "tau_target": "tau_target", "tau_other": "tau_other",
+                     "student_temperature": "student_temperature", "isats_candidates": "candidates",
+                     "dkd_alpha": "alpha", "dkd_beta": "beta", "dkd_warmup_epochs": "warmup_epochs",
+                     "dist_beta": "beta", "dist_gamma": "gamma"}
+            for key, param in names.items():
+                value = getattr(cfg, key)
+                if value is not None:
+                    params[param] = value
+            self.loss_fn = DistillLoss(lm, ce_weight=ce_w, kd_weight=kd_w if lm != "ce" else 0.0,
+                                       label_smoothing=cfg.label_smoothing, ignore_index=IGNORE_INDEX,
+                                       backend=cfg.loss_backend, **params)
+        # After --eskd-stop-epoch (or without a teacher): the CE term alone, same weight.
+        self.ce_only = DistillLoss("ce", ce_weight=ce_w, kd_weight=0.0, label_smoothing=cfg.label_smoothing,
+                                   ignore_index=IGNORE_INDEX, backend=cfg.loss_backend)
+        self.dpk = None
+        self.student_hooks = None
+        self.teacher_stages = None
+        if cfg.method == "dpk":
+            from ..losses.dpk import DPKLoss, FeatureHooks, default_stages, feature_channels
+
+            s_stages = cfg.dpk_stages or default_stages(cfg.student)
+            t_stages = cfg.dpk_teacher_stages or (cfg.dpk_stages if cfg.dpk_stages else default_stages(cfg.teacher))
+            if len(s_stages) != len(t_stages):
+                raise ValueError(f"DPK needs as many teacher stages as student stages: {s_stages} vs {t_stages}")
+            s_in = torch.zeros(2, 3, cfg.image_size, cfg.image_size, device=self.device)
+            t_size = cfg.teacher_image_size or cfg.image_size
+            t_in = torch.zeros(2, 3, t_size, t_size, device=self.device)
+            self.teacher.to(self.device)
+            s_ch = feature_channels(self.student, s_stages, s_in)
+            t_ch = feature_channels(self.teacher, t_stages, t_in)
+            # seed=None: the masks draw from torch's global generator, whose state the
+            # checkpoints save, so a resumed DPK run repeats the uninterrupted one exactly.
+            self.dpk = DPKLoss(s_ch, t_ch, seed=None).to(self.device)
+            self.student_hooks = FeatureHooks(self.student, s_stages)
+            self.dpk_stages, self.teacher_stages = list(s_stages), list(t_stages)
+
+    def _make_optim(self) -> None:
+        cfg = self.cfg
+        self.lr = C.resolve_lr(cfg, self.dist.world_size)
+        params = list(self.student.parameters()) + (list(self.dpk.parameters()) if self.dpk is not None else [])
+        self.optimizer = build_optimizer(cfg.opt, params, lr=self.lr, weight_decay=cfg.weight_decay,
+                                         momentum=cfg.momentum)
+        schedule = LRSchedule(cfg.sched, self.steps_per_epoch, cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+                              min_lr_ratio=cfg.min_lr / self.lr, decay_epochs=cfg.decay_epochs,
+                              decay_rate=cfg.decay_rate)
+        self.scheduler = build_scheduler(self.optimizer, schedule)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
+        self.clip_params = params
+
+    def _resolve(self) -> None:
+        cfg = self.cfg
+        self.amp = cfg.amp if cfg.amp != "auto" else ("bf16" if self.device.type == "cuda" else "none")
+        self.amp_dtype = AMP_DTYPES[self.amp]
+        self.use_teacher_at_all = C.needs_teacher(cfg)
+        if cfg.teacher_cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"--teacher-cuda-graph needs a CUDA device; this run uses {self.device}")
+
+    def _resolved_config(self) -> C.TrainConfig:
+        """The config with every default made explicit: re-running it repeats this run."""
+        cfg = dataclasses.replace(self.cfg, amp=self.amp, lr=self.lr, resume=None)
+        ce_w, kd_w = C.weights(self.cfg)
+        cfg.ce_weight = ce_w
+        if C.logit_method(self.cfg) != "ce":
+            cfg.kd_weight = kd_w
+        if isinstance(self.loss_fn, DistillLoss):
+            back = {"candidates": "isats_candidates", "alpha": "dkd_alpha", "warmup_epochs": "dkd_warmup_epochs"}
+            for param, value in self.loss_fn.params.items():
+                key = back.get(param, param)
+                if self.loss_fn.method == "dist" and param in ("beta", "gamma"):
+                    key = f"dist_{param}"
+                elif self.loss_fn.method == "dkd" and param == "beta":
+                    key = "dkd_beta"
+                setattr(cfg, key, list(value) if isinstance(value, tuple) else value)
+        if self.cfg.tolerant_eta is not None:
+            cfg.tolerant_k = self.loss_fn.k
+        if self.dpk is not None:
+            cfg.dpk_stages, cfg.dpk_teacher_stages = self.dpk_stages, self.teacher_stages
+        return cfg
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self._resolve()
+        self._seed()
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        D.barrier(self.dist)
+        self._make_loaders()
+        self._make_models()
+        self._make_loss()
+        self._make_optim()
+        self.timer = StepTimer(self.device)
+        self.start_epoch, self.start_batch, self.global_step = 0, 0, 0
+        self.best_top1 = -math.inf
+        self.progress_state: Optional[dict] = None
+        self.resumed = self._maybe_resume()
+        if not self.resumed and (self.out / ckpt.LAST).exists():
+            raise ValueError(f"--output {self.out} already holds a run (last.pt); continue it with --resume auto "
+                             f"or choose another --output")
+        # Wrappers for training only: DDP (the student and DPK's trainable modules; never the
+        # teacher), then torch.compile. Validation and checkpoints use the plain modules.
+        self.student_train = self.student
+        self.dpk_train = self.dpk
+        if self.dist.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.student_train = DDP(self.student, device_ids=ids)
+            if self.dpk is not None:
+                self.dpk_train = DDP(self.dpk, device_ids=ids)
+        if cfg.compile:
+            self.student_train = torch.compile(self.student_train)
+        self.runner = None
+        if self.teacher is not None:
+            self.runner = TeacherRunner(self.teacher, self.device, amp_dtype=self.amp_dtype,
+                                        channels_last=cfg.channels_last, concurrent=not cfg.sequential,
+                                        cuda_graph=cfg.teacher_cuda_graph, compile=cfg.compile,
+                                        feature_layers=self.teacher_stages, timer=self.timer)
+        self.metrics = MetricsLogger(self.out, enabled=self.is_main, append=self.resumed)
+        if self.is_main:
+            extra = {"world_size": self.dist.world_size, "device": str(self.device), "classes": len(self.classes),
+                     "steps_per_epoch": self.steps_per_epoch, "global_batch": cfg.batch_size * self.dist.world_size,
+                     "fastkd": __version__, "torch": str(torch.__version__),
+                     "concurrent_teacher": bool(self.runner is not None and self.runner.concurrent)}
+            C.save_yaml(self._resolved_config(), self.out / "config.yaml", extra)
+            logger.info("fastkd train: %s -> %s, method %s, %d classes, %d steps/epoch x %d epochs, lr %.4g, amp %s, "
+                        "device %s x %d%s", cfg.teacher or "(no teacher)", cfg.student, cfg.method, len(self.classes),
+                        self.steps_per_epoch, cfg.epochs, self.lr, self.amp, self.device, self.dist.world_size,
+                        ", concurrent teacher stream" if extra["concurrent_teacher"] else "")
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def _state(self, epoch: int, step_in_epoch: int, loader_state: dict, progress: Optional[dict]) -> dict:
+        """Full training state; RNG and loader states are gathered from every rank."""
+        cfg = self.cfg
+        rngs = D.all_gather_object(ckpt.rng_state(), self.dist)
+        loaders = D.all_gather_object(loader_state, self.dist)
+        return {
+            "format": "fastkd-train/1",
+            "model": self.student.state_dict(),
+            "model_name": cfg.student,
+            "classes": list(self.classes),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "dpk": self.dpk.state_dict() if self.dpk is not None else None,
+            "epoch": epoch,  # the epoch to continue in
+            "step_in_epoch": step_in_epoch,  # its batches already trained
+            "global_step": self.global_step,
+            "best_top1": self.best_top1,
+            "epoch_progress": progress,  # running sums of a partly trained epoch
+            "rng": rngs,
+            "loader": loaders,
+            "world_size": self.dist.world_size,
+            "config": dataclasses.asdict(cfg),
+        }
+
+    def _save(self, state: dict, *, best: bool = False, epoch_file: Optional[int] = None) -> None:
+        if self.is_main:
+            path = ckpt.save_atomic(state, self.out / ckpt.LAST)
+            if best:
+                ckpt.link_atomic(path, self.out / ckpt.BEST)
+            if epoch_file is not None:
+                ckpt.link_atomic(path, self.out / f"epoch_{epoch_file}.pt")
+        D.barrier(self.dist)
+
+    def _maybe_resume(self) -> bool:
+        """Load the checkpoint named by --resume (if any); True when the run continues one."""
+        cfg = self.cfg
+        if cfg.resume is None:
+            return False
+        if cfg.resume == "auto":
+            if self.is_main:
+                ckpt.remove_stale_temp_files(self.out)
+            D.barrier(self.dist)
+            found = ckpt.find_latest(self.out)
+            if found is None:
+                logger.info("fastkd: --resume auto: no checkpoint in %s, starting from scratch", self.out)
+                return False
+            path, state = found
+        else:
+            path = Path(cfg.resume)
+            state = ckpt.load(path)
+        logger.info("fastkd: resuming from %s (epoch %d, step %d of it, global step %d)", path, state["epoch"],
+                    state["step_in_epoch"], state["global_step"])
+        saved = state.get("config", {})
+        changed = sorted(k for k, v in dataclasses.asdict(cfg).items()
+                         if k not in _RESUME_FREE_KEYS and k in saved and saved[k] != v)
+        if changed:
+            logger.warning("fastkd: resuming with settings that differ from the checkpoint's run: %s",
+                           ", ".join(f"{k}: {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed))
+        if state.get("classes") is not None and list(state["classes"]) != list(self.classes):
+            raise ValueError(f"checkpoint {path} was trained on other classes than the data set in --data")
+        self.student.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.dpk is not None:
+            if state.get("dpk") is None:
+                raise ValueError(f"checkpoint {path} has no DPK state but this run uses --method dpk")
+            self.dpk.load_state_dict(state["dpk"])
+        self.start_epoch, self.start_batch = int(state["epoch"]), int(state["step_in_epoch"])
+        self.global_step = int(state["global_step"])
+        self.best_top1 = float(state["best_top1"])
+        self.progress_state = state.get("epoch_progress")
+        same_world = state.get("world_size", 1) == self.dist.world_size
+        if same_world:
+            ckpt.set_rng_state(state["rng"][self.dist.rank])
+            self.train_loader.load_state_dict(state["loader"][self.dist.rank])
+        else:
+            logger.warning("fastkd: checkpoint from %d process(es), resuming with %d: the data order restarts at "
+                           "the epoch start and random generators are reseeded", state.get("world_size", 1),
+                           self.dist.world_size)
+            self.start_batch, self.progress_state = 0, None
+        if self.is_main:
+            self._truncate_metrics()
+        return True
+
+    def _truncate_metrics(self) -> None:
+        """Drop metrics records written after the checkpoint (the resumed run writes them again)."""
+        path = self.out / "metrics.jsonl"
+        if not path.exists():
+            return
+        rows = read_metrics(path)
+        keep = [r for r in rows if r.get("global_step", 0) <= self.global_step]
+        if len(keep) != len(rows):
+            import json
+
+            tmp = path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            os.replace(tmp, path)
+
+    # ---- training -------------------------------------------------------------------------
+    def _teacher_used(self, epoch: int) -> bool:
+        cfg = self.cfg
+        if self.runner is None:
+            return False
+        return cfg.eskd_stop_epoch is None or epoch < cfg.eskd_stop_epoch
+
+    def _next(self, it):
+        t0 = time.perf_counter()
+        batch = next(it, None)
+        self.timer.add_host("data", time.perf_counter() - t0)
+        return batch
+
+    @staticmethod
+    def _teacher_input(batch) -> Tensor:
+        return batch.teacher_images if batch.teacher_images is not None else batch.images
+
+    def _step(self, batch, tout: Optional[TeacherOutput], loss_fn, epoch_pos: float) -> Tensor:
+        images = batch.images.to(self.device, non_blocking=True)
+        labels = batch.labels.to(self.device, non_blocking=True)
+        t_logits = tout.logits if tout is not None else None
+        if batch.valid is not None:
+            valid = batch.valid.to(self.device, non_blocking=True)
+            if isinstance(loss_fn, DistillLoss) and loss_fn.method == "dist":
+                # DIST correlates whole columns of the batch, so padding rows cannot be masked by
+                # label; drop them (one host sync, only on a shard's padded final batch).
+                keep = valid.nonzero().squeeze(1)
+                images, labels = images[keep], labels[keep]
+                t_logits = t_logits[keep] if t_logits is not None else None
+            else:
+                # Wrap-around padding evens out DDP shards; it must not count twice: ignore it.
+                labels = labels.masked_fill(~valid, IGNORE_INDEX)
+        loss_fn.set_epoch(epoch_pos)
+        dpk_on = self.dpk is not None and tout is not None
+        with self.timer.section("forward"):
+            with autocast_context(self.device, self.amp_dtype):
+                logits = self.student_train(images)
+        with self.timer.section("loss"):
+            # The logit losses upcast to fp32 themselves (and pick the fused kernel on CUDA).
+            loss = loss_fn(logits, t_logits, labels)
+            if dpk_on:
+                feats = self.student_hooks.features
+                with autocast_context(self.device, self.amp_dtype):
+                    dpk = self.dpk_train(feats, tout.features)
+                loss = loss + self.cfg.dpk_weight * dpk
+        with self.timer.section("backward"):
+            self.scaler.scale(loss).backward()
+        with self.timer.section("optimizer"):
+            if self.cfg.clip_grad is not None:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.clip_params, self.cfg.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+        return loss.detach()
+
+    def _train_epoch(self, epoch: int) -> dict:
+        cfg = self.cfg
+        self.student.train()
+        if self.dpk is not None:
+            self.dpk.train()
+        loader = self.train_loader
+        loader.set_epoch(epoch)  # keeps a resume point of this epoch
+        steps = self.steps_per_epoch
+        step_in_epoch = self.start_batch
+        self.start_batch = 0
+        use_teacher = self._teacher_used(epoch)
+        loss_fn = self.loss_fn if (use_teacher or self.runner is None) else self.ce_only
+        if self.runner is not None and not use_teacher and epoch == cfg.eskd_stop_epoch:
+            logger.info("fastkd: ESKD: from epoch %d on the KD weight is 0 and the teacher forward is skipped", epoch)
+
+        # Running sums on the device (no per-step sync); restored for a resumed partial epoch.
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, ce, kd
+        samples, elapsed = 0, 0.0
+        self.timer.reset()
+        if self.progress_state is not None:
+            p = self.progress_state
+            sums += torch.tensor(p["sums"], dtype=torch.float64, device=self.device)
+            samples, elapsed = int(p["samples"]), float(p["elapsed"])
+            self.timer.load_state_dict(p["timer"])
+            self.progress_state = None
+        first_step = step_in_epoch
+
+        bar = Progress(steps, f"epoch {epoch + 1}/{cfg.epochs}", self.is_main, initial=step_in_epoch)
+        t_start = time.perf_counter()
+        it = iter(loader)
+        batch = self._next(it)
+        loader_snapshot = None
+        pending = self.runner.submit(self._teacher_input(batch)) if use_teacher and batch is not None else None
+        while batch is not None:
+            tout = self.runner.result(pending) if pending is not None else None
+            # A mid-epoch checkpoint after this step must resume at the next batch: take the
+            # loader's position now, before the next batch is read ahead for the teacher.
+            ckpt_due = (cfg.checkpoint_interval and (self.global_step + 1) % cfg.checkpoint_interval == 0
+                        and step_in_epoch + 1 < steps)
+            if ckpt_due:
+                loader_snapshot = loader.state_dict()
+            nxt = self._next(it)
+            pending = self.runner.submit(self._teacher_input(nxt)) if use_teacher and nxt is not None else None
+            loss = self._step(batch, tout, loss_fn, epoch + step_in_epoch / steps)
+            terms = loss_fn.last_terms
+            sums += torch.stack([loss.double(), terms["ce"].double(), terms["kd"].double()])
+            samples += int(batch.valid.sum()) if batch.valid is not None else len(batch.labels)
+            step_in_epoch += 1
+            self.global_step += 1
+            ckpt.maybe_kill_after_step(self.global_step)
+            if self.global_step % cfg.log_interval == 0 or step_in_epoch == steps:
+                loss_value = float(loss)  # the one sync of a logging boundary
+                lr = self.optimizer.param_groups[0]["lr"]
+                now = time.perf_counter()
+                rate = samples / max(elapsed + now - t_start, 1e-9)
+                self.metrics.write("step", {"epoch": epoch, "global_step": self.global_step, "loss": loss_value,
+                                            "lr": lr, "images_per_s_rank": rate})
+                bar.update(0, loss=f"{loss_value:.4f}", lr=f"{lr:.3g}")
+            bar.update(1)
+            if ckpt_due:
+                self._mid_epoch_checkpoint(epoch, step_in_epoch, loader_snapshot, sums, samples,
+                                           elapsed + time.perf_counter() - t_start)
+            batch = nxt
+        bar.close()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # epoch boundary: the timing must include queued work
+        elapsed += time.perf_counter() - t_start
+        steps_run = step_in_epoch - first_step
+        # Exact epoch means over all ranks: sum the sums and the counts.
+        totals = torch.cat([sums, torch.tensor([step_in_epoch, samples], dtype=torch.float64, device=self.device)])
+        D.all_reduce_sum(totals, self.dist)
+        loss_sum, ce_sum, kd_sum, step_count, sample_count = totals.tolist()
+        breakdown = self.timer.per_step_ms(step_in_epoch)
+        record = {
+            "epoch": epoch,
+            "global_step": self.global_step,
+            "train_loss": loss_sum / step_count,
+            "train_ce": ce_sum / step_count,
+            "train_kd": kd_sum / step_count,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "images_per_s": sample_count / max(elapsed, 1e-9),
+            "train_samples": int(sample_count),
+            "epoch_time_s": elapsed,
+            "steps_this_session": steps_run,
+            "teacher_forward": use_teacher,
+            "step_time_ms": breakdown,
+        }
+        if self.dpk is not None:
+            record["dpk_ratios"] = self.dpk.ratios
+        return record
+
+    def _mid_epoch_checkpoint(self, epoch, step_in_epoch, loader_state, sums, samples, elapsed) -> None:
+        progress = {"sums": sums.tolist(), "samples": samples, "elapsed": elapsed, "timer": self.timer.state_dict()}
+        self._save(self._state(epoch, step_in_epoch, loader_state, progress))
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        previous_checks = lossF.label_checks_enabled()
+        # Labels come from the loader's index (always in [0, C)) or are set to ignore_index for
+        # padding here; the per-call label check would cost a device sync every step on CUDA.
+        lossF.set_label_checks(False)
+        records = []
+        try:
+            self.setup()
+            if self.start_epoch >= cfg.epochs:
+                logger.info("fastkd: the checkpoint has already finished all %d epochs", cfg.epochs)
+            for epoch in range(self.start_epoch, cfg.epochs):
+                record = self._train_epoch(epoch)
+                D.broadcast_buffers(self.student, self.dist)
+                record.update(evaluate(self.student, self.val_loader, self.device,
+                                       teacher=self.runner, amp_dtype=self.amp_dtype, dist=self.dist))
+                is_best = record["val_top1"] > self.best_top1
+                self.best_top1 = max(self.best_top1, record["val_top1"])
+                record["best_top1"] = self.best_top1
+                records.append(record)
+                self.metrics.write("epoch", record, step=self.global_step)
+                self._log_epoch(record)
+                keep_epoch = cfg.save_every and (epoch + 1) % cfg.save_every == 0
+                self._save(self._state(epoch + 1, 0, self.train_loader.state_dict(), None), best=is_best,
+                           epoch_file=epoch + 1 if keep_epoch else None)
+            return {"output": str(self.out), "epochs": records, "best_top1": self.best_top1,
+                    "final": records[-1] if records else None, "global_step": self.global_step}
+        finally:
+            lossF.set_label_checks(previous_checks)
+            if getattr(self, "metrics", None) is not None:
+                self.metrics.close()
+            if getattr(self, "runner", None) is not None:
+                self.runner.close()
+            if getattr(self, "student_hooks", None) is not None:
+                self.student_hooks.remove()
+            D.shutdown(self.dist)
+
+    def _log_epoch(self, r: dict) -> None:
+        parts = [f"epoch {r['epoch'] + 1}/{self.cfg.epochs}", f"loss {r['train_loss']:.4f}",
+                 f"top1 {r['val_top1']:.2f}", f"top5 {r['val_top5']:.2f}"]
+        if "teacher_top1" in r:
+            parts += [f"teacher {r['teacher_top1']:.2f}", f"agree {r['agreement']:.2f}", f"KL {r['kl']:.4f}"]
+        parts.append(f"{r['images_per_s']:.0f} img/s")
+        steps = ", ".join(f"{k} {v:.2f}" for k, v in r["step_time_ms"].items())
+        logger.info("  ".join(parts) + f"  [ms/step: {steps}]")
+
+
+def train(cfg: C.TrainConfig) -> dict:
+    """Run ``fastkd train`` with a config; returns ``{"output", "epochs": [records], "best_top1", ...}``."""
+    return Trainer(cfg).run()

@@ -1,0 +1,35 @@
+"""DDP with two gloo processes (torchrun): validation counted exactly as one process counts it."""
+import torch
+
+from fastkd.data import create_loader
+from fastkd.engine.metrics import read_metrics
+from fastkd.engine.runner import TeacherRunner
+from fastkd.engine.trainer import evaluate
+from fastkd.models import create_model, load_weights
+
+
+def test_two_gloo_processes_count_validation_like_one(tiny_jpegs, tmp_path, run_fastkd):
+    torch.manual_seed(5)
+    teacher_path = tmp_path / "teacher.pt"
+    torch.save(create_model("fastkd:resnet8", 3).state_dict(), teacher_path)
+    out = tmp_path / "ddp"
+    proc = run_fastkd(["--standalone", "--nproc_per_node", "2", "-m", "fastkd", "train", "--data", tiny_jpegs,
+                       "--student", "fastkd:resnet8", "--teacher", "fastkd:resnet8", "--teacher-checkpoint",
+                       teacher_path, "--method", "kd", "--epochs", "1", "--batch-size", "4", "--image-size", "16",
+                       "--device", "cpu", "--workers", "0", "--data-backend", "torch", "--output", out],
+                      module=("-m", "torch.distributed.run"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "world_size: 2" in (out / "config.yaml").read_text()
+    record = read_metrics(out / "metrics.jsonl", "epoch")[-1]
+    # 31 training and 13 validation images over 2 shards: one padded row each, not counted
+    assert record["train_samples"] == 31 and record["val_samples"] == 13
+
+    # One process, the same weights, the whole validation set.
+    student = load_weights(create_model("fastkd:resnet8", 3), out / "last.pt")
+    teacher = TeacherRunner(load_weights(create_model("fastkd:resnet8", 3), teacher_path), torch.device("cpu"))
+    loader = create_loader(tiny_jpegs, train=False, batch_size=4, image_size=16, backend="torch", num_threads=0,
+                           device="cpu")
+    single = evaluate(student, loader, torch.device("cpu"), teacher=teacher)
+    for key in ("val_samples", "val_correct_top1", "val_correct_top5", "teacher_correct_top1", "agreement"):
+        assert single[key] == record[key], key
+    assert abs(single["kl"] - record["kl"]) < 1e-6

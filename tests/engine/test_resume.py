@@ -1,0 +1,116 @@
+"""Checkpoints: atomic writes, ``--resume auto`` after kill -9 (also mid-write), bit-identical weights."""
+import math
+
+import pytest
+import torch
+
+from fastkd import cli
+from fastkd.engine import checkpoint as ckpt
+from fastkd.engine.metrics import read_metrics
+
+# 10 steps per epoch, 2 epochs, a mid-epoch checkpoint every 4 steps (steps 4, 8, 12, 16) plus
+# one at each epoch end; a teacher, so the concurrent-teacher bookkeeping is part of the state.
+ARGS = ["train", "--data-backend", "synthetic", "--synthetic-samples", "320", "--synthetic-classes", "10",
+        "--image-size", "12", "--batch-size", "32", "--student", "fastkd:resnet8", "--teacher", "fastkd:resnet8",
+        "--method", "kd", "--epochs", "2", "--checkpoint-interval", "4", "--lr", "0.05", "--warmup-epochs", "0.5",
+        "--device", "cpu", "--seed", "3", "--log-interval", "1", "--deterministic"]
+TOTAL_STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the subprocess runs use one thread (module fixtures run before one_thread)
+    try:
+        assert cli.main([*ARGS, "--output", str(out)]) == 0
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def _assert_same_run(out, ref):
+    a, b = ckpt.load(out / "last.pt"), ckpt.load(ref / "last.pt")
+    assert a["global_step"] == b["global_step"] == TOTAL_STEPS
+    for k in b["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), f"weights differ in {k}"
+    for pid, state in b["optimizer"]["state"].items():
+        assert torch.equal(a["optimizer"]["state"][pid]["momentum_buffer"], state["momentum_buffer"])
+    assert a["scheduler"] == b["scheduler"]
+    # The metrics file of the resumed run holds each step exactly once, with the same losses.
+    steps_a, steps_b = read_metrics(out / "metrics.jsonl", "step"), read_metrics(ref / "metrics.jsonl", "step")
+    assert [s["global_step"] for s in steps_a] == list(range(1, TOTAL_STEPS + 1))
+    assert [s["loss"] for s in steps_a] == [s["loss"] for s in steps_b]
+    ep_a, ep_b = read_metrics(out / "metrics.jsonl", "epoch"), read_metrics(ref / "metrics.jsonl", "epoch")
+    keys = ("epoch", "train_loss", "train_ce", "train_kd", "val_correct_top1", "val_correct_top5", "agreement",
+            "kl", "train_samples")
+    assert [[r[k] for k in keys] for r in ep_a] == [[r[k] for k in keys] for r in ep_b]
+
+
+def test_kill_during_training_then_resume_gives_identical_weights(reference, tmp_path, run_fastkd):
+    out = tmp_path / "run"
+    proc = run_fastkd([*ARGS[1:], "--output", out], env={"FASTKD_TEST_KILL": "step:7"}, module=("-m", "fastkd", "train"))
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    state = ckpt.load(out / "last.pt")
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 4, 4)  # steps 5-7 are lost
+    assert cli.main([*ARGS, "--output", str(out), "--resume", "auto"]) == 0
+    _assert_same_run(out, reference)
+
+
+def test_kill_during_a_checkpoint_write_then_resume(reference, tmp_path, run_fastkd):
+    out = tmp_path / "run"
+    # the 2nd save (after step 8) dies with half its bytes written
+    proc = run_fastkd([*ARGS[1:], "--output", out], env={"FASTKD_TEST_KILL": "save:2"}, module=("-m", "fastkd", "train"))
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    torn = list(out.glob(".last.pt.tmp.*"))
+    assert len(torn) == 1
+    with pytest.raises(Exception):
+        torch.load(torn[0], weights_only=True)  # really torn
+    assert ckpt.load(out / "last.pt")["global_step"] == 4  # the previous checkpoint is intact
+    assert cli.main([*ARGS, "--output", str(out), "--resume", "auto"]) == 0
+    assert not list(out.glob(".last.pt.tmp.*"))
+    _assert_same_run(out, reference)
+
+
+def test_resume_from_an_explicit_path_and_bad_paths(reference, tmp_path, caplog):
+    # resuming the finished reference run from its file trains nothing more
+    out = tmp_path / "again"
+    assert cli.main([*ARGS, "--output", str(out), "--resume", str(reference / "last.pt")]) == 0
+    assert not (out / "last.pt").exists()
+    assert cli.main([*ARGS, "--output", str(out), "--resume", str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt" in caplog.text and "does not exist" in caplog.text
+    (tmp_path / "junk.pt").write_bytes(b"\x00" * 100)
+    assert cli.main([*ARGS, "--output", str(out), "--resume", str(tmp_path / "junk.pt")]) == 2
+    assert "cannot be read" in caplog.text
+
+
+def test_atomic_save_and_latest_checkpoint_selection(tmp_path):
+    state = {"model": {"w": torch.ones(3)}, "epoch": 1, "global_step": 5}
+    ckpt.save_atomic(state, tmp_path / "last.pt")
+    ckpt.link_atomic(tmp_path / "last.pt", tmp_path / "best.pt")
+    assert (tmp_path / "best.pt").stat().st_ino == (tmp_path / "last.pt").stat().st_ino  # a link, no rewrite
+    ckpt.save_atomic({**state, "global_step": 9}, tmp_path / "last.pt")
+    assert ckpt.load(tmp_path / "best.pt")["global_step"] == 5  # the link kept the old file
+    path, found = ckpt.find_latest(tmp_path)
+    assert path.name == "last.pt" and found["global_step"] == 9
+    # a corrupt last.pt falls back to the next newest loadable file
+    (tmp_path / "last.pt").write_bytes(b"garbage")
+    path, found = ckpt.find_latest(tmp_path)
+    assert path.name == "best.pt" and found["global_step"] == 5
+    (tmp_path / ".last.pt.tmp.123").write_bytes(b"torn")
+    assert [p.name for p in ckpt.remove_stale_temp_files(tmp_path)] == [".last.pt.tmp.123"]
+    assert ckpt.find_latest(tmp_path / "empty") is None
+
+
+def test_rng_state_round_trip():
+    import random
+
+    import numpy as np
+
+    state = ckpt.rng_state()
+    a = (torch.rand(3), np.random.rand(3), random.random())
+    ckpt.set_rng_state(state)
+    b = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+    assert math.isfinite(b[2])
