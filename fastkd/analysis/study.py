@@ -382,7 +382,9 @@ def format_study(res: dict) -> str:
               f"{cfg['train_per_class']} training and {cfg['test_per_class']} test samples per class "
               f"(synthetic, {cfg['input_dim']}-d inputs). Teachers: MLPs with two hidden layers, trained with CE "
               f"for {cfg['teacher_epochs']} epochs. Students: the same MLP, width {cfg['student_width']} "
-              f"({res['student_params']} parameters), {cfg['student_epochs']} epochs. All numbers on the test split.",
+              f"({res['student_params']} parameters), {cfg['student_epochs']} epochs; no augmentation, so each teacher's "
+              f"training-set logits are computed once and reused (what an online teacher would give). "
+              f"All numbers on the test split.",
               "", "## Summary", ""] + _summary(res) + ["", "## Teachers", ""]
     temps = [f"T={t:g}" for t in cfg["temperatures"]]
     head = ["teacher", "params", "train acc", "test acc"] + [f"wrong std {t}" for t in temps] + \
