@@ -306,7 +306,10 @@ def main(args) -> int:
                 f"{num_classes} classes) on {device}")
 
     start = time.perf_counter()
-    results = analyze(models, loader, soft_labels, device=device, kl_temperature=args.kl_temperature)
+    from tqdm import tqdm
+
+    batches = tqdm(loader, total=len(loader), desc="analyze", unit="batch", disable=None)  # bar on a TTY only
+    results = analyze(models, batches, soft_labels, device=device, kl_temperature=args.kl_temperature)
     results = {"config": {"data": str(data_dir), "num_classes": num_classes, "image_size": args.image_size,
                           "device": str(device), "seconds": round(time.perf_counter() - start, 2),
                           "teachers": [{"label": s.label, "model": s.model, "checkpoint": str(s.checkpoint)}
