@@ -23,3 +23,10 @@ timeout 420 python3 -m pytest tests/data -q -rs -s -p no:cacheprovider --duratio
 timeout 480 python3 benchmarks/bench_data.py --device cuda --num-images 2048 --epoch-images 49152 \
     --batch-size 256 --warmup-batches 16 --data-dir /tmp/fastkd-bench-jpegs --results "$OUT/data-gpu.jsonl" 2>&1 \
     | grep -v "nvjpeg_\|ROI decode" | tee "$OUT/data-bench-gpu.txt"
+
+# The KD setting: a teacher view cut from the same crop, bf16, channels_last.
+timeout 300 python3 benchmarks/bench_data.py --device cuda --num-images 2048 --epoch-images 49152 \
+    --batch-size 256 --warmup-batches 16 --data-dir /tmp/fastkd-bench-jpegs --results "$OUT/data-gpu.jsonl" \
+    --teacher-image-size 256 --dtype bfloat16 --channels-last --no-step \
+    --backends torchvision,fastkd-torch,fastkd-dali 2>&1 \
+    | grep -v "nvjpeg_\|ROI decode" | tee "$OUT/data-bench-gpu-kd.txt"

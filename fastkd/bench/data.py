@@ -48,6 +48,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--teacher-image-size", type=int, default=None,
+                        help="also cut a teacher view of this size (fastkd backends; KD runs read both)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                        help="output dtype of the fastkd backends (the baseline stays fp32)")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last output (fastkd backends)")
     parser.add_argument("--threads", type=int, default=None,
                         help="decoding threads / DataLoader workers (default: the usable CPU cores)")
     parser.add_argument("--backends", default=",".join(BACKENDS),
@@ -125,10 +130,19 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_epoch(make_iter, device, warmup: int) -> tuple[float, int]:
-    """Iterate one epoch; the clock runs from after ``warmup`` batches to its end. (seconds, images)."""
+def _time_epoch(make_iter, device, warmup: int) -> tuple[float, int, float]:
+    """Iterate one epoch; the clock runs from after ``warmup`` batches to its end.
+
+    Returns (seconds, images, first_batch_s): the last is the latency of the epoch's first batch
+    (worker start-up for the torch loaders, building the pipeline for DALI, which does that every
+    epoch).
+    """
     images, start = 0, None
+    t0 = time.perf_counter()
     for i, x in enumerate(make_iter()):
+        if i == 0:
+            _sync(device)
+            first = time.perf_counter() - t0
         if i == warmup:
             _sync(device)
             start = time.perf_counter()
@@ -137,7 +151,7 @@ def _time_epoch(make_iter, device, warmup: int) -> tuple[float, int]:
     _sync(device)
     if start is None:
         raise SystemExit(f"the epoch has no more than --warmup-batches={warmup} batches; list more images")
-    return time.perf_counter() - start, images
+    return time.perf_counter() - start, images, first
 
 
 def _torchvision_baseline(root, repeat, args, device, threads):
@@ -161,10 +175,14 @@ def _torchvision_baseline(root, repeat, args, device, threads):
 
 
 def _fastkd(root, args, device, threads, backend, **kw):
+    import torch
+
     from ..data import create_loader
 
     loader = create_loader(root, train=True, batch_size=args.batch_size, image_size=args.image_size,
-                           backend=backend, device=device, num_threads=threads, **kw)
+                           backend=backend, device=device, num_threads=threads,
+                           teacher_image_size=args.teacher_image_size, dtype=getattr(torch, args.dtype),
+                           channels_last=args.channels_last, **kw)
 
     def epoch():
         for b in loader:
@@ -242,7 +260,9 @@ def main(args) -> int:
     make_jpeg_folder(root, args.num_images, workers=threads)
     epoch_list = write_epoch_list(root, repeat)
     print(f"data: {args.num_images} JPEGs in {root} (ready in {time.perf_counter() - t0:.1f} s), epochs of "
-          f"{epoch_images}; device {device}, {threads} threads, batch {args.batch_size}, {args.image_size} px, "
+          f"{epoch_images}; device {device}, {threads} threads, batch {args.batch_size}, {args.image_size} px"
+          + (f" + teacher {args.teacher_image_size} px" if args.teacher_image_size else "")
+          + f", fastkd output {args.dtype}{' channels_last' if args.channels_last else ''}, "
           f"clock after {args.warmup_batches} batches")
 
     wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -265,9 +285,10 @@ def main(args) -> int:
             make = _fastkd(epoch_list, args, device, threads, "dali")
         else:
             make = _fastkd(epoch_list, args, device, threads, "torch", gpu_decode=name == "fastkd-torch-gpudec")
-        seconds, images = _time_epoch(make, device, args.warmup_batches)
-        rows.append({"backend": name, "images_per_s": images / seconds, "images": images, "seconds": seconds})
-        print(f"  {name:<22} {images / seconds:9.1f} images/s")
+        seconds, images, first = _time_epoch(make, device, args.warmup_batches)
+        rows.append({"backend": name, "images_per_s": images / seconds, "images": images, "seconds": seconds,
+                     "first_batch_s": first})
+        print(f"  {name:<22} {images / seconds:9.1f} images/s   (first batch after {first:.2f} s)")
         del make
 
     step_rate = None
@@ -290,7 +311,8 @@ def main(args) -> int:
 
     record = {"machine": _machine(device), "device": str(device), "threads": threads, "batch_size": args.batch_size,
               "image_size": args.image_size, "num_images": args.num_images, "epoch_images": epoch_images,
-              "warmup_batches": args.warmup_batches,
+              "warmup_batches": args.warmup_batches, "teacher_image_size": args.teacher_image_size,
+              "dtype": args.dtype, "channels_last": args.channels_last,
               "kd_step_images_per_s": step_rate, "rows": rows}
     if args.results:
         path = Path(args.results)
