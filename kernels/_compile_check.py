@@ -2,8 +2,7 @@
 
 Triton's interpreter accepts code its compiler rejects, so the CPU test suite also compiles
 the main variants (one per method, both the single-block and the chunked path) with Triton's
-own compiler down to a cubin (ptxas ships with Triton) and reads the registers and local
-memory (spills) with cuobjdump. Run as ``python -m fastkd.kernels._compile_check [--arch 90]``;
+own compiler (ptxas ships with Triton) and reads registers and spills from ``ptxas -v``. Run as ``python -m fastkd.kernels._compile_check [--arch 90]``;
 it prints one JSON line per variant. ``TRITON_INTERPRET`` must be unset in that process (the
 test runs it in a subprocess for that reason).
 """
@@ -12,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -24,19 +24,21 @@ class ToolchainMissing(RuntimeError):
 # (description, constexpr overrides). The base is kd + CE, fp16-family input, batchmean.
 VARIANTS = [
     ("kd+ce single 1024 (ImageNet)", dict()),
-    ("ats+smoothing single 8192", dict(METHOD=2, SMOOTH=True, BLOCK=8192)),
-    ("kd+ce chunked 4096 (32000, 128256)", dict(BLOCK=4096, SINGLE=False, COUNT_MODE=2)),
-    ("kd+ce chunked 2048, register prefetch", dict(BLOCK=2048, SINGLE=False, COUNT_MODE=2, PREFETCH=True)),
-    ("isats 16 candidates chunked", dict(METHOD=3, NUM_CAND=16, CAND_P2=16, BLOCK=4096, SINGLE=False)),
-    ("isats 16 candidates single 4096", dict(METHOD=3, NUM_CAND=16, CAND_P2=16, BLOCK=4096)),
-    ("dkd chunked", dict(METHOD=4, REUSE_CE=False, BLOCK=4096, SINGLE=False, COUNT_MODE=2)),
-    ("dkd single 8192", dict(METHOD=4, REUSE_CE=False, BLOCK=8192)),
+    ("ats+smoothing single 8192", dict(METHOD=2, SMOOTH=True, BLOCK=8192, T_UNIT=False)),
+    ("kd+ce chunked (32000, 128256)", dict(BLOCK=2048, SINGLE=False, COUNT_MODE=2, PREFETCH=True)),
+    ("isats 16 candidates chunked", dict(METHOD=3, NUM_CAND=16, CAND_P2=16, BLOCK=2048, SINGLE=False,
+                                         PREFETCH=True, T_UNIT=False)),
+    ("isats 16 candidates single 4096", dict(METHOD=3, NUM_CAND=16, CAND_P2=16, BLOCK=4096, T_UNIT=False)),
+    ("dkd chunked, T != 1", dict(METHOD=4, REUSE_CE=False, BLOCK=2048, SINGLE=False, COUNT_MODE=2, PREFETCH=True,
+                                 S_UNIT=False, T_UNIT=False)),
+    ("dkd single 8192, T != 1", dict(METHOD=4, REUSE_CE=False, BLOCK=8192, S_UNIT=False, T_UNIT=False)),
     ("ce only, reduction none", dict(METHOD=0, REUSE_CE=False, REDUCE=0, KD_GRAD=False)),
-    ("kd without labels chunked", dict(HAS_TARGET=False, REUSE_CE=False, CE_GRAD=False, COUNT_MODE=0, BLOCK=4096,
-                                       SINGLE=False)),
+    ("kd without labels chunked, T != 1", dict(HAS_TARGET=False, REUSE_CE=False, CE_GRAD=False, COUNT_MODE=0,
+                                               BLOCK=2048, SINGLE=False, PREFETCH=True, S_UNIT=False, T_UNIT=False)),
 ]
 BASE = dict(METHOD=1, HAS_TARGET=True, SMOOTH=False, REUSE_CE=True, CE_GRAD=True, KD_GRAD=True, WRITE_GRAD=True,
-            REDUCE=2, COUNT_MODE=1, NUM_CAND=1, CAND_P2=2, BLOCK=1024, SINGLE=True, PREFETCH=False, BLOCK_N=1024)
+            REDUCE=2, COUNT_MODE=1, NUM_CAND=1, CAND_P2=2, BLOCK=1024, SINGLE=True, PREFETCH=False, BLOCK_N=1024,
+            S_UNIT=True, T_UNIT=True)
 
 _PTRS = {"z_ptr": "*bf16", "v_ptr": "*bf16", "y_ptr": "*i64", "grad_ptr": "*bf16", "ce_ptr": "*fp32",
          "kd_ptr": "*fp32", "rows_ptr": "*fp32", "loss_ptr": "*fp32", "counter_ptr": "*i32", "count_ptr": "*i64",
@@ -44,18 +46,37 @@ _PTRS = {"z_ptr": "*bf16", "v_ptr": "*bf16", "y_ptr": "*i64", "grad_ptr": "*bf16
 _INTS = ("stride_zn", "stride_vn", "stride_y", "N", "C", "ignore_index")
 
 
-def _usage(cubin: bytes) -> dict:
+def _usage(ptx: str, arch: int, warps: int) -> dict:
+    """Registers and spills as ptxas reports them (``ptxas -v``) for this PTX."""
     import triton
 
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(tool):
-        raise ToolchainMissing("cuobjdump is not shipped with this Triton")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    line = next((ln for ln in out.splitlines() if "REG:" in ln), "")
-    return {k: int(v) for k, v in (item.split(":") for item in line.split() if ":" in item and item.split(":")[1].isdigit())}
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    # Triton ships one or two ptxas builds (their names vary across releases): use the first
+    # that accepts this PTX version.
+    tools = sorted((os.path.join(bin_dir, n) for n in os.listdir(bin_dir) if n.startswith("ptxas")), reverse=True) \
+        if os.path.isdir(bin_dir) else []
+    if not tools:
+        raise ToolchainMissing("ptxas is not shipped with this Triton")
+    suffix = "a" if arch >= 90 else ""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        for tool in tools:
+            proc = subprocess.run([tool, f"-arch=sm_{arch}{suffix}", "-v",
+                                   f"--maxrregcount={min(255, 65536 // (32 * warps))}",
+                                   "-o", os.path.join(tmp, "k.cubin"), src], capture_output=True, text=True)
+            text = proc.stdout + proc.stderr
+            if proc.returncode == 0:
+                break
+    if proc.returncode:
+        raise RuntimeError(f"ptxas failed: {text[-2000:]}")
+    out = {}
+    for key, pattern in (("REG", r"Used (\d+) registers"), ("SPILL_STORES", r"(\d+) bytes spill stores"),
+                         ("SPILL_LOADS", r"(\d+) bytes spill loads"), ("STACK", r"(\d+) bytes stack frame")):
+        m = re.search(pattern, text)
+        out[key] = int(m.group(1)) if m else 0
+    return out
 
 
 def compile_variants(arch: int = 90):
@@ -74,13 +95,17 @@ def compile_variants(arch: int = 90):
         sig.update({n: "i32" for n in _INTS})
         for n in K._kd_fused_kernel.arg_names:
             sig.setdefault(n, "constexpr" if n in const else "fp32")
-        warps = 4 if const["BLOCK"] <= 1024 else 8 if const["BLOCK"] <= 4096 else 16
+        block, single, warps = K.config_for(const["BLOCK"] if const["SINGLE"] else K.MAX_SINGLE + 1,
+                                            "isats" if const["METHOD"] == 3 else "kd")
+        if not single:  # the chunked variants are compiled at the shipped chunk width
+            assert block == const["BLOCK"], (block, const["BLOCK"])
         src = ASTSource(fn=K._kd_fused_kernel, signature=sig, constexprs=const)
         try:
-            kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+            kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                    options={"num_warps": warps, "enable_fp_fusion": False})
         except FileNotFoundError as exc:  # ptxas missing
             raise ToolchainMissing(str(exc)) from exc
-        report.append((name, _usage(kernel.asm["cubin"])))
+        report.append((name, _usage(kernel.asm["ptx"], arch, warps)))
     return report
 
 

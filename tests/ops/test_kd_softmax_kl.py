@@ -487,7 +487,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
         pytest.skip(lines[0]["skip"])
     assert len(lines) >= 8, proc.stdout + proc.stderr[-3000:]
     for usage in lines:
-        assert usage["LOCAL"] == 0 and usage["STACK"] == 0, f"register spills: {usage}"
+        assert usage["SPILL_STORES"] == 0 and usage["SPILL_LOADS"] == 0, f"register spills: {usage}"
 
 
 # --------------------------------------------------------------------------------------------
