@@ -604,6 +604,18 @@ def config_for(C: int, method: str = "kd") -> tuple[int, bool, int]:
 
 
 _counters: dict = {}
+_candidate_tensors: dict = {}
+
+
+def _candidates_tensor(candidates: tuple, device: torch.device) -> torch.Tensor:
+    """The ISATS grid on the device, cached: no host-to-device copy per call (and none inside
+    a CUDA-graph capture)."""
+    key = (device, candidates)
+    buf = _candidate_tensors.get(key)
+    if buf is None:
+        buf = torch.tensor(candidates, dtype=torch.float32, device=device)
+        _candidate_tensors[key] = buf
+    return buf
 
 
 def _ticket_counter(device: torch.device) -> torch.Tensor:
@@ -646,7 +658,7 @@ def _launch(z: torch.Tensor, v: Optional[torch.Tensor], y: Optional[torch.Tensor
     else:
         s = tau_tt = tau_to = 1.0
     if spec.method == "isats":
-        cands = torch.tensor(spec.candidates, dtype=torch.float32, device=dev)
+        cands = _candidates_tensor(spec.candidates, dev)
         num_cand = len(spec.candidates)
         tau_max = float(max(spec.candidates))
     else:

@@ -14,7 +14,9 @@ runs, median). Rows:
 
 Columns: time, effective bandwidth (the minimal traffic ``read z + read v + write grad``
 divided by the time), that bandwidth as a share of a device-to-device copy measured in the same
-run, speed-up over eager, peak memory above the inputs, and kernel launches (forward /
+run, speed-up over eager, with ``--graphs`` the time when the same forward + backward is
+replayed from a CUDA graph (the GPU time without host-side Python overhead, which dominates small
+shapes such as 256 x 1000), peak memory above the inputs, and kernel launches (forward /
 forward + backward, counted with the PyTorch profiler). ``--save`` appends the rows (GPU name,
 versions, date) to ``benchmarks/results/kernels-<gpu>.jsonl`` and ``.md``.
 """
@@ -55,6 +57,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--config", default=None,
                         help="chunked-path configuration for the fused kernel, e.g. chunk=4096,warps=8,prefetch=1 "
                              "(default: the shipped one)")
+    parser.add_argument("--graphs", action="store_true",
+                        help="also time each implementation replayed from a CUDA graph (GPU time without the "
+                             "host-side Python overhead that dominates small shapes)")
     parser.add_argument("--save", action="store_true", help="append the rows to --results-dir")
     parser.add_argument("--results-dir", default="benchmarks/results")
     parser.add_argument("--json", default=None, help="also write every row (and the sweep) to this JSON file")
@@ -185,7 +190,7 @@ def measure(loss_fn, z, v, y, warmup: int, rep: int) -> dict:
 
     one = torch.ones((), device=z.device)
     loss, g = fwd_bwd(loss_fn, z, v, y, one)  # compile / autotune outside the clock
-    loss_value = float(loss)
+    loss_value = float(loss.detach())
     del loss, g
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -220,6 +225,29 @@ def parse_config(text):
             raise ValueError(f"bad --config item {item!r}: expected chunk=N, warps=N, prefetch=0|1 or max_single=N")
         out[key] = bool(int(val)) if key == "prefetch" else int(val)
     return out
+
+
+def graph_ms(loss_fn, z, v, y, warmup: int, rep: int):
+    """fwd+bwd replayed from a CUDA graph (ms), or None where capture is not possible."""
+    import torch
+    from triton.testing import do_bench
+
+    one = torch.ones((), device=z.device)
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fwd_bwd(loss_fn, z, v, y, one)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fwd_bwd(loss_fn, z, v, y, one)
+        torch.cuda.synchronize()
+        return do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median")
+    except Exception:  # e.g. a host synchronisation inside the implementation
+        torch.cuda.synchronize()
+        return None
 
 
 def sweep_configs(loss_fn, z, v, y, warmup: int, rep: int) -> list[dict]:
@@ -273,14 +301,15 @@ def _version(name):
 
 
 # ---- output ---------------------------------------------------------------------------------
-HEADER = ("| N x C | impl | fwd+bwd ms | GB/s | % copy | vs eager | peak MB | launches fwd / all | loss |\n"
-          "|---|---|---:|---:|---:|---:|---:|---:|---:|")
+HEADER = ("| N x C | impl | fwd+bwd ms | GB/s | % copy | vs eager | graph ms | peak MB | launches fwd / all | loss |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def format_row(r: dict) -> str:
     speed = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
+    graph = f"{r['graph_ms']:.4f}" if r.get("graph_ms") else "-"
     return (f"| {r['N']} x {r['C']} | {r['impl']} | {r['ms']:.4f} | {r['gbs']:.0f} | {r['pct_copy']:.0f} % | "
-            f"{speed} | {r['peak_mb']:.0f} | {r['launches_fwd']} / {r['launches']} | {r['loss']:.5g} |")
+            f"{speed} | {graph} | {r['peak_mb']:.0f} | {r['launches_fwd']} / {r['launches']} | {r['loss']:.5g} |")
 
 
 def main(args) -> int:
@@ -337,9 +366,10 @@ def _run(args, shapes, config, wanted) -> int:
         for name, (fn, note) in impls.items():
             try:
                 m = measure(fn, z, v, y, args.warmup, args.rep)
+                m["graph_ms"] = graph_ms(fn, z, v, y, args.warmup, args.rep) if args.graphs else None
             except Exception as exc:  # out of memory, a compiler failure...: report the row, go on
                 torch.cuda.empty_cache()
-                print(f"| {n} x {c} | {name} | failed: {type(exc).__name__}: {str(exc)[:120]} | | | | | | |")
+                print(f"| {n} x {c} | {name} | failed: {type(exc).__name__}: {str(exc)[:120]} | | | | | | | |")
                 continue
             gbs = nbytes / (m["ms"] * 1e-3) / 1e9
             row = {"N": n, "C": c, "dtype": args.dtype, "method": args.method, "temperature": args.temperature,
@@ -379,7 +409,9 @@ def save(rows, env, copy_gbs, results_dir: Path) -> None:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     with open(results_dir / f"kernels-{slug}.md", "a") as f:
-        f.write(f"\n## {env['gpu']}, {env['date']}\n\n")
+        r0 = rows[0] if rows else {}
+        f.write(f"\n## {env['gpu']}, {env['date']}: {r0.get('method', '?')} + CE, {r0.get('dtype', '?')}, "
+                f"T={r0.get('temperature', '?')}\n\n")
         f.write(f"torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, "
                 f"liger-kernel {env['liger_kernel'] or 'not installed'}, fastkd {env['fastkd']}; "
                 f"device-to-device copy {copy_gbs:.0f} GB/s.\n\n")

@@ -73,12 +73,12 @@ def test_without_gpu_says_so(capsys):
 def test_save_appends_rows(tmp_path):
     env = {"gpu": "NVIDIA H100 80GB HBM3", "date": "2026-01-01 00:00 UTC", "torch": "2.11", "cuda": "13.0",
            "triton": "3.6.0", "fastkd": "0.1.0", "liger_kernel": None, "python": "3.12"}
-    row = {"N": 4, "C": 10, "impl": "fastkd", "ms": 0.01, "gbs": 12.0, "pct_copy": 1.0, "speedup": 3.0,
+    row = {"N": 4, "C": 10, "impl": "fastkd", "method": "kd", "dtype": "bf16", "temperature": 1.0, "ms": 0.01, "gbs": 12.0, "pct_copy": 1.0, "speedup": 3.0,
            "peak_mb": 0.1, "launches_fwd": 1, "launches": 2, "loss": 1.5, **env}
     for _ in range(2):
         bk.save([row], env, 3000.0, tmp_path)
     lines = (tmp_path / "kernels-nvidia-h100-80gb-hbm3.jsonl").read_text().splitlines()
     assert [json.loads(x)["impl"] for x in lines] == ["fastkd", "fastkd"]
     md = (tmp_path / "kernels-nvidia-h100-80gb-hbm3.md").read_text()
-    assert md.count("## NVIDIA H100 80GB HBM3, 2026-01-01 00:00 UTC") == 2
-    assert "| 4 x 10 | fastkd | 0.0100 | 12 | 1 % | 3.00x | 0 | 1 / 2 | 1.5 |" in md
+    assert md.count("## NVIDIA H100 80GB HBM3, 2026-01-01 00:00 UTC: kd + CE, bf16, T=1.0") == 2
+    assert "| 4 x 10 | fastkd | 0.0100 | 12 | 1 % | 3.00x | - | 0 | 1 / 2 | 1.5 |" in md
