@@ -29,7 +29,8 @@ carried as ``[NUM_CAND]`` vectors (rescaled when ``M`` grows). From them: the wr
 and variance of ``q`` for every candidate, the selection (ties -> first candidate; no candidate
 keeps the label on top -> the largest, exactly :func:`reference.isats_select_tau`), and the
 chosen candidate's teacher normaliser ``LSE(u) = logaddexp(v_y/tau_target, M/t + log S1(t))``
-without another pass.
+without another pass. The variance is formed as ``r^2 ((C-1) S2 - S1^2) / ((C-1) Z)^2``, which is
+exactly 0 in the degenerate ties (C = 2, all wrong-class logits equal), as in the reference.
 
 Memory traffic (what makes this fast)
 -------------------------------------
@@ -43,7 +44,10 @@ entry needs the row's normalisers, known only after the whole row has been seen,
 * longer rows run two sweeps over column chunks in the same program: sweep 1 keeps online
   (rescaled) max/sum statistics, sweep 2 re-reads the chunks, computes the loss terms with the
   final normalisers and writes the gradient. Sweep 2 walks the row backwards, so the chunks
-  read last in sweep 1 (the ones most likely still in L2) are re-read first.
+  read last in sweep 1 (the ones most likely still in L2) are re-read first. Where the rows in
+  flight outgrow L2 (128256 bf16 classes: 513 KB per (z, v) row pair) the re-read comes from
+  DRAM: about 5 units of traffic against the minimal 3 (measured on an H100: 55 % of the
+  device-to-device copy bandwidth at 8192 x 128256, 19x eager, 2.1x torch.compile).
 
 Besides the gradient (student's shape and dtype) there are only O(N) buffers (per-row CE, KD
 and weighted loss). The scalar loss is reduced in the same launch, deterministically: every
@@ -59,11 +63,18 @@ Backward only scales the saved gradient by ``grad_output``, in place. Whether ``
 is exactly 1 is decided on the device (a tiny kernel whose programs read it and return), so
 there is no host synchronisation and the common case touches no gradient memory.
 
-All arithmetic is fp32 whatever the input dtype (fp32, bf16, fp16); row offsets are 64-bit.
+Numerics. All arithmetic is fp32 whatever the input dtype (fp32, bf16, fp16; fp64 inputs go to
+the fp64 reference); the gradient is stored in the student's dtype; row offsets are 64-bit.
+Log-probabilities are formed like ``torch.log_softmax``, ``(x - max) - log(sum)``, never
+``x - LSE`` (which rounds the normaliser at the logits' magnitude); temperatures divide (IEEE,
+as PyTorch's ``x / T``) rather than multiply by a rounded reciprocal; and the kernel is compiled
+without FMA contraction, so both sweeps round identically and the compiled kernel rounds like
+the interpreter that runs the CPU tests. ``-inf`` logits are masked classes with the reference's
+``0 * log 0 = 0`` convention; a label outside [0, C) (label check off) makes its row NaN and is
+never used as an address.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 

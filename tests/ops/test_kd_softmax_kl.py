@@ -469,6 +469,17 @@ def test_bad_arguments_are_named(kwargs, match):
                       ignore_index=II, **call)
 
 
+def test_empty_batch(device):
+    z = torch.zeros(0, 10, device=device, requires_grad=True)
+    v = torch.zeros(0, 10, device=device)
+    y = torch.zeros(0, dtype=torch.long, device=device)
+    loss, parts = fused_distill(z, v, y, method="kd", ce_weight=0.5, kd_weight=0.5, label_smoothing=0.0,
+                                ignore_index=II, reduction="batchmean")
+    assert loss.item() == 0
+    loss.backward()
+    assert z.grad.shape == (0, 10) and parts["ce"].shape == (0,)
+
+
 # --------------------------------------------------------------------------------------------
 # the compiler (not only the interpreter) accepts every kernel variant
 # --------------------------------------------------------------------------------------------
@@ -540,3 +551,4 @@ def test_gpu_nc_above_2_pow_31():
     torch.testing.assert_close(loss[-1:].double(), last[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g[-1:].double(), last[3], rtol=2e-2, atol=1e-3)
     assert g[:-1].abs().max().item() == 0  # rows 0..N-2 got grad_output 0
+
