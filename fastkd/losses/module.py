@@ -71,7 +71,22 @@ class DistillLoss(nn.Module):
             params["candidates"] = F._check_candidates(params["candidates"], params["tau_target"])
         self.params = params
         self.epoch = 0.0
-        self.last_terms: dict[str, Tensor] = {}
+        self._last_terms: dict[str, Tensor] = {}
+        self._last_parts = None
+
+    @property
+    def last_terms(self) -> dict:
+        """Detached batch means ``{"ce": ..., "kd": ...}`` of the last call (device tensors)."""
+        if self._last_parts is not None:
+            parts, y = self._last_parts
+            count = F._valid_count(y, self.ignore_index).clamp_min(1)
+            self._last_terms = {"ce": parts["ce"].sum() / count, "kd": parts["kd"].sum() / count}
+            self._last_parts = None
+        return self._last_terms
+
+    @last_terms.setter
+    def last_terms(self, value: dict) -> None:
+        self._last_terms, self._last_parts = value, None
 
     def extra_repr(self) -> str:
         p = ", ".join(f"{k}={v}" for k, v in self.params.items())
@@ -122,8 +137,9 @@ class DistillLoss(nn.Module):
             loss, parts = F._fused(z, v if method != "ce" else None, y, method=method, ce_weight=self.ce_weight,
                                    kd_weight=kd_w if method != "ce" else 0.0, label_smoothing=self.label_smoothing,
                                    ignore_index=self.ignore_index, reduction="batchmean", **kd_params)
-            count = F._valid_count(y, self.ignore_index).clamp_min(1)
-            self.last_terms = {"ce": parts["ce"].sum() / count, "kd": parts["kd"].sum() / count}
+            # Kept as per-row buffers; the means are reduced only if someone reads last_terms,
+            # so the fused path stays a single launch per step.
+            self._last_parts = (parts, y)
             return loss
         count = F._valid_count(y, self.ignore_index).clamp_min(1)
         ce_rows = ref.cross_entropy(z, y, self.label_smoothing, self.ignore_index)
