@@ -106,6 +106,22 @@ class Normalizer:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         return x.contiguous(memory_format=fmt)
 
+    def sample(self, hwc: torch.Tensor) -> torch.Tensor:
+        """One (H, W, 3) image of 0..255 values (uint8 or float32, then updated in place) ->
+        normalised (3, H, W): the arithmetic of ``__call__`` sample by sample, which stays in
+        cache on a CPU target; stored HWC for channels_last, else CHW."""
+        x = hwc.permute(2, 0, 1)
+        fmt = torch.preserve_format if self.channels_last else torch.contiguous_format
+        x = x.to(torch.float32, memory_format=fmt).sub_(self.mean[0]).div_(self.std[0])
+        return x.to(self.dtype)
+
+    @staticmethod
+    def stack(samples: list, channels_last: bool) -> torch.Tensor:
+        """Stack :meth:`sample` outputs into an (N, 3, H, W) batch (one copy)."""
+        if channels_last:  # stack the HWC storage, then view it as NCHW: channels_last strides
+            return torch.stack([s.permute(1, 2, 0) for s in samples]).permute(0, 3, 1, 2)
+        return torch.stack(samples)
+
 
 class BaseLoader:
     """Epochs, shards and resume; subclasses implement :meth:`_run`.

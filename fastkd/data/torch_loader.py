@@ -84,8 +84,8 @@ def _open_rgb(source):
 
     with Image.open(source) as im:
         im.load()  # decode now: a truncated or corrupt file fails here, not later
-        im = ImageOps.exif_transpose(im)
-        return im.convert("RGB")
+        ImageOps.exif_transpose(im, in_place=True)  # a no-op without an orientation tag
+        return im if im.mode == "RGB" else im.convert("RGB")  # grayscale, CMYK, palette, ...
 
 
 class _PlanDataset(torch.utils.data.Dataset):
@@ -95,12 +95,14 @@ class _PlanDataset(torch.utils.data.Dataset):
     could not be read; the main process decides whether that is fatal (workers never drop data).
     """
 
-    def __init__(self, paths, *, train: bool, seed: int, sizes: tuple, raw_bytes: bool):
+    def __init__(self, paths, *, train: bool, seed: int, sizes: tuple, raw_bytes: bool, normalizers=None):
         self.paths = paths
         self.train = train
         self.seed = seed
         self.sizes = sizes  # output sides: (student,) or (student, teacher)
         self.raw_bytes = raw_bytes
+        # CPU target: [(Normalizer, index into sizes)] applied here, per sample, in the workers
+        self.normalizers = normalizers
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -114,7 +116,12 @@ class _PlanDataset(torch.utils.data.Dataset):
             img = _open_rgb(path)
         except Exception as exc:  # any decoder failure is reported, with the file, to the main process
             return entry, index, None, f"{type(exc).__name__}: {exc}"
-        return entry, index, self._views(img, epoch, order_pos), None
+        views = self._views(img, epoch, order_pos)
+        if self.normalizers is None:  # uint8 HWC arrays; the main process normalises on the GPU
+            return entry, index, [np.asarray(v) for v in views], None
+        # straight from PIL to a (writable) float32 array, then the Normalizer's arithmetic
+        floats = [torch.from_numpy(np.asarray(v, dtype=np.float32)) for v in views]
+        return entry, index, [norm.sample(floats[v]) for norm, v in self.normalizers], None
 
     def _views(self, img, epoch: int, order_pos: int) -> list:
         import torchvision.transforms.functional as F
@@ -127,13 +134,12 @@ class _PlanDataset(torch.utils.data.Dataset):
             top, left, h, w, flip = crop_window(height, width, self.seed, epoch, order_pos)
             for size in self.sizes:  # every view from the same window and flip
                 view = F.resized_crop(img, top, left, h, w, [size, size], interpolation=bilinear, antialias=True)
-                out.append(np.asarray(F.hflip(view) if flip else view))
+                out.append(F.hflip(view) if flip else view)
         else:
             for size in self.sizes:
                 rh, rw = shorter_side_size(height, width, val_resize_size(size))
                 view = F.resize(img, [rh, rw], interpolation=bilinear, antialias=True)
-                view = F.crop(view, center_crop_offset(rh, size), center_crop_offset(rw, size), size, size)
-                out.append(np.asarray(view))
+                out.append(F.crop(view, center_crop_offset(rh, size), center_crop_offset(rw, size), size, size))
         return out
 
     def _read_bytes(self, entry, index, path):
@@ -154,15 +160,12 @@ class _PlanDataset(torch.utils.data.Dataset):
 
 
 class _Collate:
-    """Stacks decoded samples; reports failed files; on a CPU target also normalises.
+    """Stacks decoded samples (uint8 for a CUDA target, normalised on a CPU one) and reports
+    the files that failed."""
 
-    With a CPU device the normalisation runs here, in the workers, in parallel (the same
-    :class:`Normalizer` arithmetic the main process would do); with a CUDA device the uint8 batch
-    travels (4x smaller than fp32) and is normalised on the GPU.
-    """
-
-    def __init__(self, normalizers=None):
-        self.normalizers = normalizers  # [(Normalizer, index of the decoded view it reads)] or None
+    def __init__(self, normalized: bool, channels_last: bool):
+        self.normalized = normalized
+        self.channels_last = channels_last
 
     def __call__(self, items):
         ok = [it for it in items if it[3] is None]
@@ -171,12 +174,11 @@ class _Collate:
         if ok and isinstance(ok[0][2], tuple):  # raw bytes for GPU decoding
             batch["data"] = [it[2][0] for it in ok]
             batch["orientation"] = [it[2][1] for it in ok]
+        elif ok and self.normalized:
+            batch["images"] = [Normalizer.stack([it[2][v] for it in ok], self.channels_last)
+                               for v in range(len(ok[0][2]))]
         elif ok:
-            views = [torch.from_numpy(np.stack([it[2][v] for it in ok])) for v in range(len(ok[0][2]))]
-            if self.normalizers is None:
-                batch["views"] = views
-            else:
-                batch["images"] = [norm(views[v], "NHWC") for norm, v in self.normalizers]
+            batch["views"] = [torch.from_numpy(np.stack([it[2][v] for it in ok])) for v in range(len(ok[0][2]))]
         return batch
 
 
@@ -221,12 +223,15 @@ class TorchLoader(BaseLoader):
         self._sizes = tuple(dict.fromkeys(v.size for v in views))
         self._norms = [Normalizer(v, spec) for v in views]
         self._view_of = [self._sizes.index(v.size) for v in views]
+        # On a CPU target the workers normalise sample by sample (in parallel, in cache); on a CUDA
+        # target the uint8 batch travels (4x smaller than fp32) and is normalised on the GPU.
+        on_cpu = spec.device.type == "cpu"
         self._dataset = _PlanDataset(index.paths, train=spec.train, seed=spec.seed, sizes=self._sizes,
-                                     raw_bytes=self.gpu_decode)
+                                     raw_bytes=self.gpu_decode,
+                                     normalizers=list(zip(self._norms, self._view_of)) if on_cpu else None)
         self._sampler = _PlanBatchSampler()
         workers = spec.num_threads
-        on_cpu = spec.device.type == "cpu"
-        collate = _Collate(list(zip(self._norms, self._view_of)) if on_cpu else None)
+        collate = _Collate(normalized=on_cpu, channels_last=spec.channels_last)
         self._dataloader = torch.utils.data.DataLoader(
             self._dataset, batch_sampler=self._sampler, num_workers=workers, collate_fn=collate,
             pin_memory=spec.device.type == "cuda", persistent_workers=workers > 0,
