@@ -99,7 +99,14 @@ def run_engine(args, mode: str) -> dict:
             common.update(data_backend="synthetic", synthetic_samples=args.steps * args.batch_size,
                           synthetic_classes=args.classes)
         else:
-            common.update(data=args.data)
+            # An epoch of at least --steps batches: the folder's files listed as often as needed
+            # (a "path label" list, which create_loader reads like a folder).
+            from fastkd.bench.data import write_epoch_list
+            from fastkd.data import build_index
+
+            n = len(build_index(args.data, train=True))
+            repeat = -(-args.steps * args.batch_size // n)
+            common.update(data=str(write_epoch_list(Path(args.data), repeat)))
         if mode == "student-only":
             cfg = make_config(**common, method="ce")
         else:

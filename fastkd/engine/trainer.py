@@ -190,9 +190,11 @@ class Trainer:
                                         **common, **val_extra)
         self.classes = self.train_loader.classes
         if self.val_loader.classes != self.classes:
-            raise ValueError(f"train/ and val/ hold different classes: {len(self.classes)} vs "
-                             f"{len(self.val_loader.classes)} (first difference: "
-                             f"{next((a, b) for a, b in zip(self.classes + [None], self.val_loader.classes + [None]) if a != b)})")
+            only_train = sorted(set(self.classes) - set(self.val_loader.classes))[:5]
+            only_val = sorted(set(self.val_loader.classes) - set(self.classes))[:5]
+            raise ValueError(f"the training and validation sets hold different classes ({len(self.classes)} vs "
+                             f"{len(self.val_loader.classes)}; only in training: {only_train}, only in validation: "
+                             f"{only_val}): labels would not match")
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:
             raise ValueError("the training loader yields no batches")

@@ -145,3 +145,20 @@ def test_a_fresh_run_refuses_to_overwrite_a_previous_one(tmp_path):
 
     result = train(dataclasses.replace(cfg, resume="auto"))
     assert result["epochs"] == [] and result["global_step"] == 3
+
+
+def test_the_teacher_gets_its_own_view(tmp_path, monkeypatch):
+    from fastkd.engine.runner import TeacherRunner
+
+    seen = []
+    original = TeacherRunner._forward
+
+    def spy(self, images):
+        seen.append(tuple(images.shape[-2:]))
+        return original(self, images)
+
+    monkeypatch.setattr(TeacherRunner, "_forward", spy)
+    result = train(C.make_config(**SYNTH, student="fastkd:resnet8", teacher="fastkd:resnet8", method="kd",
+                                 teacher_image_size=20, epochs=1, output=str(tmp_path / "views")))
+    assert seen and set(seen) == {(20, 20)}  # training and validation batches alike
+    assert result["final"]["teacher_forward"]
