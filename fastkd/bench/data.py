@@ -57,6 +57,9 @@ def add_arguments(parser) -> None:
                         help="decoding threads / DataLoader workers (default: the usable CPU cores)")
     parser.add_argument("--backends", default=",".join(BACKENDS),
                         help="comma-separated subset of " + ", ".join(BACKENDS))
+    parser.add_argument("--between-epochs", type=float, default=2.0,
+                        help="seconds of pause before timing the next epoch's first batch (stands in for "
+                             "validation and checkpointing)")
     parser.add_argument("--step-batch-size", type=int, default=256,
                         help="batch size of the timed ResNet-50 -> ResNet-18 step (CUDA only)")
     parser.add_argument("--no-step", action="store_true", help="skip timing the distillation step")
@@ -152,6 +155,18 @@ def _time_epoch(make_iter, device, warmup: int) -> tuple[float, int, float]:
     if start is None:
         raise SystemExit(f"the epoch has no more than --warmup-batches={warmup} batches; list more images")
     return time.perf_counter() - start, images, first
+
+
+def _next_epoch_latency(make_iter, device, pause: float) -> float:
+    """Seconds to the first batch of the next epoch, after ``pause`` seconds of other work."""
+    time.sleep(pause)
+    t0 = time.perf_counter()
+    it = make_iter()
+    next(it)
+    _sync(device)
+    latency = time.perf_counter() - t0
+    it.close()
+    return latency
 
 
 def _torchvision_baseline(root, repeat, args, device, threads):
@@ -286,9 +301,11 @@ def main(args) -> int:
         else:
             make = _fastkd(epoch_list, args, device, threads, "torch", gpu_decode=name == "fastkd-torch-gpudec")
         seconds, images, first = _time_epoch(make, device, args.warmup_batches)
+        again = _next_epoch_latency(make, device, args.between_epochs)
         rows.append({"backend": name, "images_per_s": images / seconds, "images": images, "seconds": seconds,
-                     "first_batch_s": first})
-        print(f"  {name:<22} {images / seconds:9.1f} images/s   (first batch after {first:.2f} s)")
+                     "first_batch_s": first, "next_epoch_first_batch_s": again})
+        print(f"  {name:<22} {images / seconds:9.1f} images/s   (first batch after {first:.2f} s; "
+              f"next epoch's after {again:.2f} s)")
         del make
 
     step_rate = None
@@ -311,7 +328,8 @@ def main(args) -> int:
 
     record = {"machine": _machine(device), "device": str(device), "threads": threads, "batch_size": args.batch_size,
               "image_size": args.image_size, "num_images": args.num_images, "epoch_images": epoch_images,
-              "warmup_batches": args.warmup_batches, "teacher_image_size": args.teacher_image_size,
+              "warmup_batches": args.warmup_batches, "between_epochs_s": args.between_epochs,
+              "teacher_image_size": args.teacher_image_size,
               "dtype": args.dtype, "channels_last": args.channels_last,
               "kd_step_images_per_s": step_rate, "rows": rows}
     if args.results:

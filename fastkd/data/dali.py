@@ -136,6 +136,8 @@ class DaliLoader(BaseLoader):
             [spec.train, self._sizes, self._norms, self._decoder_device, self._out_dtype, self._layout],
             default=str).encode()).hexdigest()[:16]
         self._active = None  # the running pass: {"it", "start", "excluded", "consumed"}
+        self._ahead = None  # (epoch, start, excluded, future) of a pipeline built in the background
+        self._builder = None  # a one-thread executor for those builds, made on first use
 
     # ---- one pass ------------------------------------------------------------------------------
     def _build(self, plan: ShardPlan, start: int, excluded: list, checkpoint: Optional[str] = None):
@@ -168,8 +170,11 @@ class DaliLoader(BaseLoader):
             entries = self._readable_entries(plan, start)
             if len(entries) == 0:
                 return
-            active = self._build(plan, int(entries[0]), sorted(self._skipped))
+            active = self._take_ahead(plan.epoch, int(entries[0]))
+            if active is None:
+                active = self._build(plan, int(entries[0]), sorted(self._skipped))
         self._active = active
+        finished = False
         try:
             while active["consumed"] < len(active["entries"]):
                 try:
@@ -192,9 +197,41 @@ class DaliLoader(BaseLoader):
                 position = int(left[0]) if len(left) else len(plan)
                 yield (Batch(images=views[0], labels=self._to_device(labels), teacher_images=teacher,
                              valid=self._to_device(valid), indices=indices), position)
+            finished = True
         finally:
             if self._active is active:  # a newer pass may have replaced it already
                 self._active = None
+            active["it"] = None  # free this pass's pipeline before another one is built
+        if finished:
+            self._build_ahead(plan.epoch + 1)  # the epoch a finished pass moves on to
+
+    # ---- the next epoch's pipeline, built while the engine validates / checkpoints -------------
+    def _build_ahead(self, epoch: int) -> None:
+        """Start building the first pipeline of ``epoch`` on a background thread.
+
+        A pass reads a per-epoch file list, so every epoch needs a new DALI pipeline (about a
+        second on a GPU: nvJPEG state, buffers); building it as soon as a pass ends hides that
+        behind the engine's validation and checkpointing. The result is the pipeline the next
+        pass would build itself (same files, same seed), so it changes timing only.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        plan = self._plan(epoch)
+        entries = self._readable_entries(plan, 0)
+        if len(entries) == 0:
+            return
+        if self._builder is None:
+            self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastkd-dali-build")
+        excluded = sorted(self._skipped)
+        start = int(entries[0])
+        self._ahead = (epoch, start, excluded, self._builder.submit(self._build, plan, start, excluded))
+
+    def _take_ahead(self, epoch: int, start: int) -> Optional[dict]:
+        """The pipeline built ahead, if it is the one this pass needs (else it is dropped)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None or ahead[:3] != (epoch, start, sorted(self._skipped)):
+            return None
+        return ahead[3].result()  # a build error surfaces here, as it would have inline
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         if self._layout == "HWC":

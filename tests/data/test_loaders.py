@@ -274,3 +274,22 @@ def test_gpu_decoding_agrees_with_cpu_decoding(image_folder, photo_folder, backe
                 diff = (pixels(a[key]) - pixels(b[key])).abs()
                 print(root.name, key, f"max {diff.max():.2f} p99 {diff.quantile(0.99):.2f} mean {diff.mean():.3f}")
                 assert diff.mean() < 0.75 and diff.quantile(0.99) < 6.0, (root.name, key)
+
+
+@pytest.mark.dali
+def test_dali_next_epoch_pipeline_built_ahead_gives_the_same_batches(image_folder):
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    kw = dict(train=True, batch_size=6, teacher_image_size=20, seed=7)
+    loader = make(image_folder, "dali", **kw)
+    run(loader)  # epoch 0; its end starts building epoch 1's pipeline in the background
+    assert loader._ahead is not None and loader._ahead[0] == 1
+    ahead = run(loader)
+    fresh_loader = make(image_folder, "dali", **kw)
+    fresh_loader.set_epoch(1)
+    fresh = run(fresh_loader)
+    assert len(ahead) == len(fresh) == 4
+    for a, b in zip(ahead, fresh):
+        assert torch.equal(a["indices"], b["indices"])
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["teacher"], b["teacher"])
+    loader.set_epoch(5)  # not the epoch built ahead: it is dropped, epoch 5 is built as usual
+    assert sorted(torch.cat([b["indices"] for b in run(loader)]).tolist()) == list(range(21))
