@@ -17,6 +17,9 @@ Pipeline (one per pass over a shard plan; built with ``enable_checkpointing=True
 
 Without a GPU (or on a CPU device) the same graph runs CPU-only: ``device_id=None``, CPU decoders.
 
+A pipeline's file list is fixed when it is built, so every epoch gets a new pipeline; the next
+one is built on a background thread as soon as a pass ends (hidden behind validation).
+
 Resume: a state_dict taken mid-epoch carries the DALI pipeline checkpoint (reader position and the
 states of every random generator), so a resumed run produces the very same batches. A state
 without a usable checkpoint (taken by the torch backend, or with other pipeline settings) resumes
@@ -31,7 +34,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import logging
 from typing import Iterator, Optional
 
 import numpy as np
@@ -40,8 +42,6 @@ import torch
 from .._compat import log_once
 from .index import TRAIN_RATIO, TRAIN_SCALE, ShardPlan, derive_seed, val_resize_size
 from .loader import Batch, BaseLoader
-
-logger = logging.getLogger("fastkd")
 
 # Batches DALI may be working on ahead of the one that failed (pipeline prefetch plus the
 # reader's queue); the files of this many batches are re-checked when a decode fails.
@@ -79,17 +79,16 @@ def _make_pipeline(files, *, train: bool, sizes: tuple, norms: list, decoder_dev
             images = images.gpu()
         # subpixel_scale=False: scale = input / rounded output size, as PIL and torchvision resize.
         resize = dict(device=op_device, interp_type=types.INTERP_LINEAR, antialias=True, subpixel_scale=False)
-        if train:
+        if train:  # one flip for all views; each view resizes the one decoded window
             mirror = fn.random.coin_flip(probability=0.5)
             resized = [fn.resize(images, resize_x=s, resize_y=s, **resize) for s in sizes]
-            crop = {}
         else:
             mirror = 0
             resized = [fn.resize(images, resize_shorter=val_resize_size(s), **resize) for s in sizes]
         outs = []
         for size_idx, mean, std in norms:
-            if not train:
-                crop = dict(crop=(sizes[size_idx], sizes[size_idx]), crop_pos_x=0.5, crop_pos_y=0.5)
+            side = sizes[size_idx]
+            crop = {} if train else dict(crop=(side, side), crop_pos_x=0.5, crop_pos_y=0.5)  # val: centre crop
             outs.append(fn.crop_mirror_normalize(
                 resized[size_idx], device=op_device, dtype=dtype, output_layout=layout, mirror=mirror,
                 mean=[255.0 * m for m in mean], std=[255.0 * s for s in std], **crop))

@@ -131,7 +131,8 @@ def index_file_list(list_file: Path) -> DatasetIndex:
         with open(list_file, encoding="utf-8") as fh:
             lines = fh.readlines()
     except UnicodeDecodeError:
-        raise ValueError(f"data root {str(list_file)!r} is a file but not a text file list ('path label' lines)") from None
+        raise ValueError(f"data root {str(list_file)!r} is a file but not a text file list "
+                         "('path label' lines)") from None
     for lineno, line in enumerate(lines, 1):
         text = line.strip()
         if not text or text.startswith("#"):

@@ -107,12 +107,12 @@ class Normalizer:
         return x.contiguous(memory_format=fmt)
 
     def sample(self, hwc: torch.Tensor) -> torch.Tensor:
-        """One (H, W, 3) image of 0..255 values (uint8 or float32, then updated in place) ->
-        normalised (3, H, W): the arithmetic of ``__call__`` sample by sample, which stays in
-        cache on a CPU target; stored HWC for channels_last, else CHW."""
+        """One (H, W, 3) image of 0..255 values (uint8 or float32) -> normalised (3, H, W): the
+        arithmetic of ``__call__`` sample by sample, which stays in cache on a CPU target;
+        stored HWC for channels_last, else CHW. The input is left as it was."""
         x = hwc.permute(2, 0, 1)
         fmt = torch.preserve_format if self.channels_last else torch.contiguous_format
-        x = x.to(torch.float32, memory_format=fmt).sub_(self.mean[0]).div_(self.std[0])
+        x = x.to(torch.float32, memory_format=fmt, copy=True).sub_(self.mean[0]).div_(self.std[0])
         return x.to(self.dtype)
 
     @staticmethod
@@ -345,7 +345,9 @@ def resolve_device(device) -> torch.device:
         dev = device
     elif isinstance(device, str) and (device in DEVICES or device.startswith("cuda:")):
         if device == "auto":
-            return torch.device("cuda", torch.cuda.current_device()) if _compat.cuda_available() else torch.device("cpu")
+            if _compat.cuda_available():
+                return torch.device("cuda", torch.cuda.current_device())
+            return torch.device("cpu")
         dev = torch.device(device)
     else:
         raise ValueError(f"device must be one of {DEVICES} (or 'cuda:N'), got {device!r}")
@@ -412,9 +414,10 @@ def create_loader(root, *, train: bool, batch_size: int, image_size: int, backen
     student = View(image_size, _check_norm("mean", mean), _check_norm("std", std))
     teacher = None
     if teacher_image_size is not None or teacher_mean is not None or teacher_std is not None:
-        teacher = View(student.size if teacher_image_size is None else _positive_int("teacher_image_size", teacher_image_size),
-                       student.mean if teacher_mean is None else _check_norm("teacher_mean", teacher_mean),
-                       student.std if teacher_std is None else _check_norm("teacher_std", teacher_std))
+        teacher = View(
+            student.size if teacher_image_size is None else _positive_int("teacher_image_size", teacher_image_size),
+            student.mean if teacher_mean is None else _check_norm("teacher_mean", teacher_mean),
+            student.std if teacher_std is None else _check_norm("teacher_std", teacher_std))
     dev = resolve_device(device)
     if gpu_decode and dev.type != "cuda":
         raise ValueError("gpu_decode=True needs a CUDA device")

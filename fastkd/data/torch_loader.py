@@ -1,25 +1,26 @@
 """The torch backend: a DataLoader over a shard plan, decoding with PIL or on the GPU.
 
-CPU decoding (default on a CPU device): DataLoader workers open each file with PIL (which
-handles grayscale, CMYK and EXIF orientation), cut the crop window, resize with PIL's
-antialiased bilinear filter, and return uint8 HWC arrays; the main process moves the batch
-(from pinned memory) to the device and normalises it there.
+CPU decoding (the default): DataLoader workers open each file with PIL (which handles
+grayscale, CMYK and EXIF orientation), cut the crop window and resize it with PIL's antialiased
+bilinear filter. For a CUDA device they hand over uint8 batches (pinned, 4x smaller than fp32)
+that the main process normalises on the GPU; for a CPU device they normalise each sample
+themselves, in parallel, with the same arithmetic (:class:`~fastkd.data.loader.Normalizer`).
 
-GPU decoding (``gpu_decode=True``, CUDA only): workers only read the file bytes and the
-EXIF orientation; the main process decodes the batch with nvJPEG through
+GPU decoding (``gpu_decode=True``, CUDA only): workers only read the file bytes and the EXIF
+orientation; the main process decodes the batch with nvJPEG through
 ``torchvision.io.decode_jpeg(device="cuda")`` and crops / resizes each image on the GPU. Files
 nvJPEG cannot decode (CMYK JPEGs, PNGs, ...) are decoded by PIL instead, said once in the log.
+torchvision runs nvJPEG's Huffman stage on the main process's CPU, so this is rarely faster than
+many PIL workers (see benchmarks/results/data.md); DALI is the fast GPU path.
 
 Augmentation randomness is keyed per sample on ``(seed, epoch, position in the epoch order)``
 (a numpy generator per sample, see :func:`crop_window`), so it does not depend on the number of
-workers or shards,
-and a resumed run draws exactly the crops an uninterrupted one would. The student and teacher
-views are cut from the same window with the same flip.
+workers or shards, and a resumed run draws exactly the crops an uninterrupted one would. The
+student and teacher views are cut from the same window with the same flip.
 """
 from __future__ import annotations
 
 import io
-import logging
 import math
 from typing import Iterator, Optional
 
@@ -38,10 +39,8 @@ from .index import (
 )
 from .loader import Batch, BaseLoader, Normalizer
 
-logger = logging.getLogger("fastkd")
-
-# EXIF orientation tag -> (transpose before flips?, flip left-right, flip top-bottom), as PIL's
-# ImageOps.exif_transpose applies them; used to orient GPU-decoded images.
+# The EXIF tag that says how a photo must be turned for display; nvJPEG ignores it, so the
+# workers read it and the GPU path applies it (:func:`_orient`).
 _EXIF_ORIENTATION_TAG = 0x0112
 
 
@@ -120,6 +119,7 @@ class _PlanDataset(torch.utils.data.Dataset):
         if self.normalizers is None:  # uint8 HWC arrays; the main process normalises on the GPU
             return entry, index, [np.asarray(v) for v in views], None
         # straight from PIL to a (writable) float32 array, then the Normalizer's arithmetic
+        # (several normalisations may read one view: a teacher that differs only in mean / std)
         floats = [torch.from_numpy(np.asarray(v, dtype=np.float32)) for v in views]
         return entry, index, [norm.sample(floats[v]) for norm, v in self.normalizers], None
 
