@@ -208,6 +208,22 @@ def _fused(student, teacher, target, *, method, ce_weight, kd_weight, label_smoo
 # --------------------------------------------------------------------------------------------
 # Public functions
 # --------------------------------------------------------------------------------------------
+def _kd_term(method, student_logits, teacher_logits, target, reduction, ignore_index, backend, ref_rows, **params):
+    """Shared body of the per-row KD losses: flatten, dispatch to the fused kernel or the
+    reference, reduce. Inputs and parameters are validated by the callers."""
+    _check_reduction(reduction)
+    lead = tuple(student_logits.shape[:-1])
+    z, v = _flatten(student_logits), _flatten(teacher_logits).detach()
+    y = None if target is None else target.reshape(-1)
+    if _resolve_backend(backend, z) == "triton":
+        loss, _ = _fused(z, v, y, method=method, ce_weight=0.0, kd_weight=1.0, label_smoothing=0.0,
+                         ignore_index=ignore_index, reduction=reduction, **params)
+        return loss.reshape(lead) if reduction == "none" else loss
+    rows = ref_rows(z, v, y)
+    count = None if y is None else _valid_count(y, ignore_index)
+    return _reduce(rows, reduction, count, lead)
+
+
 def kd_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmean", backend="auto"):
     """Hinton KD: ``T^2 * KL(softmax(teacher/T) || softmax(student/T))``.
 
@@ -216,14 +232,8 @@ def kd_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmea
     """
     _check_pair(student_logits, teacher_logits)
     T = _check_positive("temperature", temperature)
-    _check_reduction(reduction)
-    lead = tuple(student_logits.shape[:-1])
-    z, v = _flatten(student_logits), _flatten(teacher_logits).detach()
-    if _resolve_backend(backend, z) == "triton":
-        loss, _ = _fused(z, v, None, method="kd", ce_weight=0.0, kd_weight=1.0, label_smoothing=0.0,
-                         ignore_index=-100, reduction=reduction, temperature=T)
-        return loss.reshape(lead) if reduction == "none" else loss
-    return _reduce(ref.kd(z, v, T), reduction, None, lead)
+    return _kd_term("kd", student_logits, teacher_logits, None, reduction, -100, backend,
+                    lambda z, v, y: ref.kd(z, v, T), temperature=T)
 
 
 def ats_loss(student_logits, teacher_logits, target, tau_target=4.0, tau_other=2.0, student_temperature=1.0,
@@ -236,16 +246,9 @@ def ats_loss(student_logits, teacher_logits, target, tau_target=4.0, tau_other=2
     tt = _check_positive("tau_target", tau_target)
     to = _check_positive("tau_other", tau_other)
     s = _check_positive("student_temperature", student_temperature)
-    _check_reduction(reduction)
-    lead = tuple(student_logits.shape[:-1])
-    z, v, y = _flatten(student_logits), _flatten(teacher_logits).detach(), target.reshape(-1)
-    if _resolve_backend(backend, z) == "triton":
-        loss, _ = _fused(z, v, y, method="ats", ce_weight=0.0, kd_weight=1.0, label_smoothing=0.0,
-                         ignore_index=ignore_index, reduction=reduction, tau_target=tt, tau_other=to,
-                         student_temperature=s)
-        return loss.reshape(lead) if reduction == "none" else loss
-    rows = ref.ats(z, v, y, tt, to, s, ignore_index)
-    return _reduce(rows, reduction, _valid_count(y, ignore_index), lead)
+    return _kd_term("ats", student_logits, teacher_logits, target, reduction, ignore_index, backend,
+                    lambda z, v, y: ref.ats(z, v, y, tt, to, s, ignore_index),
+                    tau_target=tt, tau_other=to, student_temperature=s)
 
 
 def isats_loss(student_logits, teacher_logits, target, tau_target=4.0, candidates=None, student_temperature=1.0,
@@ -258,16 +261,9 @@ def isats_loss(student_logits, teacher_logits, target, tau_target=4.0, candidate
     tt = _check_positive("tau_target", tau_target)
     cands = _check_candidates(candidates, tt)
     s = _check_positive("student_temperature", student_temperature)
-    _check_reduction(reduction)
-    lead = tuple(student_logits.shape[:-1])
-    z, v, y = _flatten(student_logits), _flatten(teacher_logits).detach(), target.reshape(-1)
-    if _resolve_backend(backend, z) == "triton":
-        loss, _ = _fused(z, v, y, method="isats", ce_weight=0.0, kd_weight=1.0, label_smoothing=0.0,
-                         ignore_index=ignore_index, reduction=reduction, tau_target=tt, candidates=cands,
-                         student_temperature=s)
-        return loss.reshape(lead) if reduction == "none" else loss
-    rows = ref.isats(z, v, y, tt, cands, s, ignore_index)
-    return _reduce(rows, reduction, _valid_count(y, ignore_index), lead)
+    return _kd_term("isats", student_logits, teacher_logits, target, reduction, ignore_index, backend,
+                    lambda z, v, y: ref.isats(z, v, y, tt, cands, s, ignore_index),
+                    tau_target=tt, candidates=cands, student_temperature=s)
 
 
 def dkd_loss(student_logits, teacher_logits, target, alpha=1.0, beta=8.0, temperature=4.0,
@@ -279,15 +275,8 @@ def dkd_loss(student_logits, teacher_logits, target, alpha=1.0, beta=8.0, temper
     a = _check_nonneg("alpha", alpha)
     b = _check_nonneg("beta", beta)
     T = _check_positive("temperature", temperature)
-    _check_reduction(reduction)
-    lead = tuple(student_logits.shape[:-1])
-    z, v, y = _flatten(student_logits), _flatten(teacher_logits).detach(), target.reshape(-1)
-    if _resolve_backend(backend, z) == "triton":
-        loss, _ = _fused(z, v, y, method="dkd", ce_weight=0.0, kd_weight=1.0, label_smoothing=0.0,
-                         ignore_index=ignore_index, reduction=reduction, alpha=a, beta=b, temperature=T)
-        return loss.reshape(lead) if reduction == "none" else loss
-    rows = ref.dkd(z, v, y, a, b, T, ignore_index)
-    return _reduce(rows, reduction, _valid_count(y, ignore_index), lead)
+    return _kd_term("dkd", student_logits, teacher_logits, target, reduction, ignore_index, backend,
+                    lambda z, v, y: ref.dkd(z, v, y, a, b, T, ignore_index), alpha=a, beta=b, temperature=T)
 
 
 def dist_loss(student_logits, teacher_logits, beta=1.0, gamma=1.0, temperature=1.0, backend="auto"):
