@@ -159,9 +159,10 @@ def _resolve_backend(backend: str, x: Tensor) -> str:
     # auto: the fused kernels on CUDA; on CPU the reference (the interpreter is for tests only).
     if ok and x.device.type == "cuda":
         return "triton"
+    reason = "the fused Triton kernels run on CUDA tensors" if x.device.type != "cuda" else why
     _compat.log_once(
         f"fastkd: loss backend 'auto' uses the PyTorch reference on {x.device.type} tensors "
-        f"(the fused Triton kernels need CUDA{'' if ok else '; ' + why}); numbers are identical, only speed differs"
+        f"({reason}); numbers are identical, only speed differs"
     )
     return "torch"
 
