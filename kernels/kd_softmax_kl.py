@@ -398,8 +398,10 @@ def _kd_fused_kernel(
             n_valid = 0
             for start in range(0, N, BLOCK_N):
                 idx = start + tl.arange(0, BLOCK_N)
-                lab = tl.load(y_ptr + idx.to(tl.int64) * stride_y, mask=idx < N, other=ignore_index)
-                n_valid += tl.sum((lab != ignore_index).to(tl.int32), axis=0)
+                lab = tl.load(y_ptr + idx.to(tl.int64) * stride_y, mask=idx < N, other=0)
+                # Mask explicitly: ``other=ignore_index`` wraps in a narrow label dtype (uint8:
+                # -100 -> 156) and would count the lanes past N as valid rows.
+                n_valid += tl.sum(((lab != ignore_index) & (idx < N)).to(tl.int32), axis=0)
             count = n_valid.to(tl.float32)
         else:
             count = tl.load(count_ptr).to(tl.float32)

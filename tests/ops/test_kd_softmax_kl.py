@@ -400,6 +400,24 @@ def test_label_count_from_device_reduction(device, monkeypatch):
     assert torch.equal(first[0], second[0]) and torch.equal(first[2], second[2])
 
 
+@pytest.mark.parametrize("label_dtype,ii", [(torch.uint8, II), (torch.uint8, 255), (torch.int8, II),
+                                           (torch.int16, II), (torch.int32, II)])
+def test_narrow_label_dtypes_count_rows_correctly(label_dtype, ii, device):
+    """The in-kernel batchmean count must not count the padding lanes past N as valid rows
+    (a uint8 ``other=-100`` wraps to 156, which is not the ignore_index)."""
+    z = rand((5, 20), torch.float32, 61, device=device)
+    v = rand((5, 20), torch.float32, 62, device=device)
+    y = labels(5, 20, 63, device)
+    if ii != II or label_dtype != torch.uint8:  # a uint8 label can never equal -100
+        y[1] = ii
+    loss, _ = fused_distill(z, v, y.to(label_dtype), method="kd", ce_weight=0.5, kd_weight=0.5,
+                            label_smoothing=0.0, ignore_index=ii, reduction="batchmean")
+    ce = ref.cross_entropy(z.double(), y, 0.0, ii)
+    kd = torch.where(y != ii, ref.kd(z.double(), v.double()), torch.zeros_like(ce))
+    n_valid = int((y != ii).sum())
+    torch.testing.assert_close(loss.double(), (0.5 * ce + 0.5 * kd).sum() / n_valid, rtol=1e-5, atol=0)
+
+
 def test_reduction_is_deterministic_and_counter_resets(device):
     z = rand((33, 257), torch.float32, 50, device=device)
     v = rand((33, 257), torch.float32, 51, device=device)
