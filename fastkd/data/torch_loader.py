@@ -232,10 +232,14 @@ class TorchLoader(BaseLoader):
         self._sampler = _PlanBatchSampler()
         workers = spec.num_threads
         collate = _Collate(normalized=on_cpu, channels_last=spec.channels_last)
+        # A private generator: every ``iter`` of a DataLoader draws its workers' base seed, from
+        # torch's global generator unless given one. That draw would shift the global stream (which
+        # checkpoints save for dropout, DPK masks, ...) at a point a resumed run does not repeat.
+        # Augmentation is keyed per sample, so the base seed itself affects nothing.
         self._dataloader = torch.utils.data.DataLoader(
             self._dataset, batch_sampler=self._sampler, num_workers=workers, collate_fn=collate,
             pin_memory=spec.device.type == "cuda", persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None)
+            prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(spec.seed))
         if self.gpu_decode:
             log_once("fastkd.data: torch backend decodes JPEGs on the GPU (nvJPEG via torchvision)")
 

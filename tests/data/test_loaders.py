@@ -253,6 +253,19 @@ def test_torch_workers_give_the_same_batches(image_folder):
         assert torch.equal(a["teacher"], b["teacher"])
 
 
+@pytest.mark.parametrize("num_threads", [0, 2])
+def test_iterating_leaves_the_global_torch_rng_alone(image_folder, num_threads):
+    # The engine's checkpoints save torch's global generator (dropout, DPK masks): a loader pass
+    # started at a resume point must not draw from it, or the resumed run diverges.
+    loader = make(image_folder, "torch", train=True, batch_size=5, seed=4, num_threads=num_threads)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        next(iter(loader))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_gpu_decode_orientation_matches_pil(orientation):
     from PIL import Image, ImageOps
