@@ -129,7 +129,8 @@ class DistillLoss(nn.Module):
             kd = torch.zeros((), device=z.device) if v is None or kd_w == 0 else \
                 F.dist_loss(z, v, self.params["beta"], self.params["gamma"], self.params["temperature"], backend=backend)
             self.last_terms = {"ce": ce.detach(), "kd": kd.detach()}
-            return self.ce_weight * ce + kd_w * kd
+            # A zero weight drops its term (0 * inf = NaN otherwise), as the fused kernel does.
+            return kd_w * kd if self.ce_weight == 0 and kd_w != 0 else self.ce_weight * ce + kd_w * kd
 
         method = self.method if (v is not None and kd_w > 0) else "ce"
         kd_params = {k: v_ for k, v_ in self.params.items() if k != "warmup_epochs"} if method != "ce" else {}
@@ -150,7 +151,9 @@ class DistillLoss(nn.Module):
             kd_rows = _KD_ROWS[method](z, v, y, self.ignore_index, **kd_params)
             kd = kd_rows.sum() / count
         self.last_terms = {"ce": ce.detach(), "kd": kd.detach()}
-        return self.ce_weight * ce + (kd_w * kd if method != "ce" else 0.0)
+        if method == "ce":
+            return self.ce_weight * ce
+        return kd_w * kd if self.ce_weight == 0 else self.ce_weight * ce + kd_w * kd
 
     def _ce(self, z, y, backend):
         if backend == "triton":

@@ -137,6 +137,23 @@ def test_distill_loss_is_weighted_sum(method, params, fn):
     torch.testing.assert_close(crit.last_terms["kd"], fn(z, v, y))
 
 
+@pytest.mark.parametrize("method", ["kd", "ats", "dkd", "dist"])
+def test_zero_ce_weight_drops_an_infinite_ce(method):
+    """ce_weight=0: a row whose label class the student masks (CE = +inf) must not turn the
+    loss into 0 * inf = NaN; the loss is the KD term alone (as on the fused backend)."""
+    z, v, y = rand(4, 6), rand(4, 6, seed=1), labels(4, c=6)
+    z[0, y[0]] = v[0, y[0]] = -math.inf  # masked in both: KD stays finite, CE is +inf
+    z.requires_grad_()
+    crit = fastkd.DistillLoss(method, ce_weight=0.0, kd_weight=0.7, backend="torch")
+    out = crit(z, v, y)
+    kd = {"kd": lambda: fastkd.kd_loss(z, v), "ats": lambda: fastkd.ats_loss(z, v, y),
+          "dkd": lambda: fastkd.dkd_loss(z, v, y), "dist": lambda: fastkd.dist_loss(z, v)}[method]()
+    assert torch.isfinite(out)
+    torch.testing.assert_close(out, 0.7 * kd)
+    out.backward()
+    assert torch.isfinite(z.grad).all()
+
+
 def test_distill_loss_kd_skips_ignored_rows():
     z, v, y = rand(5, 6), rand(5, 6, seed=1), labels(5, c=6)
     y[0] = -100
