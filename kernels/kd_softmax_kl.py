@@ -882,6 +882,10 @@ def fused_distill(student, teacher, target, *, method, ce_weight, kd_weight, lab
         teacher = teacher.detach()
     if student.dtype == torch.float64 or (teacher is not None and teacher.dtype == torch.float64):
         return _reference_fallback(student, teacher, target, spec)
+    if not torch.is_grad_enabled():
+        # Under no_grad, needs_input_grad still follows student.requires_grad: without this
+        # the kernel would write an (N, C) gradient nobody can use (e.g. a loss logged under no_grad).
+        student = student.detach()
     student = _unit_columns("student logits", student)
     teacher = _unit_columns("teacher logits", teacher)
     out, ce, kd = KDSoftmaxKLFunction.apply(student, teacher, target, spec)

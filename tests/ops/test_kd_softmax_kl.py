@@ -455,6 +455,24 @@ def test_no_grad_path_writes_no_gradient(device):
     assert not loss.requires_grad
 
 
+def test_no_grad_with_a_grad_requiring_student_writes_no_gradient(device, monkeypatch):
+    """A loss evaluated under torch.no_grad on logits that require grad (e.g. for logging)
+    must not make the kernel write an (N, C) gradient."""
+    z = rand((6, 90), torch.float32, 55, device=device).requires_grad_(True)
+    v = rand((6, 90), torch.float32, 56, device=device)
+    y = labels(6, 90, 57, device)
+    launches = []
+    orig = K._launch
+    monkeypatch.setattr(K, "_launch", lambda *a: launches.append(a[-1]) or orig(*a))
+    with torch.no_grad():
+        loss, _ = fused_distill(z, v, y, method="kd", ce_weight=0.5, kd_weight=0.5, label_smoothing=0.0,
+                                ignore_index=II, reduction="batchmean")
+    assert launches == [False] and not loss.requires_grad
+    fused_distill(z, v, y, method="kd", ce_weight=0.5, kd_weight=0.5, label_smoothing=0.0,
+                  ignore_index=II, reduction="batchmean")
+    assert launches == [False, True]
+
+
 def test_float64_uses_the_reference_and_says_so(device, caplog):
     z = rand((5, 20), torch.float64, 58, device=device).requires_grad_(True)
     v = rand((5, 20), torch.float64, 59, device=device)
