@@ -425,7 +425,19 @@ class Trainer:
             raise ValueError(f"checkpoint {path} was trained on other classes than the data set in --data")
         self.student.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        schedule = self.scheduler.lr_lambdas[0]
+        this_run = dict(vars(schedule))
+        self.scheduler.load_state_dict(state["scheduler"])  # also overwrites the LRSchedule's attributes
+        if vars(schedule) != this_run:
+            # --epochs (free to change on resume) or the steps per epoch differ: follow this run's
+            # schedule, not the checkpoint's (whose cosine would end at the old last epoch, LR 0).
+            vars(schedule).update(this_run)
+            lrs = [base * schedule(self.scheduler.last_epoch) for base in self.scheduler.base_lrs]
+            for group, lr in zip(self.optimizer.param_groups, lrs):
+                group["lr"] = lr
+            self.scheduler._last_lr = lrs
+            logger.info("fastkd: the LR schedule follows this run's %d epochs x %d steps", self.cfg.epochs,
+                        self.steps_per_epoch)
         self.scaler.load_state_dict(state["scaler"])
         if self.dpk is not None:
             if state.get("dpk") is None:

@@ -114,3 +114,19 @@ def test_rng_state_round_trip():
     b = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
     assert math.isfinite(b[2])
+
+
+def test_resume_with_more_epochs_follows_the_longer_schedule(tmp_path):
+    # --epochs may change on resume; the extra epochs must not run on the old schedule's final LR
+    # (0 for a cosine ending at the old last epoch) but on the schedule of the longer run.
+    base = ["train", "--data-backend", "synthetic", "--synthetic-samples", "128", "--synthetic-classes", "10",
+            "--image-size", "12", "--batch-size", "32", "--student", "fastkd:resnet8", "--method", "ce",
+            "--lr", "0.1", "--device", "cpu", "--seed", "1", "--log-interval", "1"]
+    out, ref = tmp_path / "extended", tmp_path / "ref"
+    assert cli.main([*base, "--epochs", "1", "--output", str(out)]) == 0
+    assert cli.main([*base, "--epochs", "3", "--output", str(out), "--resume", "auto"]) == 0
+    assert cli.main([*base, "--epochs", "3", "--output", str(ref)]) == 0
+    lrs = [r["lr"] for r in read_metrics(out / "metrics.jsonl", "step")]
+    want = [r["lr"] for r in read_metrics(ref / "metrics.jsonl", "step")]
+    assert len(lrs) == len(want) == 12 and lrs[4:] == pytest.approx(want[4:], rel=1e-12)
+    assert min(lrs[4:-1]) > 0
