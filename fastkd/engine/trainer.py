@@ -583,6 +583,7 @@ class Trainer:
             ckpt.maybe_kill_after_step(self.global_step)
             if self.global_step % cfg.log_interval == 0 or step_in_epoch == steps:
                 loss_value = float(loss)  # the one sync of a logging boundary
+                self.timer.flush()  # resolve this interval's CUDA timing events (bounded memory)
                 lr = self.optimizer.param_groups[0]["lr"]
                 now = time.perf_counter()
                 rate = samples / max(elapsed + now - t_start, 1e-9)
