@@ -764,6 +764,13 @@ class KDSoftmaxKLFunction(torch.autograd.Function):
                 "fastkd fused loss: backward ran twice through the same graph (retain_graph=True); "
                 "the saved gradient is scaled in place by the first backward, so a second one is not supported"
             )
+        if torch.is_grad_enabled():
+            # create_graph=True: the saved gradient was computed in the forward kernel and has no
+            # graph of its own, so a second derivative would silently be 0. Refuse instead.
+            raise RuntimeError(
+                "fastkd fused loss: higher-order gradients (create_graph=True) are not supported by the "
+                "Triton backend; use backend='torch' for losses that need them"
+            )
         ctx.spent = True
         (grad,) = ctx.saved_tensors
         _scale_grad_(grad, grad_loss)

@@ -588,3 +588,17 @@ def test_gpu_nc_above_2_pow_31():
     torch.testing.assert_close(g[-1:].double(), last[3], rtol=2e-2, atol=1e-3)
     assert g[:-1].abs().max().item() == 0  # rows 0..N-2 got grad_output 0
 
+
+
+def test_create_graph_is_refused_not_silently_zero(device):
+    import fastkd
+
+    z = torch.randn(4, 9, device=device, requires_grad=True)
+    v = torch.randn(4, 9, device=device)
+    loss = fastkd.kd_loss(z, v, 2.0, backend="triton")
+    with pytest.raises(RuntimeError, match="higher-order gradients"):
+        torch.autograd.grad(loss, z, create_graph=True)
+    # the torch backend supports it
+    loss = fastkd.kd_loss(z, v, 2.0, backend="torch")
+    (g,) = torch.autograd.grad(loss, z, create_graph=True)
+    assert g.requires_grad
