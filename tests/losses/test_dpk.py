@@ -241,3 +241,16 @@ def test_dpk_on_cuda_matches_cpu_ratio_and_mask_rate():
     _, mask = mix_features(torch.zeros(64, 1, 32, 32, device="cuda"), torch.ones(64, 1, 32, 32, device="cuda"),
                            0.3, generator=g)
     assert abs(mask.mean().item() - 0.3) < 5 * math.sqrt(0.3 * 0.7 / mask.numel())
+
+
+def test_cka_ratio_is_computed_in_fp32_under_autocast():
+    # bf16 autocast would run linear_cka's matmuls in bf16 (issue 11 item 8): r must match fp32.
+    s, t = [feats(b=8, c=16, h=6, w=6, seed=50)], [feats(b=8, c=16, h=6, w=6, seed=51) + feats(b=8, c=16, h=6,
+                                                                                               w=6, seed=50)]
+    plain, under = DPKLoss([16], [16], seed=0), DPKLoss([16], [16], seed=0)
+    plain(s, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under(s, t)
+    expect = 0.9 * 0.5 + 0.1 * cka_by_hand(s[0], t[0])
+    assert plain.ratios[0] == pytest.approx(expect, rel=1e-6)
+    assert under.ratios[0] == pytest.approx(expect, rel=1e-6)
