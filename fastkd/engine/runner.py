@@ -44,7 +44,7 @@ from .timing import StepTimer
 
 @dataclass
 class TeacherOutput:
-    logits: Tensor
+    logits: Tensor  # (N, C); a cached source may give a compressed top-k teacher instead
     features: Optional[list[Tensor]] = None  # stage outputs for feature-level methods (DPK)
 
     def tensors(self) -> list[Tensor]:

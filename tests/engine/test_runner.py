@@ -77,3 +77,31 @@ def test_concurrent_stream_matches_sequential_on_gpu(cuda_graph):
         # same kernels in a graph or not: bf16 results agree to bf16 rounding
         torch.testing.assert_close(out.logits.float(), ref.logits.float(), rtol=2e-2, atol=2e-2)
     torch.cuda.synchronize()
+
+
+def test_online_teacher_source_uses_the_teacher_view_and_matches_the_runner():
+    from fastkd.data.loader import Batch
+    from fastkd.engine.teacher import OnlineTeacher, TeacherSource
+
+    source = OnlineTeacher.from_model(_teacher(), torch.device("cpu"), feature_layers=["layer3"])
+    oracle = _teacher()
+    oracle.eval()
+    assert isinstance(source, TeacherSource) and source.has_model and source.provides_features
+    assert not source.concurrent  # no CUDA here
+    source.set_epoch(0)
+    student_view, teacher_view = torch.randn(4, 3, 12, 12), torch.randn(4, 3, 16, 16)
+    batches = [Batch(student_view, torch.arange(4)), Batch(student_view, torch.arange(4), teacher_images=teacher_view)]
+    handles = [source.submit(b) for b in batches]
+    with torch.no_grad():
+        expected = [oracle(student_view), oracle(teacher_view)]
+    for h, ref in zip(handles, expected):
+        torch.testing.assert_close(source.result(h).logits, ref, rtol=0, atol=0)
+    torch.testing.assert_close(source(teacher_view).logits, expected[1], rtol=0, atol=0)
+    source.close()
+
+
+def test_a_source_without_a_model_refuses_arbitrary_images():
+    from fastkd.engine.teacher import TeacherSource
+
+    with pytest.raises(TypeError, match="holds no teacher model"):
+        TeacherSource()(torch.zeros(1, 3, 4, 4))
