@@ -10,22 +10,30 @@ far) and, with ``--save-every N``, ``epoch_N.pt``; the extra names are hard link
 ``last.pt`` just written (a copy where links are not supported), so they cost no extra write.
 
 Every file is loadable with ``torch.load(weights_only=True)``: RNG states are stored as tensors
-and plain Python lists.
+and plain Python lists. Every file carries a SHA-256 ``checksum`` of its payload (each tensor's
+bytes, dtype and shape and every other value, walked in key order), verified on load: a file whose
+bytes changed on disk is refused by name, and ``--resume auto`` moves on to the next good file.
 
-Test hook (used only by the test suite, never set it otherwise): the environment variable
-``FASTKD_TEST_KILL`` = ``step:N`` makes the process SIGKILL itself right after optimizer step N,
-and ``save:N`` inside its N-th checkpoint write, after half the temporary file is on disk.
+A full disk during a write raises ``OSError(ENOSPC, "no space left on device while writing
+PATH ...")`` and removes the temporary file; the previous checkpoint stays intact.
+
+Fault injection: :func:`add_fault_hook` registers a callable for a named point of the engine
+(``"after_step"``: after each optimizer step, ``step=`` the global step; ``"before_rename"``:
+a checkpoint's temporary file is complete, ``tmp=``, ``path=``, ``count=`` the saves so far in
+this process). The test suite uses it to kill a run at an exact step or in the middle of a
+write; the library itself never installs a hook and reads no environment variable for it.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import logging
 import os
 import random
 import re
 import shutil
-import signal
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -39,23 +47,66 @@ _saves_done = 0
 
 
 # --------------------------------------------------------------------------------------------
-# Test hook
+# Fault injection (installed by tests; the library never installs one)
 # --------------------------------------------------------------------------------------------
-def _kill_spec() -> Optional[tuple[str, int]]:
-    spec = os.environ.get("FASTKD_TEST_KILL")
-    if not spec:
-        return None
-    kind, _, n = spec.partition(":")
-    if kind not in ("step", "save") or not n.isdigit():
-        raise ValueError(f"FASTKD_TEST_KILL={spec!r}: expected 'step:N' or 'save:N' (a test-only hook)")
-    return kind, int(n)
+FAULT_POINTS = ("after_step", "before_rename")
+_fault_hooks: dict[str, list[Callable]] = {p: [] for p in FAULT_POINTS}
 
 
-def maybe_kill_after_step(step: int) -> None:
-    """Test hook: SIGKILL this process after optimizer step ``step`` if asked to."""
-    spec = _kill_spec()
-    if spec == ("step", step):
-        os.kill(os.getpid(), signal.SIGKILL)
+def add_fault_hook(point: str, fn: Callable) -> Callable[[], None]:
+    """Call ``fn(**info)`` at the named point of the engine; returns a function that removes it."""
+    if point not in _fault_hooks:
+        raise ValueError(f"unknown fault point {point!r}; expected one of {', '.join(FAULT_POINTS)}")
+    _fault_hooks[point].append(fn)
+    return lambda: _fault_hooks[point].remove(fn) if fn in _fault_hooks[point] else None
+
+
+def fault_point(point: str, **info) -> None:
+    """Run the hooks registered for ``point`` (none outside the tests: a cheap no-op)."""
+    for fn in tuple(_fault_hooks[point]):
+        fn(**info)
+
+
+# --------------------------------------------------------------------------------------------
+# Checksums
+# --------------------------------------------------------------------------------------------
+CHECKSUM_KEY = "checksum"
+
+
+def _feed(h, obj) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(b"D%d" % len(obj))
+        for key in sorted(obj, key=repr):
+            h.update(repr(key).encode())
+            _feed(h, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"L%d" % len(obj))  # lists and tuples alike: pickling may turn one into the other
+        for item in obj:
+            _feed(h, item)
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r}".encode())
+
+
+def payload_checksum(state: dict) -> str:
+    """SHA-256 (hex) of a checkpoint's payload: every entry except the checksum itself."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in state.items() if k != CHECKSUM_KEY})
+    return h.hexdigest()
+
+
+def verify(state: dict, path) -> None:
+    """Raise ``ValueError`` naming ``path`` when the state's stored checksum does not match."""
+    stored = state.get(CHECKSUM_KEY)
+    if stored is None:
+        return  # a checkpoint from before checksums (or a plain state_dict): nothing to verify
+    if not isinstance(stored, str) or stored != payload_checksum(state):
+        raise ValueError(f"checkpoint {str(path)!r} fails its checksum: its bytes changed after it was written "
+                         f"(disk or copy corruption); it cannot be trusted")
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,22 +160,51 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp.{os.getpid()}")
 
 
+def _is_disk_full(exc: BaseException, directory: Path) -> bool:
+    """True when ``exc`` (or an exception it wraps) is ENOSPC/EDQUOT, or the disk has no room left.
+
+    ``torch.save`` may turn the OSError of a failed write into a RuntimeError of its own
+    ("unexpected pos ..."), so the chain is searched and, failing that, the free space checked.
+    """
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(directory).free < (1 << 20)
+    except OSError:
+        return False
+
+
 def save_atomic(obj, path) -> Path:
-    """``torch.save`` to a temporary file, fsync, then rename over ``path``."""
+    """``torch.save`` to a temporary file, fsync, then rename over ``path``.
+
+    A dict ``obj`` gets its payload checksum stored under ``"checksum"`` (see :func:`verify`).
+    On failure the temporary file is removed and ``path`` is left as it was; a full disk raises
+    ``OSError(ENOSPC)`` with a message naming ``path``.
+    """
     global _saves_done
     path = Path(path)
+    if isinstance(obj, dict):
+        obj = {**obj, CHECKSUM_KEY: payload_checksum(obj)}
     tmp = _tmp_name(path)
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        if isinstance(exc, Exception) and _is_disk_full(exc, path.parent):
+            raise OSError(errno.ENOSPC, f"no space left on device while writing {path} (the previous checkpoint, "
+                                        f"if any, is intact; free some space or choose another --output)") from exc
+        raise
     _saves_done += 1
-    spec = _kill_spec()
-    if spec == ("save", _saves_done):
-        # Simulate a kill in the middle of the write: only half the bytes reached the disk.
-        with open(tmp, "r+b") as fh:
-            fh.truncate(os.path.getsize(tmp) // 2)
-        os.kill(os.getpid(), signal.SIGKILL)
+    fault_point("before_rename", tmp=tmp, path=path, count=_saves_done)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
     return path
@@ -160,6 +240,7 @@ def load(path) -> dict:
                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
     if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
         raise ValueError(f"checkpoint {str(path)!r} is not a fastkd training checkpoint (no 'model'/'epoch' entries)")
+    verify(state, path)
     return state
 
 
@@ -176,13 +257,25 @@ def find_latest(output_dir) -> Optional[tuple[Path, dict]]:
     """The newest checkpoint in ``output_dir`` that loads, with its state; ``None`` if there is none.
 
     ``last.pt`` is rewritten at every save, so it is the newest; an older ``epoch_N.pt`` or
-    ``best.pt`` is used only when a newer file fails to load (skipped with a warning).
+    ``best.pt`` is used only when a newer file fails to load or fails its checksum (skipped
+    with a warning naming it). When checkpoint files exist but none of them loads, a
+    ``ValueError`` says so and what to do (never a silent fresh start over a damaged run).
     """
+    problems = []
     for path in candidates(output_dir):
         try:
-            return path, load(path)
+            state = load(path)
         except ValueError as exc:
-            logger.warning("fastkd: skipping unreadable checkpoint: %s", exc)
+            logger.warning("fastkd: skipping checkpoint %s: %s", path.name, exc)
+            problems.append(f"{path.name}: {exc}")
+            continue
+        if problems:
+            logger.warning("fastkd: resuming from the older %s instead", path.name)
+        return path, state
+    if problems:
+        raise ValueError(f"--resume auto: {output_dir} holds checkpoint file(s) but none can be used ("
+                         + "; ".join(problems) + "). Resume from a good copy with --resume PATH, or move the "
+                         "damaged file(s) away to start this --output afresh")
     return None
 
 

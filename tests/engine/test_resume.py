@@ -1,5 +1,7 @@
 """Checkpoints: atomic writes, ``--resume auto`` after kill -9 (also mid-write), bit-identical weights."""
+import errno
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,8 @@ ARGS = ["train", "--data-backend", "synthetic", "--synthetic-samples", "320", "-
         "--method", "kd", "--epochs", "2", "--checkpoint-interval", "4", "--lr", "0.05", "--warmup-epochs", "0.5",
         "--device", "cpu", "--seed", "3", "--log-interval", "1", "--deterministic"]
 TOTAL_STEPS = 20
+# Runs ``fastkd`` with a fault-injection hook installed (kill at a step or in a checkpoint write).
+KILL_RUN = str(Path(__file__).with_name("kill_run.py"))
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +54,7 @@ def _assert_same_run(out, ref):
 
 def test_kill_during_training_then_resume_gives_identical_weights(reference, tmp_path, run_fastkd):
     out = tmp_path / "run"
-    proc = run_fastkd([*ARGS[1:], "--output", out], env={"FASTKD_TEST_KILL": "step:7"}, module=("-m", "fastkd", "train"))
+    proc = run_fastkd([*ARGS, "--output", out], module=(KILL_RUN, "step:7"))
     assert proc.returncode == -9, proc.stderr[-3000:]
     state = ckpt.load(out / "last.pt")
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 4, 4)  # steps 5-7 are lost
@@ -61,7 +65,7 @@ def test_kill_during_training_then_resume_gives_identical_weights(reference, tmp
 def test_kill_during_a_checkpoint_write_then_resume(reference, tmp_path, run_fastkd):
     out = tmp_path / "run"
     # the 2nd save (after step 8) dies with half its bytes written
-    proc = run_fastkd([*ARGS[1:], "--output", out], env={"FASTKD_TEST_KILL": "save:2"}, module=("-m", "fastkd", "train"))
+    proc = run_fastkd([*ARGS, "--output", out], module=(KILL_RUN, "save:2"))
     assert proc.returncode == -9, proc.stderr[-3000:]
     torn = list(out.glob(".last.pt.tmp.*"))
     assert len(torn) == 1
@@ -130,3 +134,63 @@ def test_resume_with_more_epochs_follows_the_longer_schedule(tmp_path):
     want = [r["lr"] for r in read_metrics(ref / "metrics.jsonl", "step")]
     assert len(lrs) == len(want) == 12 and lrs[4:] == pytest.approx(want[4:], rel=1e-12)
     assert min(lrs[4:-1]) > 0
+
+
+def _flip_tensor_bytes(path, marker: torch.Tensor, n=8):
+    """Flip ``n`` bytes inside the stored data of ``marker`` (a tensor with a unique byte pattern)."""
+    data = bytearray(Path(path).read_bytes())
+    at = data.find(marker.numpy().tobytes())
+    assert at >= 0
+    for i in range(at + 4, at + 4 + n):
+        data[i] ^= 0xFF
+    Path(path).write_bytes(bytes(data))
+
+
+def test_checksum_catches_flipped_bytes_and_resume_moves_to_the_next_good_file(tmp_path, caplog):
+    # issue 11 item 6: eight flipped bytes in last.pt used to resume silently with a corrupted weight
+    marker = torch.arange(64, dtype=torch.float32) * 1.2345
+    ckpt.save_atomic({"model": {"w": marker}, "epoch": 1, "global_step": 5}, tmp_path / "best.pt")
+    ckpt.save_atomic({"model": {"w": marker + 1}, "epoch": 2, "global_step": 9}, tmp_path / "last.pt")
+    assert isinstance(ckpt.load(tmp_path / "last.pt")["checksum"], str)
+    _flip_tensor_bytes(tmp_path / "last.pt", marker + 1)
+    raw = torch.load(tmp_path / "last.pt", weights_only=True)  # PyTorch itself reads it without complaint
+    assert not torch.equal(raw["model"]["w"], marker + 1)
+    with pytest.raises(ValueError, match="last.pt.*fails its checksum"):
+        ckpt.load(tmp_path / "last.pt")
+    with caplog.at_level("WARNING", logger="fastkd"):
+        path, state = ckpt.find_latest(tmp_path)
+    assert path.name == "best.pt" and state["global_step"] == 5
+    assert "skipping checkpoint last.pt" in caplog.text and "fails its checksum" in caplog.text
+
+
+def test_disk_full_during_a_checkpoint_write_is_named_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    # issue 11 item 11: PyTorch's own message was "unexpected pos ...", and the .tmp file stayed
+    ckpt.save_atomic({"model": {"w": torch.ones(3)}, "epoch": 1}, tmp_path / "last.pt")
+
+    def full_disk(obj, fh, *args, **kwargs):
+        fh.write(b"x" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"no space left on device while writing .*last\.pt") as exc:
+        ckpt.save_atomic({"model": {"w": torch.zeros(3)}, "epoch": 2}, tmp_path / "last.pt")
+    assert exc.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # the temporary file is gone
+    monkeypatch.undo()
+    assert ckpt.load(tmp_path / "last.pt")["epoch"] == 1  # the previous checkpoint is intact
+
+
+SMALL = ["train", "--data-backend", "synthetic", "--synthetic-samples", "64", "--synthetic-classes", "4",
+         "--image-size", "8", "--batch-size", "32", "--student", "fastkd:resnet8", "--method", "ce", "--epochs", "1",
+         "--lr", "0.1", "--device", "cpu", "--seed", "1"]
+
+
+def test_the_only_checkpoint_unreadable_says_what_happened_and_what_to_do(tmp_path, caplog):
+    # issue 11 item 12: the log said "starting from scratch", then refused: "already holds a run"
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"\x00" * 200)
+    with caplog.at_level("INFO", logger="fastkd"):
+        assert cli.main([*SMALL, "--output", str(out), "--resume", "auto"]) == 2
+    assert "none can be used" in caplog.text and "last.pt" in caplog.text and "--resume PATH" in caplog.text
+    assert "starting from scratch" not in caplog.text and "already holds a run" not in caplog.text

@@ -1,0 +1,39 @@
+"""Run ``fastkd`` with a fault-injection hook: ``python kill_run.py step:N|save:N fastkd-args...``.
+
+``step:N`` SIGKILLs the process right after optimizer step N; ``save:N`` inside the N-th
+checkpoint write, with only half of the temporary file on disk (a torn write). The hooks go
+through :func:`fastkd.engine.checkpoint.add_fault_hook`; the library reads no test variable.
+"""
+import os
+import signal
+import sys
+
+from fastkd import cli
+from fastkd.engine import checkpoint as ckpt
+
+
+def main() -> int:
+    spec, argv = sys.argv[1], sys.argv[2:]
+    kind, _, n = spec.partition(":")
+    if kind not in ("step", "save") or not n.isdigit():
+        raise SystemExit(f"kill_run.py: expected step:N or save:N, got {spec!r}")
+    n = int(n)
+    if kind == "step":
+        def after_step(step):
+            if step == n:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        ckpt.add_fault_hook("after_step", after_step)
+    else:
+        def before_rename(tmp, path, count):
+            if count == n:
+                with open(tmp, "r+b") as fh:
+                    fh.truncate(os.path.getsize(tmp) // 2)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        ckpt.add_fault_hook("before_rename", before_rename)
+    return cli.main(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
