@@ -580,7 +580,7 @@ class Trainer:
             samples += int(batch.valid.sum()) if batch.valid is not None else len(batch.labels)
             step_in_epoch += 1
             self.global_step += 1
-            ckpt.maybe_kill_after_step(self.global_step)
+            ckpt.fault_point("after_step", step=self.global_step)
             if self.global_step % cfg.log_interval == 0 or step_in_epoch == steps:
                 loss_value = float(loss)  # the one sync of a logging boundary
                 self.timer.flush()  # resolve this interval's CUDA timing events (bounded memory)
