@@ -1,0 +1,386 @@
+"""``fastkd cache build``: run a teacher over exactly the views ``fastkd train`` will draw.
+
+The training loader's augmentation is keyed by (seed, epoch, position in the epoch's order)
+(see :mod:`fastkd.data.torch_loader`), so the teacher view of every sample in every epoch is a
+function of the data, the seed and the view settings alone. The builder makes the same
+``create_loader`` call the trainer makes (same :class:`~fastkd.engine.config.TrainConfig`
+fields), runs the teacher the way the trainer runs it (:class:`~fastkd.engine.runner.TeacherRunner`:
+eval mode, inference mode, the same autocast and memory format), and stores each epoch's logits
+by dataset sample index (:mod:`fastkd.cache.store`).
+
+Several processes (``torchrun``): each rank reads its shard, as in training, and writes its
+rows into the one shared epoch file; padding rows (``valid=False``, a duplicate sample with
+another crop) are not written, so the files do not depend on the world size. Every epoch checks
+that exactly N rows were written before it is marked done.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..engine import config as C
+from ..engine import distributed as D
+from . import store
+
+logger = logging.getLogger("fastkd")
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+
+
+# --------------------------------------------------------------------------------------------
+# What a cache is keyed on
+# --------------------------------------------------------------------------------------------
+def teacher_view_size(cfg: C.TrainConfig) -> int:
+    return cfg.teacher_image_size or cfg.image_size
+
+
+def train_loader(cfg: C.TrainConfig, dist: D.DistInfo, *, teacher_view: bool):
+    """The training loader exactly as :meth:`fastkd.engine.trainer.Trainer._make_loaders` builds it."""
+    from ..data import create_loader
+
+    tis = None
+    if teacher_view and cfg.teacher_image_size not in (None, cfg.image_size):
+        tis = cfg.teacher_image_size
+    return create_loader(cfg.data, train=True, batch_size=cfg.batch_size, backend=cfg.data_backend,
+                         image_size=cfg.image_size, teacher_image_size=tis, shard_id=dist.rank,
+                         num_shards=dist.world_size, seed=cfg.seed, num_threads=cfg.workers, device=dist.device,
+                         channels_last=cfg.channels_last)
+
+
+def augmentation_settings(loader) -> dict:
+    """The random-resized-crop + flip settings that decide the teacher views (and what keys them)."""
+    from ..data.index import TRAIN_RATIO, TRAIN_SCALE
+
+    aug = {"backend": loader.backend, "crop": "random-resized", "scale": list(TRAIN_SCALE),
+           "ratio": list(TRAIN_RATIO), "hflip": 0.5}
+    if loader.backend == "dali":
+        # DALI draws from per-pipeline generators seeded by (seed, epoch, shard, start): its crops
+        # depend on the shard layout, so a DALI cache is only valid for the same world size and batch.
+        aug["world_size"] = loader.spec.num_shards
+        aug["batch_size"] = loader.spec.batch_size
+    return aug
+
+
+def run_fields(cfg: C.TrainConfig, loader) -> dict:
+    """The manifest fields a training run must match (besides the epochs it needs)."""
+    from ..data import IMAGENET_MEAN, IMAGENET_STD
+
+    index = loader.index
+    if index is None:
+        raise ValueError("the teacher cache needs a real data set (--data DIR): synthetic data has no sample index")
+    return {
+        "data": {"index_sha256": store.index_sha256(index), "num_samples": len(index),
+                 "num_classes": len(loader.classes), "classes": list(loader.classes)},
+        "augmentation": augmentation_settings(loader),
+        "view": {"teacher_image_size": teacher_view_size(cfg), "mean": list(IMAGENET_MEAN),
+                 "std": list(IMAGENET_STD)},
+        "seed": cfg.seed,
+    }
+
+
+# Order of the checks and the words of the refusal.
+FIELD_NAMES = {
+    ("data", "num_classes"): "classes",
+    ("data", "classes"): "classes",
+    ("data", "num_samples"): "data index (sample count)",
+    ("data", "index_sha256"): "data index (paths and labels)",
+    ("seed",): "seed",
+    ("augmentation",): "augmentation",
+    ("view", "teacher_image_size"): "image size (teacher view)",
+    ("view", "mean"): "normalisation mean",
+    ("view", "std"): "normalisation std",
+}
+
+
+def _get(d: dict, key: tuple):
+    for k in key:
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
+
+
+def first_mismatch(cached: dict, wanted: dict) -> Optional[str]:
+    """None, or a one-line description of the first field where a cache differs from a run."""
+    for key, name in FIELD_NAMES.items():
+        a, b = _get(cached, key), _get(wanted, key)
+        if a != b:
+            if key == ("data", "classes"):
+                diff = sorted(set(map(str, a or [])) ^ set(map(str, b or [])))[:3]
+                return f"{name}: the class names differ (e.g. {', '.join(diff) or 'their order'})"
+            if key == ("data", "index_sha256"):
+                return f"{name}: the cache was built on another file list (hash {str(a)[:12]}.. vs {str(b)[:12]}..)"
+            return f"{name}: cache has {a!r}, this run has {b!r}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Top-k compression (methods.md section 10)
+# --------------------------------------------------------------------------------------------
+def compress(logits: torch.Tensor, labels: torch.Tensor, k: int):
+    """(values (N, K), indices (N, K), label logit (N,), fill (N,)) of teacher rows, in fp32.
+
+    ``S`` = the K largest logits' classes together with the label; ``fill`` = the log-mean-exp of
+    the logits outside ``S`` (0 when ``S`` holds every class; then no class takes it).
+    """
+    v = logits.float()
+    n, c = v.shape
+    labels = labels.to(v.device, torch.int64)
+    values, indices = v.topk(k, dim=1)
+    in_s = torch.zeros_like(v, dtype=torch.bool)
+    in_s.scatter_(1, indices, True)
+    in_s.scatter_(1, labels[:, None], True)
+    absent = c - in_s.sum(1)
+    lse = torch.logsumexp(v.masked_fill(in_s, -math.inf), dim=1)
+    fill = torch.where(absent > 0, lse - torch.log(absent.clamp_min(1).to(v.dtype)), torch.zeros_like(lse))
+    label_logit = v.gather(1, labels[:, None]).squeeze(1)
+    return values, indices, label_logit, fill
+
+
+# --------------------------------------------------------------------------------------------
+# The builder
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class CacheSpec:
+    """What to store: ``fmt`` full|topk, ``dtype`` fp32|bf16|fp16, ``top_k`` K (topk only)."""
+
+    fmt: str = "full"
+    dtype: str = "fp32"
+    top_k: Optional[int] = None
+
+    def validate(self, num_classes: Optional[int] = None) -> None:
+        if self.fmt not in store.FORMATS:
+            raise ValueError(f"--format must be one of {', '.join(store.FORMATS)}, got {self.fmt!r}")
+        if self.dtype not in store.DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(store.DTYPES)}, got {self.dtype!r}")
+        if self.fmt == "topk":
+            if self.top_k is None or self.top_k < 1:
+                raise ValueError(f"--format topk needs --top-k K >= 1, got {self.top_k}")
+            if num_classes is not None and self.top_k >= num_classes:
+                raise ValueError(f"--top-k {self.top_k} must be smaller than the class count {num_classes} "
+                                 "(use --format full to store every logit)")
+        elif self.top_k is not None:
+            raise ValueError("--top-k applies to --format topk only")
+
+
+def _encode(logits: torch.Tensor, labels: torch.Tensor, spec: CacheSpec, row_dtype: np.dtype) -> np.ndarray:
+    """Teacher logits (N, C) of a batch -> numpy rows of the epoch file (on the CPU)."""
+    if spec.fmt == "full":
+        return store.to_storage(logits.detach().float().cpu(), spec.dtype)
+    values, indices, label, fill = (t.detach().cpu() for t in compress(logits, labels, spec.top_k))
+    rows = np.empty(len(label), dtype=row_dtype)
+    rows["values"] = store.to_storage(values, spec.dtype)
+    rows["indices"] = indices.numpy().astype(row_dtype["indices"].base)
+    rows["label"] = store.to_storage(label, spec.dtype)
+    rows["fill"] = store.to_storage(fill, spec.dtype)
+    return rows
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="row", unit_scale=True, desc="fastkd cache build",
+                dynamic_ncols=True, disable=not (enabled and sys.stderr.isatty()))
+
+
+def build_cache(cfg: C.TrainConfig, output, spec: CacheSpec) -> dict:
+    """Build (or finish) the cache of epochs ``0..cfg.epochs-1`` in ``output``; returns a summary.
+
+    ``cfg`` is a training config: its data, backend, batch size, image sizes, seed, workers,
+    device, AMP, channels_last, compile, teacher and teacher checkpoint fields are used.
+    """
+    if cfg.teacher is None:
+        raise ValueError("no teacher: give --teacher NAME and --teacher-checkpoint PATH")
+    if not cfg.teacher_checkpoint:
+        raise ValueError("no --teacher-checkpoint: a cache of a randomly initialised teacher would match no run")
+    if cfg.epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {cfg.epochs}")
+    if cfg.data is None:
+        raise ValueError("no data set: give --data DIR (a folder holding train/ and val/)")
+    if cfg.data_backend == "synthetic":
+        raise ValueError("--data-backend synthetic has no sample index to cache by; use torch or dali")
+    spec.validate()
+    out = Path(output)
+    dist = D.init(cfg.device)
+    device = dist.device
+    amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
+    try:
+        loader = train_loader(cfg, dist, teacher_view=True)
+        classes = loader.classes
+        spec.validate(len(classes))
+        fields = run_fields(cfg, loader)
+        manifest = {
+            "version": store.FORMAT,
+            **fields,
+            "teacher": cfg.teacher,
+            "teacher_checkpoint_sha256": store.file_sha256(cfg.teacher_checkpoint) if dist.is_main else None,
+            "format": spec.fmt,
+            "dtype": spec.dtype,
+            "top_k": spec.top_k,
+            "epochs": cfg.epochs,
+            "epochs_done": [],
+            "build": {"image_size": cfg.image_size, "batch_size": cfg.batch_size, "world_size": dist.world_size,
+                      "amp": amp, "channels_last": cfg.channels_last, "device": device.type,
+                      "fastkd": __version__, "torch": str(torch.__version__)},
+        }
+        started = None
+        if dist.is_main:
+            try:
+                started = _open_or_start(out, manifest)
+            except (ValueError, OSError) as exc:
+                started = exc
+        started = D.broadcast_object(started, dist)  # every rank stops on the main rank's refusal
+        if isinstance(started, Exception):
+            raise started
+        manifest = started
+        done = set(manifest["epochs_done"])
+        todo = [e for e in range(cfg.epochs) if e not in done]
+        n = len(loader.index)
+        shape, row_dtype = store.row_layout(spec.fmt, spec.dtype, len(classes), spec.top_k)
+        summary = {"output": str(out), "epochs_built": todo, "epochs_done_before": sorted(done),
+                   "rows_per_s": [], "bytes_per_row": store.bytes_per_row(spec.fmt, spec.dtype, len(classes),
+                                                                         spec.top_k)}
+        if not todo:
+            logger.info("fastkd cache build: %s already holds epochs 0..%d", out, cfg.epochs - 1)
+            return summary
+
+        from ..engine.runner import TeacherRunner
+        from ..models import create_model, load_weights
+
+        teacher = create_model(cfg.teacher, len(classes))
+        load_weights(teacher, cfg.teacher_checkpoint)
+        runner = TeacherRunner(teacher, device, amp_dtype=AMP_DTYPES[amp], channels_last=cfg.channels_last,
+                               concurrent=device.type == "cuda", compile=cfg.compile)
+        logger.info("fastkd cache build: %s on %d samples x %d classes, epochs %s, %s %s%s -> %s (%s/row), "
+                    "device %s x %d", cfg.teacher, n, len(classes), _ranges(todo), spec.fmt, spec.dtype,
+                    f" K={spec.top_k}" if spec.top_k else "", out, _size(summary["bytes_per_row"]), device,
+                    dist.world_size)
+        bar = _progress(n * len(todo), 0, dist.is_main)
+        try:
+            for epoch in todo:
+                t0 = time.perf_counter()
+                written = _build_epoch(out, epoch, loader, runner, spec, (n, *shape), row_dtype, dist, bar)
+                total = torch.tensor([written], dtype=torch.int64)
+                if dist.distributed and device.type == "cuda":
+                    total = total.to(device)
+                D.all_reduce_sum(total, dist)
+                if int(total) != n:
+                    raise RuntimeError(f"epoch {epoch}: {int(total)} rows written for {n} samples (unreadable "
+                                       "files?); the epoch is not marked done")
+                D.barrier(dist)
+                if dist.is_main:
+                    _commit_epoch(out, epoch)
+                D.barrier(dist)
+                dt = time.perf_counter() - t0
+                summary["rows_per_s"].append(n / max(dt, 1e-9))
+                logger.info("fastkd cache build: epoch %d: %d rows in %.1f s (%.0f rows/s)", epoch, n, dt, n / dt)
+        finally:
+            bar.close()
+            runner.close()
+        return summary
+    finally:
+        D.shutdown(dist)
+
+
+def _open_or_start(out: Path, manifest: dict) -> dict:
+    """Continue the cache in ``out`` if it was built with the same settings, else start one."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".epoch_*.npy.tmp"):
+        stale.unlink()  # a killed build's partial epoch: rebuilt from scratch, never used
+    path = out / store.MANIFEST
+    if path.exists():
+        old = store.read_manifest(out)
+        problem = first_mismatch(old, manifest)
+        for key in ("teacher", "teacher_checkpoint_sha256", "format", "dtype", "top_k"):
+            if problem is None and old.get(key) != manifest.get(key):
+                problem = f"{key}: cache has {old.get(key)!r}, this build has {manifest.get(key)!r}"
+        if problem is not None:
+            raise store.CacheMismatchError(f"--output {out} holds a cache built with other settings ({problem}); "
+                                           "choose another --output or delete it")
+        done = sorted(e for e in old.get("epochs_done", []) if (out / store.epoch_name(e)).is_file())
+        manifest = {**old, "epochs": max(int(old["epochs"]), manifest["epochs"]), "epochs_done": done,
+                    "build": manifest["build"]}
+        if done:
+            logger.info("fastkd cache build: continuing %s (epochs %s already done)", out, _ranges(done))
+    store.write_json_atomic(path, manifest)
+    return manifest
+
+
+def _build_epoch(out: Path, epoch: int, loader, runner, spec: CacheSpec, shape: tuple, row_dtype, dist, bar) -> int:
+    """Write one epoch's rows of this rank into the shared temp file; returns the rows written."""
+    tmp = out / store.temp_name(epoch)
+    if dist.is_main:
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=row_dtype, shape=shape).flush()
+    D.barrier(dist)
+    mm = np.load(tmp, mmap_mode="r+")
+    written = 0
+    loader.set_epoch(epoch)
+    it = iter(loader)
+    batch = next(it, None)
+    pending = runner.submit(_teacher_input(batch)) if batch is not None else None
+    while batch is not None:
+        out_t = runner.result(pending)
+        nxt = next(it, None)
+        pending = runner.submit(_teacher_input(nxt)) if nxt is not None else None  # overlaps the copy below
+        rows = _encode(out_t.logits, batch.labels, spec, row_dtype)
+        idx = batch.indices.numpy()
+        if batch.valid is not None:
+            keep = batch.valid.cpu().numpy()
+            rows, idx = rows[keep], idx[keep]
+        mm[idx] = rows
+        written += len(idx)
+        bar.update(len(idx) * dist.world_size)
+        batch = nxt
+    mm.flush()
+    del mm
+    return written
+
+
+def _teacher_input(batch):
+    return batch.teacher_images if batch.teacher_images is not None else batch.images
+
+
+def _commit_epoch(out: Path, epoch: int) -> None:
+    tmp, final = out / store.temp_name(epoch), out / store.epoch_name(epoch)
+    store.fsync_path(tmp)
+    os.replace(tmp, final)
+    store.fsync_path(out)
+    manifest = store.read_manifest(out)
+    manifest["epochs_done"] = sorted(set(manifest.get("epochs_done", [])) | {epoch})
+    store.write_json_atomic(out / store.MANIFEST, manifest)
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if nbytes < 1000 or unit == "TB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
+        nbytes /= 1000
+    return f"{nbytes} B"  # pragma: no cover
+
+
+def _ranges(values) -> str:
+    return store._ranges(values)
+
+
+def storage_table(num_classes: int, num_samples: int, top_ks=(5, 10, 20)) -> list[dict]:
+    """Bytes per image per epoch of each format, and per epoch for ``num_samples`` images."""
+    rows = []
+    for dtype in store.DTYPES:
+        b = store.bytes_per_row("full", dtype, num_classes, None)
+        rows.append({"format": f"full {dtype}", "bytes_per_image": b, "bytes_per_epoch": b * num_samples})
+    for k in top_ks:
+        for dtype in ("fp16", "fp32"):
+            b = store.bytes_per_row("topk", dtype, num_classes, k)
+            rows.append({"format": f"topk K={k} {dtype}", "bytes_per_image": b, "bytes_per_epoch": b * num_samples})
+    return rows
+
+
+__all__ = ["CacheSpec", "build_cache", "run_fields", "first_mismatch", "storage_table", "train_loader"]

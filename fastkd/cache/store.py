@@ -1,0 +1,215 @@
+"""On-disk layout of a teacher-output cache: a JSON manifest and one ``.npy`` file per epoch.
+
+::
+
+    CACHE/manifest.json        what was cached (teacher, data, views, seed, format) and which epochs are done
+    CACHE/epoch_0000.npy       epoch 0: one row per dataset sample index (NumPy format, memory-mapped)
+    CACHE/epoch_0001.npy       ...
+
+Row formats (``N`` samples, ``C`` classes):
+
+* ``full``: an ``(N, C)`` array of the teacher's logits in ``float32``, ``float16`` or ``bfloat16``
+  (NumPy has no bfloat16: its raw 16 bits are stored as ``uint16`` and reinterpreted on load).
+* ``topk``: an ``(N,)`` structured array with fields ``values (K,)``, ``indices (K,)`` (int16 when
+  ``C <= 32767``, else int32), ``label`` (the label's logit) and ``fill`` (methods.md section 10), the
+  floats in the chosen dtype.
+
+Crash safety: an epoch is written to ``.epoch_NNNN.npy.tmp``, flushed and fsync'ed, renamed to its
+final name, and only then listed in the manifest's ``epochs_done`` (the manifest itself is replaced
+atomically). A reader uses only the epochs listed there, so a killed build never hands out a half
+written epoch; the next build rewrites every epoch that is not listed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+FORMAT = "fastkd-cache/1"
+MANIFEST = "manifest.json"
+FORMATS = ("full", "topk")
+DTYPES = ("fp32", "bf16", "fp16")
+_NP_STORAGE = {"fp32": np.dtype("<f4"), "fp16": np.dtype("<f2"), "bf16": np.dtype("<u2")}
+_TORCH = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class CacheMismatchError(ValueError):
+    """A cache that does not fit the run asking for it; the message names the field."""
+
+
+# --------------------------------------------------------------------------------------------
+# File names and atomic writes
+# --------------------------------------------------------------------------------------------
+def epoch_name(epoch: int) -> str:
+    return f"epoch_{epoch:04d}.npy"
+
+
+def temp_name(epoch: int) -> str:
+    return f".{epoch_name(epoch)}.tmp"
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Temp file in the same folder, fsync, rename over ``path``, fsync the folder."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=1, sort_keys=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def read_manifest(root) -> dict:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(root)!r} is not a teacher cache: it has no {MANIFEST} "
+                                "(build one with 'fastkd cache build')")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if data.get("version") != FORMAT:
+        raise ValueError(f"{path}: cache version {data.get('version')!r}, this fastkd reads {FORMAT!r}")
+    return data
+
+
+def file_sha256(path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def index_sha256(index) -> str:
+    """Hash of a :class:`fastkd.data.DatasetIndex`: class names, then every (relative path, label).
+
+    Paths are taken relative to the data root (the folder of a file list), so a data set moved
+    to another folder keeps its hash; renaming, adding, removing or relabelling a file changes it.
+    """
+    root = Path(index.root)
+    base = root.parent if root.is_file() else root
+    h = hashlib.sha256()
+    h.update(json.dumps(list(index.classes)).encode())
+    for path, label in zip(index.paths, index.labels.tolist()):
+        h.update(os.path.relpath(path, base).replace(os.sep, "/").encode())
+        h.update(b"\0")
+        h.update(str(int(label)).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Row formats
+# --------------------------------------------------------------------------------------------
+def index_dtype(num_classes: int) -> np.dtype:
+    return np.dtype("<i2") if num_classes <= np.iinfo(np.int16).max else np.dtype("<i4")
+
+
+def row_layout(fmt: str, dtype: str, num_classes: int, top_k: Optional[int]) -> tuple[tuple, np.dtype]:
+    """(shape per epoch without N, numpy dtype) of an epoch file."""
+    if fmt not in FORMATS:
+        raise ValueError(f"cache format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"cache dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    scalar = _NP_STORAGE[dtype]
+    if fmt == "full":
+        return (num_classes,), scalar
+    return (), np.dtype([("values", scalar, (top_k,)), ("indices", index_dtype(num_classes), (top_k,)),
+                         ("label", scalar), ("fill", scalar)])
+
+
+def bytes_per_row(fmt: str, dtype: str, num_classes: int, top_k: Optional[int]) -> int:
+    shape, dt = row_layout(fmt, dtype, num_classes, top_k)
+    return int(dt.itemsize * int(np.prod(shape, dtype=np.int64)))
+
+
+def to_storage(t: torch.Tensor, dtype: str) -> np.ndarray:
+    """A CPU float tensor rounded to ``dtype`` (round to nearest even), as the stored numpy bits."""
+    t = t.to(_TORCH[dtype]).contiguous()
+    if dtype == "bf16":
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
+    """Stored numpy bits -> a torch tensor of ``dtype`` (no copy beyond making ``a`` contiguous)."""
+    a = np.ascontiguousarray(a)
+    if dtype == "bf16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+class CacheReader:
+    """Read-only access to a cache: ``rows(epoch, indices)`` gathers the rows of dataset indices."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        m = self.manifest
+        self.format, self.dtype, self.top_k = m["format"], m["dtype"], m.get("top_k")
+        self.num_classes = int(m["data"]["num_classes"])
+        self.num_samples = int(m["data"]["num_samples"])
+        self.epochs_done = sorted(int(e) for e in m.get("epochs_done", []))
+        self._open: dict[int, np.ndarray] = {}
+
+    def epoch(self, epoch: int) -> np.ndarray:
+        """The memory-mapped array of a finished epoch."""
+        if epoch not in self._open:
+            if epoch not in self.epochs_done:
+                raise CacheMismatchError(f"teacher cache {self.root}: epoch {epoch} is not cached (done: "
+                                         f"{_ranges(self.epochs_done)})")
+            path = self.root / epoch_name(epoch)
+            arr = np.load(path, mmap_mode="r")
+            shape, dt = row_layout(self.format, self.dtype, self.num_classes, self.top_k)
+            if arr.dtype != dt or arr.shape != (self.num_samples, *shape):
+                raise ValueError(f"{path}: holds {arr.dtype} {arr.shape}, the manifest describes {dt} "
+                                 f"{(self.num_samples, *shape)}")
+            self._open = {epoch: arr}  # keep one epoch mapped at a time
+        return self._open[epoch]
+
+    def rows(self, epoch: int, indices: np.ndarray) -> dict:
+        """``{"logits"}`` (full) or ``{"values", "indices", "label", "fill"}`` (topk) CPU tensors."""
+        rows = self.epoch(epoch)[np.asarray(indices, dtype=np.int64)]  # a gather: one copy
+        if self.format == "full":
+            return {"logits": from_storage(rows, self.dtype)}
+        return {"values": from_storage(rows["values"], self.dtype),
+                "indices": torch.from_numpy(np.ascontiguousarray(rows["indices"]).astype(np.int64)),
+                "label": from_storage(rows["label"], self.dtype),
+                "fill": from_storage(rows["fill"], self.dtype)}
+
+
+def _ranges(values) -> str:
+    values = sorted(values)
+    if not values:
+        return "none"
+    out, start, prev = [], values[0], values[0]
+    for v in values[1:] + [None]:
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        out.append(str(start) if start == prev else f"{start}-{prev}")
+        if v is not None:
+            start = prev = v
+    return ", ".join(out)
