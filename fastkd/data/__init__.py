@@ -4,7 +4,8 @@ Nothing heavy is imported here: DALI, torchvision and PIL load inside the backen
 """
 from .digits import make_digits_imagefolder
 from .index import CROP_PCT, DatasetIndex, build_index, shard_plan
-from .loader import IMAGENET_MEAN, IMAGENET_STD, Batch, BaseLoader, CorruptImageError, create_loader
+from .base import IMAGENET_MEAN, IMAGENET_STD, Batch, BaseLoader, CorruptImageError
+from .loader import create_loader
 
 __all__ = [
     "create_loader",

@@ -40,8 +40,9 @@ import numpy as np
 import torch
 
 from .._compat import log_once
+from .base import Batch, BaseLoader
+from .decode import decode_error
 from .index import TRAIN_RATIO, TRAIN_SCALE, ShardPlan, derive_seed, val_resize_size
-from .loader import Batch, BaseLoader
 
 # Batches DALI may be working on ahead of the one that failed (pipeline prefetch plus the
 # reader's queue); the files of this many batches are re-checked when a decode fails.
@@ -97,17 +98,6 @@ def _make_pipeline(files, *, train: bool, sizes: tuple, norms: list, decoder_dev
     return pipeline(checkpoint=checkpoint) if checkpoint is not None else pipeline()
 
 
-def _pil_error(path: str) -> Optional[str]:
-    """Why PIL cannot decode ``path``, or None when it can."""
-    from .torch_loader import _open_rgb
-
-    try:
-        _open_rgb(path)
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
 class DaliLoader(BaseLoader):
     backend = "dali"
 
@@ -119,17 +109,13 @@ class DaliLoader(BaseLoader):
         # On a GPU, decode there by default ("mixed": nvJPEG, with the hardware JPEG engine where
         # the GPU has one); gpu_decode=False decodes on the CPU and does the rest on the GPU.
         self._decoder_device = "mixed" if self._on_gpu and gpu_decode is not False else "cpu"
-        views = [spec.student]
-        if spec.teacher is not None and not spec.teacher_is_student:
-            views.append(spec.teacher)
-        self._sizes = tuple(dict.fromkeys(v.size for v in views))
-        self._norms = [(self._sizes.index(v.size), v.mean, v.std) for v in views]
+        self._norms = [(i, v.mean, v.std) for i, v in zip(self._view_of, self._views)]
         self._out_dtype = "float16" if spec.dtype == torch.float16 else "float32"
         if spec.dtype == torch.bfloat16:
             log_once("fastkd.data: DALI has no bfloat16 output; it normalises to fp32 and the batch is "
                      "cast to bf16 on the device (same values, one extra pass)")
         self._layout = "HWC" if spec.channels_last else "CHW"
-        self._names = [f"view{i}" for i in range(len(views))] + ["pos"]
+        self._names = [f"view{i}" for i in range(len(self._views))] + ["pos"]
         # Identifies the pipeline graph: a checkpoint only restores into an identical one.
         self._config_id = hashlib.sha1(json.dumps(
             [spec.train, self._sizes, self._norms, self._decoder_device, self._out_dtype, self._layout],
@@ -187,15 +173,10 @@ class DaliLoader(BaseLoader):
                 pos = out["pos"].view(-1).numpy().astype(np.int64)
                 entries = active["entries"][pos]
                 active["consumed"] = int(pos[-1]) + 1
-                labels, valid, indices = self._labels_valid_indices(plan, entries)
                 views = [self._finish(out[name]) for name in self._names[:-1]]
-                teacher = None
-                if self.spec.teacher is not None:
-                    teacher = views[0] if self.spec.teacher_is_student else views[1]
                 left = active["entries"][active["consumed"]:]
                 position = int(left[0]) if len(left) else len(plan)
-                yield (Batch(images=views[0], labels=self._to_device(labels), teacher_images=teacher,
-                             valid=self._to_device(valid), indices=indices), position)
+                yield self._batch(views, *self._labels_valid_indices(plan, entries)), position
             finished = True
         finally:
             if self._active is active:  # a newer pass may have replaced it already
@@ -246,7 +227,7 @@ class DaliLoader(BaseLoader):
         bad = []
         for k in suspects:
             index = int(plan.indices[k])
-            error = _pil_error(self.index.paths[index])
+            error = decode_error(self.index.paths[index])
             if error is not None:
                 bad.append((index, error))
         if not bad:

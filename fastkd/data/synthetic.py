@@ -11,8 +11,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from .base import Batch, BaseLoader
 from .index import ShardPlan, derive_seed
-from .loader import Batch, BaseLoader
 
 IMAGENET_TRAIN_SAMPLES = 1_281_167
 IMAGENET_VAL_SAMPLES = 50_000

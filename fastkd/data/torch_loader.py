@@ -4,7 +4,7 @@ CPU decoding (the default): DataLoader workers open each file with PIL (which ha
 grayscale, CMYK and EXIF orientation), cut the crop window and resize it with PIL's antialiased
 bilinear filter. For a CUDA device they hand over uint8 batches (pinned, 4x smaller than fp32)
 that the main process normalises on the GPU; for a CPU device they normalise each sample
-themselves, in parallel, with the same arithmetic (:class:`~fastkd.data.loader.Normalizer`).
+themselves, in parallel, with the same arithmetic (:class:`~fastkd.data.base.Normalizer`).
 
 GPU decoding (``gpu_decode=True``, CUDA only): workers only read the file bytes and the EXIF
 orientation; the main process decodes the batch with nvJPEG through
@@ -21,70 +21,15 @@ student and teacher views are cut from the same window with the same flip.
 from __future__ import annotations
 
 import io
-import math
 from typing import Iterator, Optional
 
 import numpy as np
 import torch
 
 from .._compat import log_once
-from .index import (
-    TRAIN_RATIO,
-    TRAIN_SCALE,
-    ShardPlan,
-    center_crop_offset,
-    derive_seed,
-    shorter_side_size,
-    val_resize_size,
-)
-from .loader import Batch, BaseLoader, Normalizer
-
-# The EXIF tag that says how a photo must be turned for display; nvJPEG ignores it, so the
-# workers read it and the GPU path applies it (:func:`_orient`).
-_EXIF_ORIENTATION_TAG = 0x0112
-
-
-def crop_window(height: int, width: int, seed: int, epoch: int, key: int) -> tuple[int, int, int, int, bool]:
-    """(top, left, h, w, flip) of a training crop, drawn from a generator keyed on the sample.
-
-    The algorithm of torchvision's ``RandomResizedCrop.get_params`` (area 0.08-1 of the image,
-    log-uniform aspect ratio 3/4-4/3, 10 attempts, then the largest centred crop with the ratio
-    clamped), written against a per-sample numpy generator: torchvision's version draws from the
-    global torch RNG, and reseeding that per sample costs milliseconds (tiny torch ops contend
-    for intra-op threads), more than decoding a small JPEG.
-    """
-    rng = np.random.default_rng(derive_seed(seed, epoch, key))
-    area = height * width
-    log_ratio = (math.log(TRAIN_RATIO[0]), math.log(TRAIN_RATIO[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(*TRAIN_SCALE)
-        ratio = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target_area * ratio)))
-        h = int(round(math.sqrt(target_area / ratio)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            break
-    else:  # fallback: central crop
-        in_ratio = width / height
-        if in_ratio < TRAIN_RATIO[0]:
-            w, h = width, int(round(width / TRAIN_RATIO[0]))
-        elif in_ratio > TRAIN_RATIO[1]:
-            h, w = height, int(round(height * TRAIN_RATIO[1]))
-        else:
-            w, h = width, height
-        top, left = (height - h) // 2, (width - w) // 2
-    return top, left, h, w, bool(rng.random() < 0.5)
-
-
-def _open_rgb(source):
-    """Decode a file (path or file object) with PIL to an oriented RGB image; errors propagate."""
-    from PIL import Image, ImageOps
-
-    with Image.open(source) as im:
-        im.load()  # decode now: a truncated or corrupt file fails here, not later
-        ImageOps.exif_transpose(im, in_place=True)  # a no-op without an orientation tag
-        return im if im.mode == "RGB" else im.convert("RGB")  # grayscale, CMYK, palette, ...
+from .base import Batch, BaseLoader, Normalizer
+from .decode import EXIF_ORIENTATION_TAG, crop_window, open_rgb, orient
+from .index import ShardPlan, center_crop_offset, shorter_side_size, val_resize_size
 
 
 class _PlanDataset(torch.utils.data.Dataset):
@@ -112,7 +57,7 @@ class _PlanDataset(torch.utils.data.Dataset):
         if self.raw_bytes:
             return self._read_bytes(entry, index, path)
         try:
-            img = _open_rgb(path)
+            img = open_rgb(path)
         except Exception as exc:  # any decoder failure is reported, with the file, to the main process
             return entry, index, None, f"{type(exc).__name__}: {exc}"
         views = self._views(img, epoch, order_pos)
@@ -151,7 +96,7 @@ class _PlanDataset(torch.utils.data.Dataset):
             orientation = 1
             try:  # header-only parse; the GPU decoder does not apply EXIF orientation itself
                 with Image.open(io.BytesIO(data)) as im:
-                    orientation = int(im.getexif().get(_EXIF_ORIENTATION_TAG, 1))
+                    orientation = int(im.getexif().get(EXIF_ORIENTATION_TAG, 1))
             except Exception:
                 pass  # an unparsable header is the decoder's problem, reported there
         except OSError as exc:
@@ -195,15 +140,6 @@ class _PlanBatchSampler:
         return len(self.batches)
 
 
-def _orient(img: torch.Tensor, orientation: int) -> torch.Tensor:
-    """Apply an EXIF orientation (1..8) to a (C, H, W) tensor, as PIL's exif_transpose does."""
-    if orientation in (2, 4, 5, 7):  # these include a mirror
-        img = img.flip(-1)
-    # rotations (counter-clockwise quarter turns) after the mirror, matching PIL's transpose table
-    turns = {3: 2, 4: 2, 5: 1, 6: 3, 7: 3, 8: 1}.get(orientation, 0)
-    return torch.rot90(img, turns, dims=(-2, -1)) if turns else img
-
-
 class TorchLoader(BaseLoader):
     backend = "torch"
 
@@ -215,14 +151,7 @@ class TorchLoader(BaseLoader):
         # the main process (no hardware JPEG engine), so on a many-core machine the workers' PIL
         # decoding is as fast and leaves the training loop its CPU.
         self.gpu_decode = bool(gpu_decode)
-        views = [spec.student]
-        if spec.teacher is not None and not spec.teacher_is_student:
-            views.append(spec.teacher)
-        # One resize per distinct size; the teacher may share the student's pixels and differ
-        # only in normalisation.
-        self._sizes = tuple(dict.fromkeys(v.size for v in views))
-        self._norms = [Normalizer(v, spec) for v in views]
-        self._view_of = [self._sizes.index(v.size) for v in views]
+        self._norms = [Normalizer(v, spec) for v in self._views]
         # On a CPU target the workers normalise sample by sample (in parallel, in cache); on a CUDA
         # target the uint8 batch travels (4x smaller than fp32) and is normalised on the GPU.
         on_cpu = spec.device.type == "cpu"
@@ -262,13 +191,7 @@ class TorchLoader(BaseLoader):
             ok_entries = out["entries"].numpy()
             if len(ok_entries) == 0:  # every file of this batch was corrupt and skipped
                 continue
-            labels, valid, indices = self._labels_valid_indices(plan, ok_entries)
-            images = out["images"]
-            teacher = None
-            if self.spec.teacher is not None:
-                teacher = images[0] if self.spec.teacher_is_student else images[1]
-            yield (Batch(images=images[0], labels=self._to_device(labels), teacher_images=teacher,
-                         valid=self._to_device(valid), indices=indices), int(chunk[-1]) + 1)
+            yield self._batch(out["images"], *self._labels_valid_indices(plan, ok_entries)), int(chunk[-1]) + 1
 
     # ---- GPU decoding ------------------------------------------------------------------------
     def _decode_on_gpu(self, plan: ShardPlan, out: dict):
@@ -292,7 +215,7 @@ class TorchLoader(BaseLoader):
         for i, img in enumerate(decoded):
             if img is None:
                 try:  # nvJPEG declines CMYK JPEGs and non-JPEG files: PIL decodes those
-                    img = torch.from_numpy(np.array(_open_rgb(io.BytesIO(data[i].numpy().tobytes()))))
+                    img = torch.from_numpy(np.array(open_rgb(io.BytesIO(data[i].numpy().tobytes()))))
                     img = img.permute(2, 0, 1).to(dev, non_blocking=True)
                     log_once("fastkd.data: some files are not nvJPEG-decodable (CMYK or non-JPEG); "
                              "decoding those with PIL on the CPU")
@@ -301,7 +224,7 @@ class TorchLoader(BaseLoader):
                     self._skip_or_raise(int(plan.indices[entries[i]]), f"{type(exc).__name__}: {exc}")
                     continue
             else:
-                img = _orient(img, out["orientation"][i])
+                img = orient(img, out["orientation"][i])
             for v, view in enumerate(self._gpu_views(img, plan.epoch, int(plan.keys[entries[i]]))):
                 per_view[v].append(view)
         return [torch.stack(v) if v else None for v in per_view], torch.from_numpy(keep)

@@ -270,7 +270,7 @@ def test_iterating_leaves_the_global_torch_rng_alone(image_folder, num_threads):
 def test_gpu_decode_orientation_matches_pil(orientation):
     from PIL import Image, ImageOps
 
-    from fastkd.data.torch_loader import _orient
+    from fastkd.data.decode import orient
 
     img = np.random.default_rng(orientation).integers(0, 256, (5, 7, 3), dtype=np.uint8)
     exif = Image.Exif()
@@ -278,7 +278,7 @@ def test_gpu_decode_orientation_matches_pil(orientation):
     pil = Image.fromarray(img)
     pil.info["exif"] = exif.tobytes()
     expected = np.asarray(ImageOps.exif_transpose(pil))
-    got = _orient(torch.from_numpy(img).permute(2, 0, 1), orientation).permute(1, 2, 0).numpy()
+    got = orient(torch.from_numpy(img).permute(2, 0, 1), orientation).permute(1, 2, 0).numpy()
     np.testing.assert_array_equal(got, expected)
 
 

@@ -1,0 +1,81 @@
+"""Decoding and augmentation geometry shared by the backends: PIL decoding to RGB, the training
+crop window drawn per sample, and EXIF orientation for decoders that ignore it.
+
+Augmentation randomness is keyed per sample on ``(seed, epoch, position in the epoch order)`` (a
+numpy generator per sample), so it does not depend on the number of workers or shards, and a
+resumed run draws exactly the crops an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .index import TRAIN_RATIO, TRAIN_SCALE, derive_seed
+
+# The EXIF tag that says how a photo must be turned for display; nvJPEG ignores it, so the
+# workers read it and the GPU path applies it (:func:`orient`).
+EXIF_ORIENTATION_TAG = 0x0112
+
+
+def crop_window(height: int, width: int, seed: int, epoch: int, key: int) -> tuple[int, int, int, int, bool]:
+    """(top, left, h, w, flip) of a training crop, drawn from a generator keyed on the sample.
+
+    The algorithm of torchvision's ``RandomResizedCrop.get_params`` (area 0.08-1 of the image,
+    log-uniform aspect ratio 3/4-4/3, 10 attempts, then the largest centred crop with the ratio
+    clamped), written against a per-sample numpy generator: torchvision's version draws from the
+    global torch RNG, and reseeding that per sample costs milliseconds (tiny torch ops contend
+    for intra-op threads), more than decoding a small JPEG.
+    """
+    rng = np.random.default_rng(derive_seed(seed, epoch, key))
+    area = height * width
+    log_ratio = (math.log(TRAIN_RATIO[0]), math.log(TRAIN_RATIO[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*TRAIN_SCALE)
+        ratio = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * ratio)))
+        h = int(round(math.sqrt(target_area / ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            break
+    else:  # fallback: central crop
+        in_ratio = width / height
+        if in_ratio < TRAIN_RATIO[0]:
+            w, h = width, int(round(width / TRAIN_RATIO[0]))
+        elif in_ratio > TRAIN_RATIO[1]:
+            h, w = height, int(round(height * TRAIN_RATIO[1]))
+        else:
+            w, h = width, height
+        top, left = (height - h) // 2, (width - w) // 2
+    return top, left, h, w, bool(rng.random() < 0.5)
+
+
+def open_rgb(source):
+    """Decode a file (path or file object) with PIL to an oriented RGB image; errors propagate."""
+    from PIL import Image, ImageOps
+
+    with Image.open(source) as im:
+        im.load()  # decode now: a truncated or corrupt file fails here, not later
+        ImageOps.exif_transpose(im, in_place=True)  # a no-op without an orientation tag
+        return im if im.mode == "RGB" else im.convert("RGB")  # grayscale, CMYK, palette, ...
+
+
+def orient(img: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Apply an EXIF orientation (1..8) to a (C, H, W) tensor, as PIL's exif_transpose does."""
+    if orientation in (2, 4, 5, 7):  # these include a mirror
+        img = img.flip(-1)
+    # rotations (counter-clockwise quarter turns) after the mirror, matching PIL's transpose table
+    turns = {3: 2, 4: 2, 5: 1, 6: 3, 7: 3, 8: 1}.get(orientation, 0)
+    return torch.rot90(img, turns, dims=(-2, -1)) if turns else img
+
+
+def decode_error(path: str) -> Optional[str]:
+    """Why PIL cannot decode ``path``, or None when it can."""
+    try:
+        open_rgb(path)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
