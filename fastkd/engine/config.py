@@ -90,6 +90,8 @@ class TrainConfig:
     teacher_checkpoint: Optional[str] = _f(None, "teacher weights: a fastkd checkpoint or a state_dict file",
                                            "models", metavar="PATH")
     student_checkpoint: Optional[str] = _f(None, "initial student weights (optional)", "models", metavar="PATH")
+    teacher_cache: Optional[str] = _f(None, "read the teacher's logits from a cache built by 'fastkd cache build' "
+                                      "instead of running the teacher (logit methods only)", "models", metavar="DIR")
     # ---- method ----------------------------------------------------------------------------
     method: str = _f("kd", "distillation method (ce trains without a teacher)", "method", choices=METHODS)
     ce_weight: Optional[float] = _f(None, "weight of the hard-label CE term (default per method: "
@@ -444,11 +446,14 @@ def validate(cfg: TrainConfig) -> None:
     ce_w, kd_w = weights(cfg)
     need(ce_w > 0 or kd_w > 0 or cfg.method == "dpk", "--ce-weight and --kd-weight are both 0: nothing to train")
     if needs_teacher(cfg):
-        need(cfg.teacher is not None, f"--method {cfg.method} needs a teacher: give --teacher NAME "
-                                      f"(and --teacher-checkpoint PATH)")
+        need(cfg.method != "dpk" or cfg.teacher_cache is None, "--method dpk distils teacher features, which a "
+             "--teacher-cache does not hold: it needs the online teacher (--teacher NAME)")
+        need(cfg.teacher is not None or cfg.teacher_cache is not None, f"--method {cfg.method} needs a teacher: "
+             f"give --teacher NAME (and --teacher-checkpoint PATH) or --teacher-cache DIR")
     else:
-        need(cfg.teacher is None and cfg.teacher_checkpoint is None,
-             f"--teacher/--teacher-checkpoint given but --method {cfg.method} with kd weight {kd_w:g} uses no teacher")
+        need(cfg.teacher is None and cfg.teacher_checkpoint is None and cfg.teacher_cache is None,
+             f"--teacher/--teacher-checkpoint/--teacher-cache given but --method {cfg.method} with kd weight "
+             f"{kd_w:g} uses no teacher")
         need(cfg.teacher_image_size is None, "--teacher-image-size given but no teacher is used")
         need(not cfg.teacher_cuda_graph, "--teacher-cuda-graph given but no teacher is used")
     if cfg.teacher_checkpoint is not None:
