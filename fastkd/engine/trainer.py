@@ -1,16 +1,15 @@
 """The distillation loop: ``train(cfg)`` runs a whole ``fastkd train``.
 
-One step, with the teacher one batch ahead (see :mod:`fastkd.engine.runner`)::
-
-    teacher_out(i) = runner.result(pending(i))       # the student stream waits on T(i)'s event
-    batch(i+1)     = next(loader)                    # host time: "data"
-    pending(i+1)   = runner.submit(batch(i+1))       # T(i+1) queued on the teacher stream
-    student step on batch(i), teacher_out(i)         # forward, loss, backward, optimizer
+Each epoch reads as a story: :func:`fastkd.engine.pipeline.steps` yields the batches, each
+paired with its own teacher output from a teacher source (:mod:`fastkd.engine.teacher`: the
+online model one batch ahead on its own stream, or a cache) and the loader state to resume
+after it; for each step the loop runs the student step (forward, loss, backward, optimizer),
+adds to the meters, maybe writes a log line and maybe a mid-epoch checkpoint.
 
 Per epoch the engine logs the train loss (and its CE / KD terms), the student's validation
-top-1/top-5 counted exactly over all ranks (padding excluded), the teacher's top-1, teacher-
-student top-1 agreement and mean KL(teacher || student) at T=1, images/s and the step-time
-breakdown; it then writes ``last.pt`` (and ``best.pt``, ``epoch_N.pt``) atomically.
+top-1/top-5 counted exactly over all ranks (padding excluded), with a teacher model the
+teacher's top-1, teacher-student top-1 agreement and mean KL(teacher || student) at T=1,
+images/s and the step-time breakdown; it then writes ``last.pt`` (and ``best.pt``, ``epoch_N.pt``) atomically.
 """
 from __future__ import annotations
 
@@ -35,7 +34,9 @@ from . import config as C
 from . import distributed as D
 from .metrics import MetricsLogger, Progress, read_metrics
 from .optim import LRSchedule, build_optimizer, build_scheduler
-from .runner import TeacherOutput, TeacherRunner, autocast_context
+from .pipeline import steps
+from .runner import TeacherOutput, autocast_context
+from .teacher import OnlineTeacher, TeacherSource
 from .timing import StepTimer
 
 logger = logging.getLogger("fastkd")
@@ -51,10 +52,12 @@ _RESUME_FREE_KEYS = {"resume", "output", "epochs", "log_interval", "device", "wo
 # Validation
 # --------------------------------------------------------------------------------------------
 @torch.inference_mode()
-def evaluate(student: nn.Module, loader, device: torch.device, *, teacher: Optional[TeacherRunner] = None,
+def evaluate(student: nn.Module, loader, device: torch.device, *, teacher=None,
              amp_dtype: Optional[torch.dtype] = None, dist: D.DistInfo = D.DistInfo()) -> dict:
     """Student (and teacher) metrics over the whole validation set, exact across ranks.
 
+    ``teacher``: anything called as ``teacher(images) -> TeacherOutput`` (an online teacher
+    source or a TeacherRunner), or None for no teacher metrics (e.g. a cached teacher source).
     Counts are integers, summed with one all-reduce; rows flagged ``valid=False`` (the padding
     that evens out shards) are left out, so N processes count exactly what one process counts.
     Returns percentages (``val_top1``, ``val_top5``, ``teacher_top1``, ``agreement``), the mean
@@ -133,15 +136,57 @@ class TolerantTeacherLoss(nn.Module):
         return self.ce_weight * loss
 
 
+class EpochMeters:
+    """Running sums of an epoch on the device (no per-step sync): loss, CE and KD terms, samples.
+
+    ``progress`` (a mid-epoch checkpoint's ``epoch_progress``) restores a partly trained epoch.
+    """
+
+    def __init__(self, device: torch.device, progress: Optional[dict], timer: StepTimer):
+        self.device, self.timer = device, timer
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, ce, kd
+        self.samples, self._elapsed_before = 0, 0.0
+        if progress is not None:
+            self.sums += torch.tensor(progress["sums"], dtype=torch.float64, device=device)
+            self.samples, self._elapsed_before = int(progress["samples"]), float(progress["elapsed"])
+            timer.load_state_dict(progress["timer"])
+        self._t0 = time.perf_counter()
+
+    def add(self, loss: Tensor, terms: dict, batch) -> None:
+        self.sums += torch.stack([loss.double(), terms["ce"].double(), terms["kd"].double()])
+        self.samples += int(batch.valid.sum()) if batch.valid is not None else len(batch.labels)
+
+    def elapsed(self) -> float:
+        return self._elapsed_before + time.perf_counter() - self._t0
+
+    def rate(self) -> float:
+        """Images/s of this rank so far in the epoch."""
+        return self.samples / max(self.elapsed(), 1e-9)
+
+    def state_dict(self) -> dict:
+        return {"sums": self.sums.tolist(), "samples": self.samples, "elapsed": self.elapsed(),
+                "timer": self.timer.state_dict()}
+
+
 # --------------------------------------------------------------------------------------------
 # The trainer
 # --------------------------------------------------------------------------------------------
 class Trainer:
-    """Holds the state of one ``fastkd train`` run; :meth:`run` trains and returns a summary."""
+    """Holds the state of one ``fastkd train`` run; :meth:`run` trains and returns a summary.
 
-    def __init__(self, cfg: C.TrainConfig):
+    ``teacher_source``: where the teacher outputs come from. None (the default) runs the teacher
+    model online (:class:`~fastkd.engine.teacher.OnlineTeacher`). Otherwise a
+    :class:`~fastkd.engine.teacher.TeacherSource`, or a callable ``f(trainer) -> TeacherSource``
+    called once the loaders exist (``trainer.train_loader``, ``trainer.classes``,
+    ``trainer.device`` are set); a source without a model (``has_model=False``, e.g. a cache)
+    means no teacher model is built: no teacher forward, no teacher memory, no teacher
+    validation metrics.
+    """
+
+    def __init__(self, cfg: C.TrainConfig, teacher_source=None):
         C.validate(cfg)
         self.cfg = cfg
+        self._teacher_source_arg = teacher_source
         if cfg.deterministic:
             # cuBLAS needs this before its first use to be deterministic.
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -212,7 +257,18 @@ class Trainer:
             student.to(memory_format=torch.channels_last)
         self.student = student
         self.teacher = None
-        if self.use_teacher_at_all:
+        self.teacher_source: Optional[TeacherSource] = None
+        src = self._teacher_source_arg
+        if src is not None and self.use_teacher_at_all:
+            self.teacher_source = src if isinstance(src, TeacherSource) else src(self)
+            if not isinstance(self.teacher_source, TeacherSource):
+                raise TypeError(f"teacher_source must be a TeacherSource or return one, got "
+                                f"{type(self.teacher_source).__name__}")
+            if cfg.method == "dpk" and not self.teacher_source.provides_features:
+                raise ValueError(f"--method dpk needs the teacher's features, which {type(self.teacher_source).__name__} "
+                                 f"does not provide: run DPK with the online teacher")
+            self.teacher = getattr(self.teacher_source, "model", None)  # DPK sizes its projections with it
+        elif self.use_teacher_at_all:
             teacher = create_model(cfg.teacher, num_classes)
             if cfg.teacher_checkpoint:
                 load_weights(teacher, cfg.teacher_checkpoint)
@@ -343,18 +399,17 @@ class Trainer:
                 self.dpk_train = DDP(self.dpk, device_ids=ids)
         if cfg.compile:
             self.student_train = torch.compile(self.student_train)
-        self.runner = None
-        if self.teacher is not None:
-            self.runner = TeacherRunner(self.teacher, self.device, amp_dtype=self.amp_dtype,
-                                        channels_last=cfg.channels_last, concurrent=not cfg.sequential,
-                                        cuda_graph=cfg.teacher_cuda_graph, compile=cfg.compile,
-                                        feature_layers=self.teacher_stages, timer=self.timer)
+        if self.teacher_source is None and self.teacher is not None:
+            self.teacher_source = OnlineTeacher.from_model(
+                self.teacher, self.device, amp_dtype=self.amp_dtype, channels_last=cfg.channels_last,
+                concurrent=not cfg.sequential, cuda_graph=cfg.teacher_cuda_graph, compile=cfg.compile,
+                feature_layers=self.teacher_stages, timer=self.timer)
         self.metrics = MetricsLogger(self.out, enabled=self.is_main, append=self.resumed)
         if self.is_main:
             extra = {"world_size": self.dist.world_size, "device": str(self.device), "classes": len(self.classes),
                      "steps_per_epoch": self.steps_per_epoch, "global_batch": cfg.batch_size * self.dist.world_size,
                      "fastkd": __version__, "torch": str(torch.__version__),
-                     "concurrent_teacher": bool(self.runner is not None and self.runner.concurrent)}
+                     "concurrent_teacher": bool(self.teacher_source is not None and self.teacher_source.concurrent)}
             C.save_yaml(self._resolved_config(), self.out / "config.yaml", extra)
             logger.info("fastkd train: %s -> %s, method %s, %d classes, %d steps/epoch x %d epochs, lr %.4g, amp %s, "
                         "device %s x %d%s", cfg.teacher or "(no teacher)", cfg.student, cfg.method, len(self.classes),
@@ -477,19 +532,14 @@ class Trainer:
     # ---- training -------------------------------------------------------------------------
     def _teacher_used(self, epoch: int) -> bool:
         cfg = self.cfg
-        if self.runner is None:
+        if self.teacher_source is None:
             return False
         return cfg.eskd_stop_epoch is None or epoch < cfg.eskd_stop_epoch
 
-    def _next(self, it):
-        t0 = time.perf_counter()
-        batch = next(it, None)
-        self.timer.add_host("data", time.perf_counter() - t0)
-        return batch
-
-    @staticmethod
-    def _teacher_input(batch) -> Tensor:
-        return batch.teacher_images if batch.teacher_images is not None else batch.images
+    def _checkpoint_due(self, step_index: int) -> bool:
+        """Whether a mid-epoch checkpoint follows the step on batch ``step_index`` (0-based)."""
+        every = self.cfg.checkpoint_interval
+        return bool(every) and (self.global_step + 1) % every == 0 and step_index + 1 < self.steps_per_epoch
 
     def _step(self, batch, tout: Optional[TeacherOutput], loss_fn, epoch_pos: float) -> Tensor:
         images = batch.images.to(self.device, non_blocking=True)
@@ -532,79 +582,50 @@ class Trainer:
         return loss.detach()
 
     def _train_epoch(self, epoch: int) -> dict:
+        """For each step of the pipeline: the student step, meters, maybe a log line, maybe a checkpoint."""
         cfg = self.cfg
         self.student.train()
         if self.dpk is not None:
             self.dpk.train()
-        loader = self.train_loader
-        loader.set_epoch(epoch)  # keeps a resume point of this epoch
-        steps = self.steps_per_epoch
-        step_in_epoch = self.start_batch
-        self.start_batch = 0
+        n_steps = self.steps_per_epoch
+        first_step, self.start_batch = self.start_batch, 0
         use_teacher = self._teacher_used(epoch)
-        loss_fn = self.loss_fn if (use_teacher or self.runner is None) else self.ce_only
-        if self.runner is not None and not use_teacher and epoch == cfg.eskd_stop_epoch:
+        loss_fn = self.loss_fn if (use_teacher or self.teacher_source is None) else self.ce_only
+        if self.teacher_source is not None and not use_teacher and epoch == cfg.eskd_stop_epoch:
             logger.info("fastkd: ESKD: from epoch %d on the KD weight is 0 and the teacher forward is skipped", epoch)
-
-        # Running sums on the device (no per-step sync); restored for a resumed partial epoch.
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, ce, kd
-        samples, elapsed = 0, 0.0
         self.timer.reset()
-        if self.progress_state is not None:
-            p = self.progress_state
-            sums += torch.tensor(p["sums"], dtype=torch.float64, device=self.device)
-            samples, elapsed = int(p["samples"]), float(p["elapsed"])
-            self.timer.load_state_dict(p["timer"])
-            self.progress_state = None
-        first_step = step_in_epoch
-
-        bar = Progress(steps, f"epoch {epoch + 1}/{cfg.epochs}", self.is_main, initial=step_in_epoch)
-        t_start = time.perf_counter()
-        it = iter(loader)
-        batch = self._next(it)
-        loader_snapshot = None
-        pending = self.runner.submit(self._teacher_input(batch)) if use_teacher and batch is not None else None
-        while batch is not None:
-            tout = self.runner.result(pending) if pending is not None else None
-            # A mid-epoch checkpoint after this step must resume at the next batch: take the
-            # loader's position now, before the next batch is read ahead for the teacher.
-            ckpt_due = (cfg.checkpoint_interval and (self.global_step + 1) % cfg.checkpoint_interval == 0
-                        and step_in_epoch + 1 < steps)
-            if ckpt_due:
-                loader_snapshot = loader.state_dict()
-            nxt = self._next(it)
-            pending = self.runner.submit(self._teacher_input(nxt)) if use_teacher and nxt is not None else None
-            loss = self._step(batch, tout, loss_fn, epoch + step_in_epoch / steps)
-            terms = loss_fn.last_terms
-            sums += torch.stack([loss.double(), terms["ce"].double(), terms["kd"].double()])
-            samples += int(batch.valid.sum()) if batch.valid is not None else len(batch.labels)
-            step_in_epoch += 1
+        meters = EpochMeters(self.device, self.progress_state, self.timer)  # restores a resumed partial epoch
+        self.progress_state = None
+        bar = Progress(n_steps, f"epoch {epoch + 1}/{cfg.epochs}", self.is_main, initial=first_step)
+        source = self.teacher_source if use_teacher else None
+        step_in_epoch = first_step
+        for step in steps(self.train_loader, source, epoch, start=first_step, want_state=self._checkpoint_due,
+                          timer=self.timer):
+            ckpt_due = self._checkpoint_due(step.index)
+            loss = self._step(step.batch, step.teacher, loss_fn, epoch + step.index / n_steps)
+            meters.add(loss, loss_fn.last_terms, step.batch)
+            step_in_epoch = step.index + 1
             self.global_step += 1
             ckpt.fault_point("after_step", step=self.global_step)
-            if self.global_step % cfg.log_interval == 0 or step_in_epoch == steps:
+            if self.global_step % cfg.log_interval == 0 or step_in_epoch == n_steps:
                 loss_value = float(loss)  # the one sync of a logging boundary
                 self.timer.flush()  # resolve this interval's CUDA timing events (bounded memory)
                 lr = self.optimizer.param_groups[0]["lr"]
-                now = time.perf_counter()
-                rate = samples / max(elapsed + now - t_start, 1e-9)
                 self.metrics.write("step", {"epoch": epoch, "global_step": self.global_step, "loss": loss_value,
-                                            "lr": lr, "images_per_s_rank": rate})
+                                            "lr": lr, "images_per_s_rank": meters.rate()})
                 bar.update(0, loss=f"{loss_value:.4f}", lr=f"{lr:.3g}")
             bar.update(1)
             if ckpt_due:
-                self._mid_epoch_checkpoint(epoch, step_in_epoch, loader_snapshot, sums, samples,
-                                           elapsed + time.perf_counter() - t_start)
-            batch = nxt
+                self._save(self._state(epoch, step_in_epoch, step.loader_state_after, meters.state_dict()))
         bar.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # epoch boundary: the timing must include queued work
-        elapsed += time.perf_counter() - t_start
-        steps_run = step_in_epoch - first_step
+        elapsed = meters.elapsed()
         # Exact epoch means over all ranks: sum the sums and the counts.
-        totals = torch.cat([sums, torch.tensor([step_in_epoch, samples], dtype=torch.float64, device=self.device)])
+        totals = torch.cat([meters.sums, torch.tensor([step_in_epoch, meters.samples], dtype=torch.float64,
+                                                      device=self.device)])
         D.all_reduce_sum(totals, self.dist)
         loss_sum, ce_sum, kd_sum, step_count, sample_count = totals.tolist()
-        breakdown = self.timer.per_step_ms(step_in_epoch)
         record = {
             "epoch": epoch,
             "global_step": self.global_step,
@@ -615,17 +636,13 @@ class Trainer:
             "images_per_s": sample_count / max(elapsed, 1e-9),
             "train_samples": int(sample_count),
             "epoch_time_s": elapsed,
-            "steps_this_session": steps_run,
+            "steps_this_session": step_in_epoch - first_step,
             "teacher_forward": use_teacher,
-            "step_time_ms": breakdown,
+            "step_time_ms": self.timer.per_step_ms(step_in_epoch),
         }
         if self.dpk is not None:
             record["dpk_ratios"] = self.dpk.ratios
         return record
-
-    def _mid_epoch_checkpoint(self, epoch, step_in_epoch, loader_state, sums, samples, elapsed) -> None:
-        progress = {"sums": sums.tolist(), "samples": samples, "elapsed": elapsed, "timer": self.timer.state_dict()}
-        self._save(self._state(epoch, step_in_epoch, loader_state, progress))
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -641,8 +658,10 @@ class Trainer:
             for epoch in range(self.start_epoch, cfg.epochs):
                 record = self._train_epoch(epoch)
                 D.broadcast_buffers(self.student, self.dist)
+                source = self.teacher_source
                 record.update(evaluate(self.student, self.val_loader, self.device,
-                                       teacher=self.runner, amp_dtype=self.amp_dtype, dist=self.dist))
+                                       teacher=source if source is not None and source.has_model else None,
+                                       amp_dtype=self.amp_dtype, dist=self.dist))
                 is_best = record["val_top1"] > self.best_top1
                 self.best_top1 = max(self.best_top1, record["val_top1"])
                 record["best_top1"] = self.best_top1
@@ -658,8 +677,8 @@ class Trainer:
             lossF.set_label_checks(previous_checks)
             if getattr(self, "metrics", None) is not None:
                 self.metrics.close()
-            if getattr(self, "runner", None) is not None:
-                self.runner.close()
+            if getattr(self, "teacher_source", None) is not None:
+                self.teacher_source.close()
             if getattr(self, "student_hooks", None) is not None:
                 self.student_hooks.remove()
             D.shutdown(self.dist)
