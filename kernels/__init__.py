@@ -3,7 +3,6 @@
 Importing this package defines the Triton kernels; under ``TRITON_INTERPRET=1`` (set before
 the import) they run on CPU tensors in Triton's interpreter, otherwise on CUDA tensors.
 """
-from .dist import fused_dist
 from .kd_softmax_kl import KDSoftmaxKLFunction, fused_distill
 
-__all__ = ["fused_distill", "fused_dist", "KDSoftmaxKLFunction"]
+__all__ = ["fused_distill", "KDSoftmaxKLFunction"]

@@ -1,13 +1,15 @@
 """Distillation losses: the pure-PyTorch reference and the public functional / module API."""
+from .compressed import TopKTeacher, compress_topk, densify
 from .functional import (
+    ats_loss,
     cross_entropy,
     dist_loss,
     dkd_loss,
-    ats_loss,
     isats_loss,
     kd_loss,
     set_label_checks,
 )
+from .methods import METHOD_TABLE, loss_kwargs, params_for
 from .module import METHOD_PARAMS, METHODS, DistillLoss
 
 __all__ = [
@@ -20,5 +22,11 @@ __all__ = [
     "DistillLoss",
     "METHODS",
     "METHOD_PARAMS",
+    "METHOD_TABLE",
+    "params_for",
+    "loss_kwargs",
+    "TopKTeacher",
+    "compress_topk",
+    "densify",
     "set_label_checks",
 ]

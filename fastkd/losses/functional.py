@@ -1,18 +1,33 @@
-"""The public loss API: validation, flattening, reductions and backend dispatch.
+"""The public loss API: validation, flattening, row masks, reductions and backend dispatch.
 
 Every function takes logits of shape ``(N, C)`` or ``(..., C)`` (leading dimensions are
 flattened) in fp16, bf16, fp32 or fp64, computes in fp32 (fp64 stays fp64 on the torch
-backend) and returns an fp32 (or fp64) loss.
+backend) and returns an fp32 (or fp64) loss. Inputs are validated here, once; the kernels
+and :mod:`fastkd.losses.reference` assume valid inputs.
 
-Reductions (all KD terms): ``batchmean`` sums over classes and averages over the rows whose
-label is not ``ignore_index`` (for :func:`kd_loss`, which has no labels, over all rows);
-``sum``; ``none`` gives one value per row, shaped like the leading dimensions. A batch whose
-rows are all ignored gives 0 and a zero gradient, never NaN.
+Reductions (all KD terms): ``batchmean`` sums over classes and averages over the rows that
+count: rows whose label is not ``ignore_index`` and whose ``valid`` flag (if given) is True
+(for :func:`kd_loss`, which has no labels, all rows with ``valid`` True); ``sum``; ``none``
+gives one value per row, shaped like the leading dimensions (0 for rows that do not count).
+A batch where no row counts gives 0 and a zero gradient, never NaN.
+
+Labels: ``ignore_index`` is compared with the labels as int64 values, so it applies only
+where the label dtype can hold it (uint8 labels with ``ignore_index=-100``: no row is
+ignored, label 156 is class 156), the same on both backends.
+
+Row masks (``valid``): a bool tensor shaped like the leading dimensions; rows with ``False``
+(e.g. the padding rows that make every process's batch the same size) contribute nothing to
+any term and are not counted in any denominator, for every method (DIST computes its
+inter- and intra-class statistics over the valid rows only).
 
 Backends: ``torch`` is the reference (:mod:`fastkd.losses.reference`); ``triton`` is the
 fused kernel family in :mod:`fastkd.kernels` (CUDA tensors, or CPU tensors under
 ``TRITON_INTERPRET=1``); ``auto`` picks ``triton`` on CUDA tensors and ``torch`` elsewhere and
 says once in the log when it falls back. The two backends compute the same numbers.
+
+Compressed teachers: wherever teacher logits go, a :class:`~fastkd.losses.compressed.TopKTeacher`
+is accepted too (then ``target`` is needed to place the label's logit); it is densified on the
+device and the normal path runs (see :mod:`fastkd.losses.compressed`).
 
 NaN and Inf: a NaN anywhere in a row makes that row's loss NaN; ``-inf`` marks a masked class
 (probability 0, contributing 0 where the teacher also gives it 0); nothing is clamped or
@@ -21,6 +36,8 @@ dropped silently.
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -28,29 +45,41 @@ from torch import Tensor
 
 from .. import _compat
 from . import reference as ref
+from .compressed import TopKTeacher, check_topk, densify
 
 REDUCTIONS = ("batchmean", "sum", "none")
 BACKENDS = ("auto", "torch", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_CLASSES = 262_144
+FP32_TINY = float(torch.finfo(torch.float32).tiny)  # smallest normal fp32, 1.18e-38
+FP32_MAX = float(torch.finfo(torch.float32).max)    # 3.40e+38
 
-_label_checks = True
+_label_checks = True  # the deprecated process-wide default (see set_label_checks)
 
 
 def set_label_checks(enabled: bool) -> None:
-    """Turn the label-range check on or off (on by default).
+    """Deprecated: pass ``check_labels=`` to the loss instead.
 
-    The check costs one device-to-host synchronisation per call on CUDA tensors. The engine
-    turns it off because its loaders produce labels in range by construction; with the check
-    off an out-of-range label gives that row a NaN loss in the Triton kernels (never an
-    out-of-bounds read) and an index error on the torch backend.
+    Sets the process-wide default used by calls that leave ``check_labels=None``. Kept only for
+    callers written against the old API; no library code calls it.
     """
+    warnings.warn("fastkd.set_label_checks is deprecated: pass check_labels=False to DistillLoss or the "
+                  "functional losses instead", DeprecationWarning, stacklevel=2)
     global _label_checks
     _label_checks = bool(enabled)
 
 
 def label_checks_enabled() -> bool:
+    """The deprecated process-wide default of ``check_labels`` (True unless set_label_checks(False))."""
     return _label_checks
+
+
+def _resolve_checks(check_labels) -> bool:
+    if check_labels is None:
+        return _label_checks
+    if not isinstance(check_labels, bool):
+        raise TypeError(f"check_labels must be True, False or None, got {check_labels!r}")
+    return check_labels
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,6 +97,8 @@ def _check_logits(name: str, x) -> None:
     C = x.shape[-1]
     if C < 2:
         raise ValueError(f"{name} has {C} class(es) in its last dimension; at least 2 are needed")
+    if C > MAX_CLASSES:
+        raise ValueError(f"{name} has {C} classes; fastkd supports at most {MAX_CLASSES}")
 
 
 def _check_pair(student: Tensor, teacher: Tensor) -> None:
@@ -86,7 +117,9 @@ def _check_pair(student: Tensor, teacher: Tensor) -> None:
         raise ValueError(f"device mismatch: student_logits on {student.device}, teacher_logits on {teacher.device}")
 
 
-def _check_target(target, logits: Tensor, ignore_index: int) -> None:
+def _labels(target, logits: Tensor) -> Tensor:
+    """Validated labels as a flat int64 tensor (int64 comparisons: a narrow dtype such as uint8
+    cannot wrap ``ignore_index`` onto a class)."""
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor of class indices, got {type(target).__name__}")
     if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
@@ -99,31 +132,116 @@ def _check_target(target, logits: Tensor, ignore_index: int) -> None:
         )
     if target.device != logits.device:
         raise ValueError(f"device mismatch: target on {target.device}, logits on {logits.device}")
-    if _label_checks and target.numel():
-        C = logits.shape[-1]
-        bad = ((target < 0) | (target >= C)) & (target != ignore_index)
-        if bool(bad.any()):
-            first = target[bad].flatten()[0].item()
-            raise ValueError(
-                f"target holds label {first} outside [0, {C}) (and not ignore_index={ignore_index}); "
-                f"{int(bad.sum())} such label(s) in total"
-            )
+    return target.reshape(-1).long()
 
 
-def _check_positive(name: str, value) -> float:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(f) or f <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+def _row_mask(valid, logits: Tensor) -> Optional[Tensor]:
+    """The validated row mask as a flat bool tensor, or None (every row valid)."""
+    if valid is None:
+        return None
+    if not isinstance(valid, Tensor) or valid.dtype != torch.bool:
+        got = f"dtype {valid.dtype}" if isinstance(valid, Tensor) else type(valid).__name__
+        raise TypeError(f"valid must be a bool torch.Tensor (True = the row counts), got {got}")
+    lead = tuple(logits.shape[:-1])
+    if tuple(valid.shape) != lead:
+        raise ValueError(f"valid shape {tuple(valid.shape)} does not match the logits' leading dimensions {lead}")
+    if valid.device != logits.device:
+        raise ValueError(f"device mismatch: valid on {valid.device}, logits on {logits.device}")
+    return valid.reshape(-1)
+
+
+def _fold(y: Tensor, mask: Optional[Tensor], ignore_index: int) -> Tensor:
+    """Labels with the rows outside ``mask`` set to ``ignore_index``."""
+    if mask is None:
+        return y
+    return torch.where(mask, y, torch.full_like(y, ignore_index))
+
+
+def _check_label_range(y: Tensor, C: int, ignore_index: int) -> None:
+    """One device-to-host synchronisation on CUDA tensors."""
+    if not y.numel():
+        return
+    bad = ((y < 0) | (y >= C)) & (y != ignore_index)
+    if bool(bad.any()):
+        first = y[bad][0].item()
+        raise ValueError(
+            f"target holds label {first} outside [0, {C}) (and not ignore_index={ignore_index}); "
+            f"{int(bad.sum())} such label(s) in total"
+        )
+
+
+def _prepare(student, target, valid, ignore_index, check_labels):
+    """(labels as given (int64, flat) or None, labels with the masked rows ignored, row mask)."""
+    ii = _check_int("ignore_index", ignore_index)
+    mask = _row_mask(valid, student)
+    if target is None:
+        return None, None, mask
+    y_raw = _labels(target, student)
+    y = _fold(y_raw, mask, ii)
+    if _resolve_checks(check_labels):
+        _check_label_range(y, student.shape[-1], ii)
+    return y_raw, y, mask
+
+
+def _dense_teacher(teacher, student: Tensor, y_raw: Optional[Tensor], ignore_index: int) -> Tensor:
+    """Teacher logits as a tensor (a TopKTeacher is densified on its device), checked against
+    the student."""
+    if isinstance(teacher, TopKTeacher):
+        check_topk(teacher)
+        _check_logits("student_logits", student)
+        N, C = student.reshape(-1, student.shape[-1]).shape
+        if teacher.shape != (N, C):
+            raise ValueError(f"TopKTeacher stands for teacher logits {teacher.shape}; student_logits are "
+                             f"{(N, C)} after flattening the leading dimensions")
+        if teacher.device != student.device:
+            raise ValueError(f"device mismatch: student_logits on {student.device}, TopKTeacher on {teacher.device}")
+        if y_raw is None:
+            raise ValueError("a TopKTeacher needs target (its label logit is stored apart from the top-K): "
+                             "pass target=")
+        teacher = densify(teacher, y_raw, ignore_index).reshape(student.shape)
+    _check_pair(student, teacher)
+    return teacher
+
+
+def _number(name: str, value) -> float:
+    """A real number as float; bools, strings, None and multi-element tensors are refused."""
+    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)) or (
+        isinstance(value, Tensor) and value.numel() == 1 and value.dtype != torch.bool and not value.is_complex())
+    if not ok:
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def _check_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def _check_temperature(name: str, value) -> float:
+    """A temperature: finite, > 0, and within fp32's normal range (the kernels divide by it in fp32)."""
+    f = _number(name, value)
+    if not (math.isfinite(f) and FP32_TINY <= f <= FP32_MAX):
+        raise ValueError(f"{name} must be a finite number > 0 within fp32's normal range "
+                         f"[{FP32_TINY:.4g}, {FP32_MAX:.4g}], got {value!r}")
     return f
 
 
+_check_positive = _check_temperature
+
+
 def _check_nonneg(name: str, value) -> float:
-    f = float(value)
-    if not math.isfinite(f) or f < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    """A weight: finite, >= 0 and at most fp32's maximum."""
+    f = _number(name, value)
+    if not (math.isfinite(f) and 0 <= f <= FP32_MAX):
+        raise ValueError(f"{name} must be a finite number >= 0 (at most {FP32_MAX:.4g}), got {value!r}")
+    return f
+
+
+def _check_smoothing(value) -> float:
+    f = _check_nonneg("label_smoothing", value)
+    if f > 1:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {value!r}")
     return f
 
 
@@ -135,15 +253,25 @@ def _check_reduction(reduction: str) -> None:
 def _check_candidates(candidates, tau_target: float) -> tuple:
     if candidates is None:
         return tuple(ref.isats_default_candidates(tau_target))
-    try:
-        cands = tuple(float(c) for c in candidates)
-    except TypeError:
-        raise TypeError(f"candidates must be a sequence of numbers, got {candidates!r}") from None
+    if isinstance(candidates, (str, bytes)) or not isinstance(candidates, (Sequence, Tensor)):
+        raise TypeError(f"candidates must be a sequence of numbers, got {candidates!r}")
+    cands = tuple(_check_temperature("each ISATS candidate temperature", c) for c in candidates)
     if not cands:
         raise ValueError("candidates must hold at least one temperature")
-    for c in cands:
-        _check_positive("each ISATS candidate temperature", c)
     return cands
+
+
+def check_param(kind: str, name: str, value, params: Optional[dict] = None):
+    """Validate one method parameter by its kind in :mod:`fastkd.losses.methods` (``params``:
+    the method's other parameters, for ISATS' candidate default)."""
+    if kind == "temperature":
+        return _check_temperature(name, value)
+    if kind in ("weight", "epochs"):
+        return _check_nonneg(name, value)
+    if kind == "candidates":
+        tau = (params or {}).get("tau_target", 4.0)
+        return _check_candidates(value, tau)
+    raise ValueError(f"unknown parameter kind {kind!r}")
 
 
 def _resolve_backend(backend: str, x: Tensor) -> str:
@@ -185,13 +313,17 @@ def _valid_count(target: Tensor, ignore_index: int) -> Tensor:
     return (target != ignore_index).sum()
 
 
+def _zero_masked(rows: Tensor, mask: Optional[Tensor]) -> Tensor:
+    return rows if mask is None else torch.where(mask, rows, torch.zeros_like(rows))
+
+
 # --------------------------------------------------------------------------------------------
 # Fused path
 # --------------------------------------------------------------------------------------------
 def _fused(student, teacher, target, *, method, ce_weight, kd_weight, label_smoothing, ignore_index, reduction, **params):
     from .. import kernels  # deferred: defines Triton kernels on first use
 
-    loss, _parts = kernels.fused_distill(
+    return kernels.fused_distill(
         student,
         teacher,
         target,
@@ -203,106 +335,241 @@ def _fused(student, teacher, target, *, method, ce_weight, kd_weight, label_smoo
         reduction=reduction,
         **params,
     )
-    return loss, _parts
+
+
+def _say_dist_uses_reference() -> None:
+    _compat.log_once(
+        "fastkd: DIST has no fused Triton kernel (its intra-class term needs whole-batch column "
+        "statistics); backend 'triton' computes it with the PyTorch reference in fp32"
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Public functions
 # --------------------------------------------------------------------------------------------
-def _kd_term(method, student_logits, teacher_logits, target, reduction, ignore_index, backend, ref_rows, **params):
-    """Shared body of the per-row KD losses: flatten, dispatch to the fused kernel or the
-    reference, reduce. Inputs and parameters are validated by the callers."""
+def _kd_term(method, student_logits, teacher_logits, target, valid, reduction, ignore_index, backend,
+             check_labels, ref_rows, **params):
+    """Shared body of the per-row KD losses: validate, flatten, dispatch to the fused kernel or
+    the reference, reduce. Parameters are validated by the callers."""
     _check_reduction(reduction)
+    _check_logits("student_logits", student_logits)
+    y_raw, y, mask = _prepare(student_logits, target, valid, ignore_index, check_labels)
+    teacher_logits = _dense_teacher(teacher_logits, student_logits, y_raw, ignore_index)
     lead = tuple(student_logits.shape[:-1])
     z, v = _flatten(student_logits), _flatten(teacher_logits).detach()
-    y = None if target is None else target.reshape(-1)
+    if method == "kd":
+        # KD reads no label: only the row mask decides which rows count.
+        y = None if mask is None else torch.where(mask, torch.zeros_like(mask, dtype=torch.long),
+                                                  torch.full_like(mask, ignore_index, dtype=torch.long))
     if _resolve_backend(backend, z) == "triton":
         loss, _ = _fused(z, v, y, method=method, ce_weight=0.0, kd_weight=1.0, label_smoothing=0.0,
                          ignore_index=ignore_index, reduction=reduction, **params)
         return loss.reshape(lead) if reduction == "none" else loss
     rows = ref_rows(z, v, y)
+    if method == "kd":
+        rows = _zero_masked(rows, mask)
     count = None if y is None else _valid_count(y, ignore_index)
     return _reduce(rows, reduction, count, lead)
 
 
-def kd_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmean", backend="auto"):
-    """Hinton KD: ``T^2 * KL(softmax(teacher/T) || softmax(student/T))``.
+def kd_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmean", backend="auto", *,
+            valid=None, target=None, check_labels=None):
+    """Hinton KD: ``T^2 * KL(softmax(teacher/T) || softmax(student/T))`` per row, reduced.
 
-    ``batchmean`` averages over all rows (there are no labels). Gradient flows into
-    ``student_logits`` only.
+    Args:
+        student_logits: ``(..., C)`` fp16/bf16/fp32/fp64 tensor; the gradient flows into it only.
+        teacher_logits: a tensor shaped like ``student_logits`` (detached here), or a
+            :class:`~fastkd.losses.compressed.TopKTeacher` (then ``target`` is needed).
+        temperature: ``T``, a number in fp32's normal range (> 0).
+        reduction: ``"batchmean"`` (sum over classes, mean over the rows that count), ``"sum"``
+            or ``"none"`` (one value per row, shaped like the leading dimensions).
+        backend: ``"auto"`` (fused Triton kernel on CUDA tensors, the PyTorch reference
+            elsewhere), ``"torch"`` or ``"triton"``.
+        valid: optional bool tensor shaped like the leading dimensions; rows with ``False``
+            contribute 0 and are not counted.
+        target: only to densify a ``TopKTeacher`` (KD itself reads no label: every row with
+            ``valid`` True counts, whatever its label).
+        check_labels: check that ``target`` holds classes in ``[0, C)`` (one host sync on CUDA);
+            ``None`` follows the deprecated process default (on).
+
+    Returns:
+        An fp32 (fp64 for fp64 inputs on the torch backend) scalar, or per-row values.
+
+    Raises:
+        TypeError / ValueError: non-tensors, non-floating logits, mismatched shapes or devices,
+        a temperature that is not a number in fp32's normal range (strings and bools are
+        refused), an unknown reduction or backend.
+        RuntimeError: ``backend="triton"`` where the kernels cannot run.
+
+    Example::
+
+        >>> z, v = torch.randn(8, 100, requires_grad=True), torch.randn(8, 100)
+        >>> loss = fastkd.kd_loss(z, v, temperature=4.0)
+        >>> loss.backward()
     """
-    _check_pair(student_logits, teacher_logits)
-    T = _check_positive("temperature", temperature)
-    return _kd_term("kd", student_logits, teacher_logits, None, reduction, -100, backend,
+    T = _check_temperature("temperature", temperature)
+    return _kd_term("kd", student_logits, teacher_logits, target, valid, reduction, -100, backend, check_labels,
                     lambda z, v, y: ref.kd(z, v, T), temperature=T)
 
 
 def ats_loss(student_logits, teacher_logits, target, tau_target=4.0, tau_other=2.0, student_temperature=1.0,
-             reduction="batchmean", ignore_index=-100, backend="auto"):
-    """Asymmetric temperature scaling (Li et al. 2022): the teacher's label logit is divided by
-    ``tau_target``, every other logit by ``tau_other``; the student uses ``student_temperature``.
-    Loss ``s^2 * KL(q || softmax(student/s))``; rows labelled ``ignore_index`` are skipped."""
-    _check_pair(student_logits, teacher_logits)
-    _check_target(target, student_logits, ignore_index)
-    tt = _check_positive("tau_target", tau_target)
-    to = _check_positive("tau_other", tau_other)
-    s = _check_positive("student_temperature", student_temperature)
-    return _kd_term("ats", student_logits, teacher_logits, target, reduction, ignore_index, backend,
-                    lambda z, v, y: ref.ats(z, v, y, tt, to, s, ignore_index),
+             reduction="batchmean", ignore_index=-100, backend="auto", *, valid=None, check_labels=None):
+    """Asymmetric temperature scaling (Li et al. 2022), methods.md section 3.
+
+    The teacher's label logit is divided by ``tau_target``, every other logit by
+    ``tau_other``: ``q = softmax(v_c / tau_c)``; the student uses ``student_temperature`` s.
+    Per row ``s^2 * KL(q || softmax(student/s))``. The authors' released setting: s = 1,
+    tau_target / tau_other from a grid (demo 4 / 2), CE weight 0.5 and KD weight 0.5.
+
+    Args:
+        student_logits, teacher_logits: as in :func:`kd_loss` (a ``TopKTeacher`` is accepted).
+        target: integer labels shaped like the leading dimensions; rows labelled
+            ``ignore_index`` contribute 0 and are not counted (ATS needs the label).
+        tau_target, tau_other, student_temperature: temperatures (numbers in fp32's normal range).
+        reduction, backend, valid, check_labels: as in :func:`kd_loss`.
+        ignore_index: the label that skips a row (compared as int64: it applies only where the
+            label dtype can hold it).
+
+    Returns / Raises: as in :func:`kd_loss`; also a ValueError naming a label outside ``[0, C)``.
+
+    Example::
+
+        >>> loss = fastkd.ats_loss(z, v, y, tau_target=4.0, tau_other=2.0)
+    """
+    tt = _check_temperature("tau_target", tau_target)
+    to = _check_temperature("tau_other", tau_other)
+    s = _check_temperature("student_temperature", student_temperature)
+    ii = _check_int("ignore_index", ignore_index)
+    return _kd_term("ats", student_logits, teacher_logits, _need_target(target, "ats_loss"), valid, reduction, ii,
+                    backend, check_labels, lambda z, v, y: ref.ats(z, v, y, tt, to, s, ii),
                     tau_target=tt, tau_other=to, student_temperature=s)
 
 
 def isats_loss(student_logits, teacher_logits, target, tau_target=4.0, candidates=None, student_temperature=1.0,
-               reduction="batchmean", ignore_index=-100, backend="auto"):
-    """Instance-specific ATS: per row, ``tau_other`` is the candidate that maximises the variance
-    of the teacher's wrong-class probabilities while keeping the label the teacher's arg-max
-    (default grid: 16 values evenly spaced in [0.5, tau_target])."""
-    _check_pair(student_logits, teacher_logits)
-    _check_target(target, student_logits, ignore_index)
-    tt = _check_positive("tau_target", tau_target)
+               reduction="batchmean", ignore_index=-100, backend="auto", *, valid=None, check_labels=None):
+    """Instance-specific ATS (methods.md section 3): ATS with a per-row ``tau_other``.
+
+    Per row, ``tau_other`` is the candidate that maximises the variance of the teacher's
+    wrong-class probabilities while keeping the label the teacher's arg-max (no candidate does:
+    the largest one). No gradient flows through the choice.
+
+    Args:
+        candidates: a sequence of temperatures; ``None`` gives 16 values evenly spaced in
+            ``[0.5, tau_target]``.
+        Everything else: as in :func:`ats_loss`.
+
+    Returns / Raises: as in :func:`ats_loss`.
+
+    Example::
+
+        >>> loss = fastkd.isats_loss(z, v, y, tau_target=4.0)
+    """
+    tt = _check_temperature("tau_target", tau_target)
     cands = _check_candidates(candidates, tt)
-    s = _check_positive("student_temperature", student_temperature)
-    return _kd_term("isats", student_logits, teacher_logits, target, reduction, ignore_index, backend,
-                    lambda z, v, y: ref.isats(z, v, y, tt, cands, s, ignore_index),
+    s = _check_temperature("student_temperature", student_temperature)
+    ii = _check_int("ignore_index", ignore_index)
+    return _kd_term("isats", student_logits, teacher_logits, _need_target(target, "isats_loss"), valid, reduction,
+                    ii, backend, check_labels, lambda z, v, y: ref.isats(z, v, y, tt, cands, s, ii),
                     tau_target=tt, candidates=cands, student_temperature=s)
 
 
 def dkd_loss(student_logits, teacher_logits, target, alpha=1.0, beta=8.0, temperature=4.0,
-             reduction="batchmean", ignore_index=-100, backend="auto"):
-    """Decoupled KD (Zhao et al. 2022): ``T^2 (alpha * TCKD + beta * NCKD)``. The warm-up weight
-    ``min(epoch / warmup, 1)`` is applied by :class:`DistillLoss` (``warmup_epochs``)."""
-    _check_pair(student_logits, teacher_logits)
-    _check_target(target, student_logits, ignore_index)
+             reduction="batchmean", ignore_index=-100, backend="auto", *, valid=None, check_labels=None):
+    """Decoupled KD (Zhao et al. 2022), methods.md section 4: ``T^2 (alpha TCKD + beta NCKD)``.
+
+    Computed through log-sum-exp forms on max-shifted logits (shift invariant, no log of a
+    rounded probability). The warm-up weight ``min(epoch / warmup, 1)`` is applied by
+    :class:`DistillLoss` (``warmup_epochs``), not here.
+
+    Args:
+        alpha, beta: weights of TCKD and NCKD (finite numbers >= 0; ``None`` is an error).
+        temperature: T (a number in fp32's normal range).
+        Everything else: as in :func:`ats_loss`.
+
+    Returns / Raises: as in :func:`ats_loss`.
+
+    Example::
+
+        >>> loss = fastkd.dkd_loss(z, v, y, alpha=1.0, beta=8.0, temperature=4.0)
+    """
     a = _check_nonneg("alpha", alpha)
     b = _check_nonneg("beta", beta)
-    T = _check_positive("temperature", temperature)
-    return _kd_term("dkd", student_logits, teacher_logits, target, reduction, ignore_index, backend,
-                    lambda z, v, y: ref.dkd(z, v, y, a, b, T, ignore_index), alpha=a, beta=b, temperature=T)
+    T = _check_temperature("temperature", temperature)
+    ii = _check_int("ignore_index", ignore_index)
+    return _kd_term("dkd", student_logits, teacher_logits, _need_target(target, "dkd_loss"), valid, reduction, ii,
+                    backend, check_labels, lambda z, v, y: ref.dkd(z, v, y, a, b, T, ii),
+                    alpha=a, beta=b, temperature=T)
 
 
-def dist_loss(student_logits, teacher_logits, beta=1.0, gamma=1.0, temperature=1.0, backend="auto"):
-    """DIST (Huang et al. 2022): ``tau^2 (beta * inter + gamma * intra)``, a scalar over the batch
-    (the intra-class term correlates columns across the whole batch)."""
-    _check_pair(student_logits, teacher_logits)
+def dist_loss(student_logits, teacher_logits, beta=1.0, gamma=1.0, temperature=1.0, backend="auto", *,
+              valid=None, target=None, check_labels=None):
+    """DIST (Huang et al. 2022), methods.md section 5: ``tau^2 (beta * inter + gamma * intra)``.
+
+    A scalar over the batch: the inter-class term averages row-wise Pearson correlations of the
+    two softmaxes, the intra-class term column-wise ones (statistics across the whole batch).
+
+    Args:
+        beta, gamma: weights of the inter- and intra-class terms (finite numbers >= 0).
+        temperature: tau (a number in fp32's normal range).
+        valid: optional row mask: only rows with ``True`` enter either term (no host sync);
+            no valid row gives 0.
+        backend: both backends compute the PyTorch reference formula (DIST has no fused kernel;
+            ``"triton"`` says so once in the log).
+        target, check_labels: only to densify a ``TopKTeacher``.
+        Everything else: as in :func:`kd_loss`.
+
+    Returns:
+        An fp32 (fp64 for fp64 inputs) scalar.
+
+    Raises: as in :func:`kd_loss`.
+
+    Example::
+
+        >>> loss = fastkd.dist_loss(z, v, beta=1.0, gamma=1.0)
+    """
     b = _check_nonneg("beta", beta)
     g = _check_nonneg("gamma", gamma)
-    tau = _check_positive("temperature", temperature)
+    tau = _check_temperature("temperature", temperature)
+    _check_logits("student_logits", student_logits)
+    y_raw, _, mask = _prepare(student_logits, target, valid, -100, check_labels)
+    teacher_logits = _dense_teacher(teacher_logits, student_logits, y_raw, -100)
     z, v = _flatten(student_logits), _flatten(teacher_logits).detach()
     if _resolve_backend(backend, z) == "triton":
-        from .. import kernels
-
-        return kernels.fused_dist(z, v, beta=b, gamma=g, temperature=tau)
-    return ref.dist(z, v, b, g, tau)
+        _say_dist_uses_reference()
+    return ref.dist(z, v, b, g, tau, valid=mask)
 
 
-def cross_entropy(logits, target, label_smoothing=0.0, reduction="batchmean", ignore_index=-100):
-    """Reference CE with the fastkd conventions (``batchmean`` = mean over non-ignored rows)."""
+def cross_entropy(logits, target, label_smoothing=0.0, reduction="batchmean", ignore_index=-100, *,
+                  valid=None, check_labels=None):
+    """Hard-label cross-entropy with the fastkd conventions (PyTorch reference).
+
+    ``CE = LSE(z) - sum_i t_i z_i`` with the smoothed target ``(1 - eps) e_y + eps / C``.
+
+    Args:
+        logits: ``(..., C)`` floating tensor.
+        target: integer labels shaped like the leading dimensions.
+        label_smoothing: eps in ``[0, 1]``.
+        reduction: ``"batchmean"`` (mean over the rows that count: label not ``ignore_index``
+            and ``valid`` True), ``"sum"`` or ``"none"``.
+        ignore_index, valid, check_labels: as in :func:`ats_loss`.
+
+    Returns / Raises: as in :func:`ats_loss`.
+
+    Example::
+
+        >>> loss = fastkd.cross_entropy(z, y, label_smoothing=0.1)
+    """
     _check_logits("logits", logits)
-    _check_target(target, logits, ignore_index)
-    eps = _check_nonneg("label_smoothing", label_smoothing)
-    if eps > 1:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    eps = _check_smoothing(label_smoothing)
     _check_reduction(reduction)
+    ii = _check_int("ignore_index", ignore_index)
+    _, y, _ = _prepare(logits, _need_target(target, "cross_entropy"), valid, ii, check_labels)
     lead = tuple(logits.shape[:-1])
-    z, y = _flatten(logits), target.reshape(-1)
-    return _reduce(ref.cross_entropy(z, y, eps, ignore_index), reduction, _valid_count(y, ignore_index), lead)
+    z = _flatten(logits)
+    return _reduce(ref.cross_entropy(z, y, eps, ii), reduction, _valid_count(y, ii), lead)
+
+
+def _need_target(target, fn: str):
+    if target is None:
+        raise ValueError(f"{fn} needs target labels (got None)")
+    return target

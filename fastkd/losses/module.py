@@ -1,49 +1,99 @@
 """``DistillLoss``: ``ce_weight * CE + kd_weight * KD-term`` as one ``nn.Module``.
 
-This is what the engine uses and what the fused kernel computes in one launch (loss and
-gradient together) on CUDA tensors.
+This is what the engine uses. On CUDA tensors (backend ``triton``) the row-local methods
+(ce, kd, ats, isats, dkd) compute loss and gradient in one fused kernel launch; DIST is a
+batch-level term computed with the PyTorch reference.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from . import methods as M
 from . import reference as ref
 
-METHODS = ("ce", "kd", "ats", "isats", "dkd", "dist")
+METHODS = M.METHODS
 
-# Method -> its parameters and their defaults (the same names as the functional API).
-METHOD_PARAMS = {
-    "ce": {},
-    "kd": {"temperature": 1.0},
-    "ats": {"tau_target": 4.0, "tau_other": 2.0, "student_temperature": 1.0},
-    "isats": {"tau_target": 4.0, "candidates": None, "student_temperature": 1.0},
-    "dkd": {"alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_epochs": 0.0},
-    "dist": {"beta": 1.0, "gamma": 1.0, "temperature": 1.0},
-}
+# Method -> its parameters and their defaults (the same names as the functional API), derived
+# from the one table in :mod:`fastkd.losses.methods`.
+METHOD_PARAMS = {name: M.defaults(name) for name in METHODS}
 
 
 class DistillLoss(nn.Module):
     """Weighted hard-label CE plus a distillation term.
 
-    ``forward(student_logits, teacher_logits, target)`` returns the scalar
-    ``ce_weight * CE + kd_weight * w * KD`` where CE and KD are both averaged over the rows
-    whose label is not ``ignore_index`` (DIST, a batch-level term, uses every row), and ``w``
-    is DKD's warm-up weight ``min(epoch / warmup_epochs, 1)`` (1 for every other method; set
-    the epoch with :meth:`set_epoch`). ``method="ce"`` needs no teacher (``teacher_logits``
-    may be ``None``).
+    ``loss = ce_weight * CE + kd_weight * w * KD`` where ``w`` is DKD's warm-up weight
+    ``min(epoch / warmup_epochs, 1)`` (1 for every other method; set the epoch with
+    :meth:`set_epoch`).
 
-    After each call, ``last_terms`` holds the detached batch means ``{"ce": ..., "kd": ...}``
-    (device tensors, no host synchronisation) for logging.
+    Args:
+        method: ``"ce"`` (no teacher), ``"kd"``, ``"ats"``, ``"isats"``, ``"dkd"`` or ``"dist"``
+            (see :data:`fastkd.losses.methods.METHOD_TABLE` for each one's parameters).
+        ce_weight, kd_weight: the weights (finite, >= 0). The defaults 0.5 / 0.5 are the
+            ImageNet KD setting and the ATS authors' released one (CE 0.5, KD 0.5, student
+            temperature 1, in every released script).
+        label_smoothing: eps of the CE term, in ``[0, 1]``.
+        ignore_index: the label that marks a row without a label (compared as int64: it
+            applies only where the label dtype can hold it).
+        backend: ``"auto"`` (fused Triton kernel on CUDA tensors, the PyTorch reference
+            elsewhere, said once in the log), ``"torch"`` or ``"triton"``.
+        check_labels: check that labels are in ``[0, C)`` (one device-to-host sync per call on
+            CUDA). ``False`` skips it: then an out-of-range label gives that row a NaN loss on
+            the Triton backend and an index error on the torch backend. ``None`` (default)
+            follows the deprecated process default of ``set_label_checks`` (on).
+        **method_params: the method's parameters (temperature, tau_target, tau_other,
+            student_temperature, candidates, alpha, beta, gamma, warmup_epochs); unknown
+            names for the method are an error.
+
+    Row convention (differs from mdistiller and torchdistill): rows whose label is
+    ``ignore_index`` are skipped by CE *and by every KD term* (also plain ``"kd"``), and both
+    terms are averaged over the labelled rows. mdistiller and torchdistill skip ignored rows
+    in CE only and average their KD term over all rows. To get theirs, compute the KD term
+    with the functional API, which for ``kd_loss`` averages over all rows::
+
+        ce = fastkd.cross_entropy(z, y)                 # mean over labelled rows
+        kd = fastkd.kd_loss(z, v, temperature=T)        # mean over all rows
+        loss = ce_weight * ce + kd_weight * kd
+
+    DIST, a batch-level term, uses every row with ``valid`` True, labelled or not.
+
+    ``forward(student_logits, teacher_logits, target, valid=None)``:
+        ``teacher_logits`` may be ``None`` when the method is ``"ce"`` or ``kd_weight`` is 0,
+        or a :class:`~fastkd.losses.compressed.TopKTeacher` (densified on the device).
+        ``valid`` is an optional ``(N,)`` bool row mask (e.g. the padding rows of a sharded
+        epoch's last batch are ``False``): such rows contribute nothing to any term and are
+        not counted in any denominator, for every method. A batch without a counted row gives
+        0 and a zero gradient. Returns an fp32 scalar (fp64 for fp64 inputs on the torch
+        backend).
+
+    Raises:
+        ValueError / TypeError: an unknown method, backend or parameter, a parameter of the
+        wrong type or range (temperatures: numbers in fp32's normal range; strings and bools
+        refused), and at call time mismatched shapes, devices or labels.
+
+    ``last_terms`` holds the detached batch means ``{"ce": ..., "kd": ...}`` of the last call
+    (device tensors, no host synchronisation). On the fused path they are reduced only when
+    read: the loss itself is one kernel launch, and reading ``last_terms`` adds a few small
+    reductions (two sums and the count of labelled rows) on the device.
+
+    Example::
+
+        >>> crit = fastkd.DistillLoss("dkd", ce_weight=1.0, kd_weight=1.0, beta=2.0, warmup_epochs=1)
+        >>> crit.set_epoch(0.5)
+        >>> loss = crit(student_logits, teacher_logits, labels, valid=batch_valid)
+        >>> loss.backward()
     """
 
     def __init__(self, method="kd", ce_weight=0.5, kd_weight=0.5, label_smoothing=0.0, ignore_index=-100,
-                 backend="auto", **method_params):
+                 backend="auto", check_labels: Optional[bool] = None, **method_params):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-        allowed = METHOD_PARAMS[method]
+        table = M.params_for(method)
+        allowed = [p.name for p in table]
         unknown = sorted(set(method_params) - set(allowed))
         if unknown:
             raise ValueError(
@@ -55,20 +105,15 @@ class DistillLoss(nn.Module):
         self.method = method
         self.ce_weight = F._check_nonneg("ce_weight", ce_weight)
         self.kd_weight = F._check_nonneg("kd_weight", kd_weight)
-        self.label_smoothing = F._check_nonneg("label_smoothing", label_smoothing)
-        if self.label_smoothing > 1:
-            raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-        self.ignore_index = int(ignore_index)
+        self.label_smoothing = F._check_smoothing(label_smoothing)
+        self.ignore_index = F._check_int("ignore_index", ignore_index)
         self.backend = backend
-        params = {**allowed, **method_params}
-        for name in ("temperature", "tau_target", "tau_other", "student_temperature"):
-            if name in params:
-                params[name] = F._check_positive(name, params[name])
-        for name in ("alpha", "beta", "gamma", "warmup_epochs"):
-            if name in params:
-                params[name] = F._check_nonneg(name, params[name])
-        if method == "isats":
-            params["candidates"] = F._check_candidates(params["candidates"], params["tau_target"])
+        F._resolve_checks(check_labels)
+        self.check_labels = check_labels
+        given = {**M.defaults(method), **method_params}
+        params = {}
+        for p in table:  # table order: tau_target is checked before ISATS' candidates need it
+            params[p.name] = F.check_param(p.kind, p.name, given[p.name], params)
         self.params = params
         self.epoch = 0.0
         self._last_terms: dict[str, Tensor] = {}
@@ -109,25 +154,31 @@ class DistillLoss(nn.Module):
             w *= ref.dkd_warmup_weight(self.epoch, self.params["warmup_epochs"])
         return w
 
-    def forward(self, student_logits: Tensor, teacher_logits, target: Tensor) -> Tensor:
+    def forward(self, student_logits: Tensor, teacher_logits, target: Tensor, valid: Optional[Tensor] = None) -> Tensor:
         kd_w = self.effective_kd_weight()
+        ii = self.ignore_index
+        F._check_logits("student_logits", student_logits)
+        if target is None:
+            raise ValueError("DistillLoss needs target labels (got None)")
+        y_raw, y, mask = F._prepare(student_logits, target, valid, ii, self.check_labels)
         if teacher_logits is None:
             if self.needs_teacher:
                 raise ValueError(f"method {self.method!r} with kd_weight={self.kd_weight} needs teacher_logits")
-            F._check_logits("student_logits", student_logits)
-            teacher_logits = None
         else:
-            F._check_pair(student_logits, teacher_logits)
-        F._check_target(target, student_logits, self.ignore_index)
+            teacher_logits = F._dense_teacher(teacher_logits, student_logits, y_raw, ii)
         z = F._flatten(student_logits)
-        y = target.reshape(-1)
         v = F._flatten(teacher_logits).detach() if teacher_logits is not None else None
         backend = F._resolve_backend(self.backend, z)
 
         if self.method == "dist":
             ce = self._ce(z, y, backend)
-            kd = torch.zeros((), device=z.device) if v is None or kd_w == 0 else \
-                F.dist_loss(z, v, self.params["beta"], self.params["gamma"], self.params["temperature"], backend=backend)
+            if v is None or kd_w == 0:
+                kd = torch.zeros((), device=z.device, dtype=ce.dtype)
+            else:
+                if backend == "triton":
+                    F._say_dist_uses_reference()
+                p = self.params
+                kd = ref.dist(z, v, p["beta"], p["gamma"], p["temperature"], valid=mask)
             self.last_terms = {"ce": ce.detach(), "kd": kd.detach()}
             # A zero weight drops its term (0 * inf = NaN otherwise), as the fused kernel does.
             return kd_w * kd if self.ce_weight == 0 and kd_w != 0 else self.ce_weight * ce + kd_w * kd
@@ -137,19 +188,20 @@ class DistillLoss(nn.Module):
         if backend == "triton":
             loss, parts = F._fused(z, v if method != "ce" else None, y, method=method, ce_weight=self.ce_weight,
                                    kd_weight=kd_w if method != "ce" else 0.0, label_smoothing=self.label_smoothing,
-                                   ignore_index=self.ignore_index, reduction="batchmean", **kd_params)
+                                   ignore_index=ii, reduction="batchmean", **kd_params)
             # Kept as per-row buffers; the means are reduced only if someone reads last_terms,
-            # so the fused path stays a single launch per step.
+            # so the loss stays a single launch per step.
             self._last_parts = (parts, y)
             return loss
-        count = F._valid_count(y, self.ignore_index).clamp_min(1)
-        ce_rows = ref.cross_entropy(z, y, self.label_smoothing, self.ignore_index)
-        ce = ce_rows.sum() / count
+        # Upcast once: CE and KD gradients then add in fp32 and are rounded to the input dtype
+        # once (two separate upcasts would round each and add them in bf16/fp16).
+        z = ref.upcast(z)
+        count = F._valid_count(y, ii).clamp_min(1)
+        ce = ref.cross_entropy(z, y, self.label_smoothing, ii).sum() / count
         if method == "ce":
             kd = torch.zeros((), device=z.device, dtype=ce.dtype)
         else:
-            kd_rows = _KD_ROWS[method](z, v, y, self.ignore_index, **kd_params)
-            kd = kd_rows.sum() / count
+            kd = _KD_ROWS[method](z, v, y, ii, **kd_params).sum() / count
         self.last_terms = {"ce": ce.detach(), "kd": kd.detach()}
         if method == "ce":
             return self.ce_weight * ce
@@ -170,6 +222,7 @@ def _kd_rows_kd(z, v, y, ignore_index, temperature):
     return torch.where(y != ignore_index, rows, torch.zeros_like(rows))
 
 
+# Per-row KD terms of the row-local methods on the torch backend (keywords: the table's names).
 _KD_ROWS = {
     "kd": _kd_rows_kd,
     "ats": lambda z, v, y, ii, tau_target, tau_other, student_temperature:
@@ -178,4 +231,3 @@ _KD_ROWS = {
         ref.isats(z, v, y, tau_target, candidates, student_temperature, ii),
     "dkd": lambda z, v, y, ii, alpha, beta, temperature: ref.dkd(z, v, y, alpha, beta, temperature, ii),
 }
-

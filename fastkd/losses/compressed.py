@@ -1,0 +1,151 @@
+"""Compressed teacher rows: the top-K format of ``shared/spec/methods.md`` section 10.
+
+A teacher row ``v`` (C logits) with label ``y`` is stored as the set ``S`` = the K largest
+logits' class indices together with ``y``, their logits, and one fill value
+``f = LSE_{c not in S}(v_c) - log(C - |S|)`` (the log-mean-exp of the absent logits). It stands
+for the dense row ``v'``: ``v'_c = v_c`` for ``c in S`` and ``f`` elsewhere. At T = 1 the
+softmax mass outside ``S`` is preserved exactly; at other temperatures the absent classes are
+treated as equal (the compression's only error).
+
+The label's logit is kept apart from the top-K (``label_logit``), so the label is needed to
+rebuild the row: :func:`densify` takes it, and every loss that accepts a :class:`TopKTeacher`
+in place of teacher logits also needs ``target``. Rows whose label is ``ignore_index`` (or
+cannot be a class: out of ``[0, C)``) store ``S`` = the top-K only.
+
+Every loss in :mod:`fastkd.losses` accepts a :class:`TopKTeacher` wherever teacher logits go:
+it is densified on the tensors' device (no host round trip, no host synchronisation) into an
+``(N, C)`` fp32 row block, and the normal path runs on it. That is cheap next to the loss at
+C <= 8192; above that the densified block costs ``4 N C`` bytes of device memory and one
+extra write and read of it per call (at C = 128256 and N = 8192 about 4 GiB), so large-vocabulary
+users should densify in chunks of rows themselves.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["TopKTeacher", "compress_topk", "densify"]
+
+
+class TopKTeacher(NamedTuple):
+    """A batch of compressed teacher rows (see the module docstring).
+
+    values: ``(N, K)`` float, the K largest logits of each row (any float dtype).
+    indices: ``(N, K)`` int64, their class indices.
+    label_logit: ``(N,)`` float, the logit of each row's label (unused where the label is ignored).
+    fill: ``(N,)`` fp32, ``LSE`` of the absent logits minus ``log(#absent)`` (0 where none is absent).
+    num_classes: C.
+    """
+
+    values: Tensor
+    indices: Tensor
+    label_logit: Tensor
+    fill: Tensor
+    num_classes: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def shape(self) -> tuple:
+        """The shape of the dense teacher logits this stands for: ``(N, C)``."""
+        return (self.values.shape[0], int(self.num_classes))
+
+
+def _label_rows(target: Tensor, C: int, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """(has_label (N,) bool, safe label (N,) int64): labels compared as int64 (a narrow label
+    dtype that cannot hold ``ignore_index`` has no ignored rows)."""
+    y = target.reshape(-1).long()
+    has = (y != ignore_index) & (y >= 0) & (y < C)
+    return has, torch.where(has, y, torch.zeros_like(y))
+
+
+def compress_topk(teacher_logits: Tensor, target: Tensor, k: int, ignore_index: int = -100) -> TopKTeacher:
+    """Compress ``(N, C)`` teacher logits to their top-``k`` (plus the label) and a fill value.
+
+    Args:
+        teacher_logits: ``(N, C)`` floating tensor (fp16, bf16, fp32 or fp64).
+        target: ``(N,)`` integer labels; a row labelled ``ignore_index`` keeps its top-``k`` only.
+        k: how many of the largest logits to keep, ``1 <= k <= C``.
+        ignore_index: the label value that marks a row without a label.
+
+    Returns:
+        A :class:`TopKTeacher` on the logits' device; ``fill`` is computed in fp32 (fp64 for fp64
+        input) as ``LSE_{c not in S}(v_c) - log(C - |S|)``.
+
+    Raises:
+        TypeError / ValueError: for a non-tensor, a non-2-D or non-floating tensor, labels of the
+        wrong shape or dtype, or ``k`` outside ``[1, C]``.
+    """
+    if not isinstance(teacher_logits, Tensor) or not teacher_logits.is_floating_point():
+        raise TypeError("teacher_logits must be a floating torch.Tensor of shape (N, C)")
+    if teacher_logits.dim() != 2:
+        raise ValueError(f"teacher_logits must be 2-D (N, C), got shape {tuple(teacher_logits.shape)}")
+    N, C = teacher_logits.shape
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= C:
+        raise ValueError(f"k must be an integer in [1, {C}] (the class count), got {k!r}")
+    if not isinstance(target, Tensor) or target.is_floating_point() or target.dtype == torch.bool:
+        raise TypeError("target must be an integer torch.Tensor of class indices")
+    if tuple(target.shape) != (N,):
+        raise ValueError(f"target shape {tuple(target.shape)} does not match the teacher's {N} rows")
+    v = teacher_logits.detach()
+    values, indices = v.topk(k, dim=-1)
+    has, y = _label_rows(target.to(v.device), C, ignore_index)
+    label_logit = v.gather(-1, y[:, None]).squeeze(-1)
+    acc = torch.float64 if v.dtype == torch.float64 else torch.float32
+    in_s = torch.zeros((N, C), dtype=torch.bool, device=v.device)
+    in_s.scatter_(-1, indices, True)
+    in_s.scatter_(-1, y[:, None], has[:, None] | in_s.gather(-1, y[:, None]))
+    absent = C - in_s.sum(-1)
+    lse = torch.logsumexp(torch.where(in_s, torch.full((), -math.inf, dtype=acc, device=v.device), v.to(acc)), -1)
+    fill = torch.where(absent > 0, lse - absent.clamp_min(1).to(acc).log(), torch.zeros_like(lse))
+    return TopKTeacher(values, indices.long(), label_logit, fill, int(C))
+
+
+def densify(t: TopKTeacher, target: Tensor, ignore_index: int = -100) -> Tensor:
+    """The dense ``(N, C)`` teacher row block ``v'`` that ``t`` stands for, on ``t``'s device.
+
+    ``v'_c`` is the stored logit for ``c`` in the top-K or the (non-ignored) label, and the
+    row's fill value elsewhere. fp32 (fp64 if ``t`` holds fp64 values). No host round trip.
+    """
+    check_topk(t)
+    N, C = t.shape
+    if not isinstance(target, Tensor) or target.is_floating_point() or target.dtype == torch.bool:
+        raise TypeError("densifying a TopKTeacher needs integer labels (target): the label's logit is "
+                        "stored apart from the top-K")
+    if target.numel() != N:
+        raise ValueError(f"target holds {target.numel()} labels; the TopKTeacher has {N} rows")
+    dtype = torch.float64 if torch.float64 in (t.values.dtype, t.fill.dtype) else torch.float32
+    out = t.fill.to(dtype)[:, None].expand(N, C).clone()
+    out.scatter_(-1, t.indices, t.values.to(dtype))
+    has, y = _label_rows(target.to(out.device), C, ignore_index)
+    # Rows without a label rewrite their first top-K entry with its own value: no host sync.
+    idx = torch.where(has, y, t.indices[:, 0])
+    src = torch.where(has, t.label_logit.to(dtype), t.values[:, 0].to(dtype))
+    out.scatter_(-1, idx[:, None], src[:, None])
+    return out
+
+
+def check_topk(t: TopKTeacher) -> None:
+    """Clear errors for a malformed :class:`TopKTeacher`."""
+    if not isinstance(t, TopKTeacher):
+        raise TypeError(f"expected a TopKTeacher, got {type(t).__name__}")
+    v, i = t.values, t.indices
+    if not (isinstance(v, Tensor) and v.is_floating_point() and v.dim() == 2):
+        raise ValueError("TopKTeacher.values must be a floating (N, K) tensor")
+    if not (isinstance(i, Tensor) and i.dtype == torch.int64 and tuple(i.shape) == tuple(v.shape)):
+        raise ValueError(f"TopKTeacher.indices must be an int64 tensor shaped like values {tuple(v.shape)}")
+    N = v.shape[0]
+    for name in ("label_logit", "fill"):
+        x = getattr(t, name)
+        if not (isinstance(x, Tensor) and x.is_floating_point() and tuple(x.shape) == (N,)):
+            raise ValueError(f"TopKTeacher.{name} must be a floating ({N},) tensor")
+    if not all(x.device == v.device for x in (i, t.label_logit, t.fill)):
+        raise ValueError("TopKTeacher's tensors must live on one device")
+    C = t.num_classes
+    if isinstance(C, bool) or not isinstance(C, int) or C < 2 or v.shape[1] > C:
+        raise ValueError(f"TopKTeacher.num_classes must be an int >= max(2, K), got {C!r}")
