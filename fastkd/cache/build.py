@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import sys
 import time
@@ -126,23 +125,12 @@ def first_mismatch(cached: dict, wanted: dict) -> Optional[str]:
 # Top-k compression (methods.md section 10)
 # --------------------------------------------------------------------------------------------
 def compress(logits: torch.Tensor, labels: torch.Tensor, k: int):
-    """(values (N, K), indices (N, K), label logit (N,), fill (N,)) of teacher rows, in fp32.
+    """(values (N, K), indices (N, K), label logit (N,), fill (N,)) of teacher rows, in fp32:
+    :func:`fastkd.losses.compressed.compress_topk` (``S`` = the K largest logits plus the label)."""
+    from ..losses.compressed import compress_topk
 
-    ``S`` = the K largest logits' classes together with the label; ``fill`` = the log-mean-exp of
-    the logits outside ``S`` (0 when ``S`` holds every class; then no class takes it).
-    """
-    v = logits.float()
-    n, c = v.shape
-    labels = labels.to(v.device, torch.int64)
-    values, indices = v.topk(k, dim=1)
-    in_s = torch.zeros_like(v, dtype=torch.bool)
-    in_s.scatter_(1, indices, True)
-    in_s.scatter_(1, labels[:, None], True)
-    absent = c - in_s.sum(1)
-    lse = torch.logsumexp(v.masked_fill(in_s, -math.inf), dim=1)
-    fill = torch.where(absent > 0, lse - torch.log(absent.clamp_min(1).to(v.dtype)), torch.zeros_like(lse))
-    label_logit = v.gather(1, labels[:, None]).squeeze(1)
-    return values, indices, label_logit, fill
+    t = compress_topk(logits.float(), labels.to(logits.device), k)
+    return t.values, t.indices, t.label_logit, t.fill
 
 
 # --------------------------------------------------------------------------------------------

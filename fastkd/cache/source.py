@@ -1,0 +1,125 @@
+"""``fastkd train --teacher-cache DIR``: the teacher source that reads a cache instead of a model.
+
+:class:`CachedTeacher` is a :class:`fastkd.engine.teacher.TeacherSource` without a model: for
+each batch it gathers the cached rows of ``batch.indices`` at the current epoch (one memory-
+mapped read on the host in :meth:`~CachedTeacher.submit`, one batch ahead, then an asynchronous
+copy to the device) and returns them as the batch's teacher output: a dense ``(N, C)`` tensor
+(full format, in the stored dtype; the losses upcast to fp32) or a
+:class:`fastkd.losses.compressed.TopKTeacher` (top-k format, read by the losses as is).
+
+Before the first batch, :func:`check_cache` compares the cache's manifest with the run (data
+index, classes, seed, augmentation, teacher view size and normalisation, the epochs the run
+needs, and the teacher / checkpoint when the run names them) and refuses a mismatch with a
+one-line message naming the field.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Optional
+
+import torch
+
+from ..engine.runner import TeacherOutput
+from ..engine.teacher import TeacherSource
+from . import store
+from .build import first_mismatch, run_fields
+
+logger = logging.getLogger("fastkd")
+
+
+def epochs_needed(cfg) -> range:
+    """The epochs in which a run reads its teacher (ESKD stops at ``--eskd-stop-epoch``)."""
+    stop = cfg.epochs if cfg.eskd_stop_epoch is None else min(cfg.epochs, cfg.eskd_stop_epoch)
+    return range(stop)
+
+
+def check_cache(manifest: dict, wanted: dict, epochs: Iterable[int], *, root="", teacher: Optional[str] = None,
+                teacher_checkpoint: Optional[str] = None) -> None:
+    """Raise :class:`~fastkd.cache.store.CacheMismatchError` naming the first field that does not fit."""
+    where = f"teacher cache {root}: " if root else "teacher cache: "
+    problem = first_mismatch(manifest, wanted)
+    if problem is None:
+        missing = sorted(set(epochs) - set(int(e) for e in manifest.get("epochs_done", [])))
+        if missing:
+            done = store._ranges(manifest.get("epochs_done", []))
+            problem = (f"epochs not covered: this run needs epoch(s) {store._ranges(missing)}, the cache holds "
+                       f"{done} (build more with 'fastkd cache build --epochs {max(missing) + 1}')")
+    if problem is None and teacher is not None and teacher != manifest.get("teacher"):
+        problem = f"teacher: cache has {manifest.get('teacher')!r}, this run names {teacher!r}"
+    if problem is None and teacher_checkpoint is not None:
+        sha = store.file_sha256(teacher_checkpoint)
+        if sha != manifest.get("teacher_checkpoint_sha256"):
+            problem = (f"teacher checkpoint: {teacher_checkpoint} (sha256 {sha[:12]}..) is not the one the cache "
+                       f"was built from ({str(manifest.get('teacher_checkpoint_sha256'))[:12]}..)")
+    if problem is not None:
+        raise store.CacheMismatchError(where + "does not match this run: " + problem)
+
+
+class CachedTeacher(TeacherSource):
+    """Teacher outputs read from a cache built by ``fastkd cache build``.
+
+    Args:
+        root: the cache folder.
+        device: where the outputs go.
+        expect: the run's :func:`fastkd.cache.build.run_fields` (checked against the manifest).
+        epochs: the epochs the run will ask for.
+        teacher, teacher_checkpoint: when the run names them, they must be the cache's.
+    """
+
+    has_model = False
+    provides_features = False
+    concurrent = False
+
+    def __init__(self, root, device: torch.device, *, expect: dict, epochs: Iterable[int],
+                 teacher: Optional[str] = None, teacher_checkpoint: Optional[str] = None):
+        self.reader = store.CacheReader(root)
+        check_cache(self.reader.manifest, expect, epochs, root=root, teacher=teacher,
+                    teacher_checkpoint=teacher_checkpoint)
+        self.device = torch.device(device)
+        self.epoch: Optional[int] = None
+        self._pin = self.device.type == "cuda"
+        m = self.reader.manifest
+        logger.info("fastkd: teacher outputs from the cache %s (%s, %s %s%s): no teacher model, no teacher forward",
+                    root, m.get("teacher"), m["format"], m["dtype"], f" K={m['top_k']}" if m.get("top_k") else "")
+
+    @classmethod
+    def for_trainer(cls, trainer) -> "CachedTeacher":
+        """The source for a :class:`~fastkd.engine.trainer.Trainer` whose config has ``teacher_cache``
+        (pass it as ``Trainer(cfg, teacher_source=CachedTeacher.for_trainer)``)."""
+        cfg = trainer.cfg
+        return cls(cfg.teacher_cache, trainer.device, expect=run_fields(cfg, trainer.train_loader),
+                   epochs=epochs_needed(cfg), teacher=cfg.teacher, teacher_checkpoint=cfg.teacher_checkpoint)
+
+    @property
+    def format(self) -> str:
+        return self.reader.format
+
+    def set_epoch(self, epoch: int) -> None:
+        self.reader.epoch(int(epoch))  # maps the file (and checks its shape) before the first batch
+        self.epoch = int(epoch)
+
+    def submit(self, batch):
+        if self.epoch is None:
+            raise RuntimeError("CachedTeacher.submit before set_epoch")
+        if batch.indices is None:
+            raise ValueError("the teacher cache needs batch.indices (the dataset sample index of every row); "
+                             "this loader gives none (synthetic data?)")
+        rows = self.reader.rows(self.epoch, batch.indices.numpy())
+        if self.device.type != "cpu":
+            rows = {k: (v.pin_memory() if self._pin else v).to(self.device, non_blocking=True) for k, v in rows.items()}
+        return rows
+
+    def result(self, handle) -> TeacherOutput:
+        if self.reader.format == "full":
+            return TeacherOutput(handle["logits"])
+        from ..losses.compressed import TopKTeacher
+
+        return TeacherOutput(TopKTeacher(values=handle["values"], indices=handle["indices"],
+                                         label_logit=handle["label"], fill=handle["fill"],
+                                         num_classes=self.reader.num_classes))
+
+    def close(self) -> None:
+        self.reader._open.clear()
+
+
+__all__ = ["CachedTeacher", "check_cache", "epochs_needed"]

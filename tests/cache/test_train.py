@@ -1,0 +1,137 @@
+"""fastkd train --teacher-cache: bit-identical to the online teacher with a full fp32 cache; the
+loss from bf16/fp16/top-k caches stays within a bound of the dense one; a cache that does not
+match the run is refused naming the field."""
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastkd import cli
+from fastkd.cache import CacheReader
+from fastkd.engine.metrics import read_metrics
+
+TRAIN = ["train", "--data-backend", "torch", "--student", "fastkd:resnet8", "--method", "kd", "--epochs", "2",
+         "--batch-size", "8", "--image-size", "16", "--device", "cpu", "--workers", "0", "--seed", "3",
+         "--log-interval", "3"]
+
+
+def build(root, ckpt, out, *extra, epochs=2, seed=3, image_size=16):
+    args = ["cache", "build", "--data", root, "--data-backend", "torch", "--teacher", "fastkd:resnet8",
+            "--teacher-checkpoint", ckpt, "--image-size", image_size, "--batch-size", "8", "--workers", "0",
+            "--device", "cpu", "--seed", seed, "--epochs", epochs, "--output", out, *extra]
+    assert cli.main([str(a) for a in args]) == 0
+
+
+@pytest.fixture(scope="module")
+def full_cache(tiny_jpegs, teacher_ckpt, tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("c") / "full"
+    build(tiny_jpegs, teacher_ckpt, out)
+    return out
+
+
+def weights(run: Path) -> dict:
+    return torch.load(run / "last.pt", map_location="cpu", weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("method", ["kd", "dist"])
+def test_full_fp32_cache_trains_bit_identical_weights(full_cache, tiny_jpegs, teacher_ckpt, tmp_path, method):
+    base = [str(a) for a in [*TRAIN, "--data", tiny_jpegs]]
+    base[base.index("kd")] = method
+    online, cached = tmp_path / "online", tmp_path / "cached"
+    assert cli.main([*base, "--teacher", "fastkd:resnet8", "--teacher-checkpoint", str(teacher_ckpt),
+                     "--output", str(online)]) == 0
+    assert cli.main([*base, "--teacher-cache", str(full_cache), "--output", str(cached)]) == 0
+    a, b = weights(online), weights(cached)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ra, rb = read_metrics(online / "metrics.jsonl", "epoch"), read_metrics(cached / "metrics.jsonl", "epoch")
+    assert [r["train_loss"] for r in ra] == [r["train_loss"] for r in rb]
+    assert "teacher_top1" in ra[-1] and "teacher_top1" not in rb[-1]  # no teacher model, no teacher metrics
+
+
+def loss_inputs(cache: Path, tiny_jpegs):
+    """A batch's student logits, labels and the dense fp32 teacher rows of the full cache."""
+    from fastkd.data import build_index
+
+    idx = np.arange(0, 45, 3)
+    labels = torch.from_numpy(build_index(tiny_jpegs, train=True).labels[idx])
+    dense = CacheReader(cache).rows(1, idx)["logits"] * 3  # sharper rows: more top-k error to bound
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(len(idx), 4, generator=g, dtype=torch.float32) * 3
+    return idx, z, labels, dense
+
+
+METHODS = {"kd": dict(temperature=2.0), "ats": {}, "isats": {}, "dkd": {}, "dist": {}}
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_cache_loss_within_the_rounding_bound(full_cache, tiny_jpegs, tmp_path, dtype):
+    from fastkd.cache import store
+    from fastkd.losses import DistillLoss
+
+    idx, z, y, dense = loss_inputs(full_cache, tiny_jpegs)
+    rounded = store.from_storage(store.to_storage(dense, dtype), dtype)  # what the cache stores
+    delta = (rounded.float() - dense).abs()
+    assert delta.max() > 0  # the rounding is real
+    for method, params in METHODS.items():
+        loss = DistillLoss(method, ce_weight=0.0, kd_weight=1.0, backend="torch", **params)
+        ref, got = loss(z, dense, y), loss(z, rounded, y)
+        grad = torch.zeros_like(dense)  # d loss / d teacher logits by central differences (the loss detaches v)
+        for i in range(dense.shape[0]):
+            for c in range(dense.shape[1]):
+                e = torch.zeros_like(dense)
+                e[i, c] = 1e-2
+                grad[i, c] = (loss(z, dense + e, y) - loss(z, dense - e, y)) / 2e-2
+        bound = 2 * float((grad.abs() * delta).sum()) + 1e-6  # first order, with a factor 2 of slack
+        assert abs(float(got) - float(ref)) <= bound, (method, float(got), float(ref), bound)
+
+
+def test_topk_cache_loss_within_the_compression_bound(full_cache, tiny_jpegs, teacher_ckpt, tmp_path):
+    from fastkd.cache.source import CachedTeacher
+    from fastkd.losses import DistillLoss
+    from fastkd.losses.compressed import compress_topk, densify
+
+    idx, z, y, dense = loss_inputs(full_cache, tiny_jpegs)
+    t = compress_topk(dense, y, 1)
+    for method, params in METHODS.items():
+        loss = DistillLoss(method, ce_weight=0.0, kd_weight=1.0, backend="torch", **params)
+        got, on_dense_row = loss(z, t, y), loss(z, densify(t, y), y)
+        assert torch.isfinite(got) and abs(float(got) - float(on_dense_row)) < 1e-6, method
+    # KD at T = 1 keeps the absent mass m; per row |dKL| <= m (log n + spread of log q over the n absent classes)
+    kd = DistillLoss("kd", ce_weight=0.0, kd_weight=1.0, temperature=1.0, backend="torch")
+    ref, got = float(kd(z, dense, y)), float(kd(z, t, y))
+    p, logq = dense.double().softmax(1), z.double().log_softmax(1)
+    absent = torch.ones_like(dense, dtype=torch.bool)
+    absent.scatter_(1, t.indices, False)
+    absent.scatter_(1, y[:, None], False)
+    bounds = []
+    for i in range(len(idx)):
+        a = absent[i]
+        m, n = float(p[i, a].sum()), int(a.sum())
+        spread = float(logq[i, a].max() - logq[i, a].min()) if n else 0.0
+        bounds.append(m * (math.log(n) + spread) if n else 0.0)
+    assert abs(got - ref) <= sum(bounds) / len(bounds) + 1e-6
+    assert abs(got - ref) > 0  # compression is lossy here: the bound is not vacuous
+    # and the cache serves exactly these compressed rows
+    out = tmp_path / "topk"
+    build(tiny_jpegs, teacher_ckpt, out, "--format", "topk", "--top-k", "1")
+    rows = CacheReader(out).rows(1, idx)
+    plain = compress_topk(CacheReader(full_cache).rows(1, idx)["logits"], y, 1)
+    assert torch.equal(rows["indices"], plain.indices) and torch.equal(rows["fill"], plain.fill.float())
+
+
+def test_topk_cache_trains(tiny_jpegs, teacher_ckpt, tmp_path):
+    cache = tmp_path / "topk"
+    build(tiny_jpegs, teacher_ckpt, cache, "--format", "topk", "--top-k", "2", "--dtype", "fp16", epochs=1)
+    run = tmp_path / "run"
+    args = [str(a) for a in [*TRAIN, "--data", tiny_jpegs, "--teacher-cache", cache, "--output", run]]
+    args[args.index("--epochs") + 1] = "1"
+    assert cli.main(args) == 0
+    rec = read_metrics(run / "metrics.jsonl", "epoch")[-1]
+    assert math.isfinite(rec["train_loss"]) and rec["train_kd"] > 0
