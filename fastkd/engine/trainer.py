@@ -186,6 +186,10 @@ class Trainer:
     def __init__(self, cfg: C.TrainConfig, teacher_source=None):
         C.validate(cfg)
         self.cfg = cfg
+        if teacher_source is None and cfg.teacher_cache is not None:
+            from ..cache.source import CachedTeacher  # --teacher-cache DIR: no teacher model
+
+            teacher_source = CachedTeacher.for_trainer
         self._teacher_source_arg = teacher_source
         if cfg.deterministic:
             # cuBLAS needs this before its first use to be deterministic.
