@@ -135,3 +135,72 @@ def test_topk_cache_trains(tiny_jpegs, teacher_ckpt, tmp_path):
     assert cli.main(args) == 0
     rec = read_metrics(run / "metrics.jsonl", "epoch")[-1]
     assert math.isfinite(rec["train_loss"]) and rec["train_kd"] > 0
+
+
+def _copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--seed", "4"], "seed: cache has 3, this run has 4"),
+    (["--image-size", "12"], "image size (teacher view): cache has 16, this run has 12"),
+    (["--teacher-image-size", "20"], "image size (teacher view): cache has 16, this run has 20"),
+    (["--epochs", "3"], "epochs not covered: this run needs epoch(s) 2, the cache holds 0-1"),
+    ("other-teacher", "teacher: cache has 'fastkd:resnet8', this run names 'fastkd:resnet20'"),
+    ("other-checkpoint", "teacher checkpoint: "),
+    ("renamed-file", "data index (paths and labels): the cache was built on another file list"),
+    ("relabelled", "data index (paths and labels)"),
+    ("fewer-classes", "classes: cache has 4, this run has 3"),
+    ("augmentation", "augmentation: cache has"),
+])
+def test_a_cache_that_does_not_match_the_run_is_refused(full_cache, tiny_jpegs, teacher_ckpt, tmp_path, caplog,
+                                                       change, message):
+    data, cache, extra = tiny_jpegs, full_cache, []
+    if change == "other-checkpoint":
+        from fastkd.models import create_model
+
+        other = tmp_path / "other.pt"
+        torch.save(create_model("fastkd:resnet8", 4).state_dict(), other)
+        extra = ["--teacher", "fastkd:resnet8", "--teacher-checkpoint", str(other)]
+    elif change == "other-teacher":
+        extra = ["--teacher", "fastkd:resnet20", "--teacher-checkpoint", str(teacher_ckpt)]
+    elif change == "renamed-file":
+        data = _copy_tree(tiny_jpegs, tmp_path / "data")
+        first = sorted((data / "train" / "class1").iterdir())[0]
+        first.rename(first.with_name("renamed.jpg"))
+    elif change == "relabelled":
+        data = _copy_tree(tiny_jpegs, tmp_path / "data")
+        first = sorted((data / "train" / "class1").iterdir())[0]
+        first.rename(data / "train" / "class2" / first.name)
+    elif change == "fewer-classes":
+        data = _copy_tree(tiny_jpegs, tmp_path / "data")
+        for split in ("train", "val"):
+            shutil.rmtree(data / split / "class3")
+    elif change == "augmentation":
+        cache = _copy_tree(full_cache, tmp_path / "cache")
+        m = json.loads((cache / "manifest.json").read_text())
+        m["augmentation"]["scale"] = [0.35, 1.0]
+        (cache / "manifest.json").write_text(json.dumps(m))
+    else:
+        extra = change
+    args = [str(a) for a in [*TRAIN, "--data", data, "--teacher-cache", cache, "--output", tmp_path / "run"]]
+    for flag, value in zip(extra[::2], extra[1::2]):
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    assert cli.main(args) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "\n" not in errors[0], errors
+    assert "does not match this run: " + message in errors[0], errors[0]
+
+
+def test_not_a_cache_and_dpk_are_refused(full_cache, tiny_jpegs, tmp_path, caplog):
+    base = [str(a) for a in [*TRAIN, "--data", tiny_jpegs, "--output", tmp_path / "run"]]
+    assert cli.main([*base, "--teacher-cache", str(tmp_path)]) == 2
+    assert "is not a teacher cache: it has no manifest.json" in caplog.text
+    args = [*base, "--teacher-cache", str(full_cache)]
+    args[args.index("kd")] = "dpk"
+    assert cli.main(args) == 2
+    assert "--method dpk distils teacher features, which a --teacher-cache does not hold" in caplog.text
