@@ -12,8 +12,9 @@ so a config file and a command line read the same. Resolution order (timm, nanoG
    (device, AMP, learning rate, loss weights) and writes the resolved config to
    ``OUTPUT/config.yaml``.
 
-Fields carry their help text, their argparse group and (for method parameters) the methods
-they apply to, so the CLI is generated from this file and stays in step with it.
+Fields carry their help text and their argparse group, so the CLI is generated from this file
+and stays in step with it; which method a loss-parameter field feeds, the default loss weights and
+the resolved YAML's parameter values come from the one method table, :mod:`fastkd.losses.methods`.
 """
 from __future__ import annotations
 
@@ -28,23 +29,18 @@ from pathlib import Path
 from typing import Optional
 
 from ..losses import METHODS as LOSS_METHODS
+from ..losses import methods as M
 
 METHODS = LOSS_METHODS + ("dpk",)
 OPTIMIZERS = ("sgd", "adamw", "lamb")
-SCHEDULES = ("cosine", "step")
+SCHEDULES = ("cosine", "step", "multistep")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 LOSS_BACKENDS = ("auto", "torch", "triton")
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-# Loss weights (ce_weight, kd_weight) when not given: the common ImageNet settings of methods.md.
-DEFAULT_WEIGHTS = {
-    "ce": (1.0, 0.0),
-    "kd": (0.5, 0.5),
-    "ats": (0.5, 0.5),
-    "isats": (0.5, 0.5),
-    "dkd": (1.0, 1.0),
-    "dist": (1.0, 2.0),
-}
+# Loss weights (ce_weight, kd_weight) when not given: the common ImageNet settings of methods.md,
+# from the one method table (fastkd.losses.methods), as is which method each parameter field feeds.
+DEFAULT_WEIGHTS = {name: tuple(m.weights) for name, m in M.METHOD_TABLE.items()}
 # The reference learning rate for a global batch of 256 (the linear scaling rule, see resolve_lr).
 DEFAULT_LR_BASE = {"sgd": 0.1, "adamw": 1e-3, "lamb": 5e-3}
 
@@ -53,12 +49,10 @@ class ConfigError(ValueError):
     """A bad key, value or combination in a config file or on the command line."""
 
 
-def _f(default, help, group, *, choices=None, methods=None, metavar=None):
+def _f(default, help, group, *, choices=None, metavar=None):
     meta = {"help": help, "group": group}
     if choices is not None:
         meta["choices"] = choices
-    if methods is not None:
-        meta["methods"] = methods  # only meaningful for these (logit) methods
     if metavar is not None:
         meta["metavar"] = metavar
     if isinstance(default, list):
@@ -79,6 +73,8 @@ class TrainConfig:
     teacher_image_size: Optional[int] = _f(None, "teacher input size, cut from the same crop (default: --image-size)",
                                            "data")
     workers: Optional[int] = _f(None, "loader worker threads per process (default: the loader's choice)", "data")
+    skip_corrupt: bool = _f(False, "skip image files that fail to decode instead of stopping (each epoch's count "
+                            "is logged and written to metrics.jsonl as skipped_files)", "data")
     synthetic_samples: Optional[int] = _f(None, "--data-backend synthetic without --data: training samples "
                                           "(validation gets the same count / 25)", "data")
     synthetic_classes: Optional[int] = _f(None, "--data-backend synthetic without --data: class count", "data")
@@ -90,6 +86,8 @@ class TrainConfig:
     teacher_checkpoint: Optional[str] = _f(None, "teacher weights: a fastkd checkpoint or a state_dict file",
                                            "models", metavar="PATH")
     student_checkpoint: Optional[str] = _f(None, "initial student weights (optional)", "models", metavar="PATH")
+    random_teacher: bool = _f(False, "allow a teacher without --teacher-checkpoint (randomly initialised: for "
+                              "benchmarks only, useless for distillation)", "models")
     teacher_cache: Optional[str] = _f(None, "read the teacher's logits from a cache built by 'fastkd cache build' "
                                       "instead of running the teacher (logit methods only)", "models", metavar="DIR")
     # ---- method ----------------------------------------------------------------------------
@@ -102,21 +100,17 @@ class TrainConfig:
     label_smoothing: float = _f(0.0, "label smoothing of the CE term", "method")
     loss_backend: str = _f("auto", "loss backend (auto: fused Triton kernels on CUDA, PyTorch reference on CPU)",
                            "method", choices=LOSS_BACKENDS)
-    temperature: Optional[float] = _f(None, "KD / DKD / DIST temperature (default: fastkd.DistillLoss's)", "method",
-                                      methods=("kd", "dkd", "dist"))
-    tau_target: Optional[float] = _f(None, "ATS/ISATS teacher temperature on the label class", "method",
-                                     methods=("ats", "isats"))
-    tau_other: Optional[float] = _f(None, "ATS teacher temperature on the other classes", "method",
-                                    methods=("ats",))
-    student_temperature: Optional[float] = _f(None, "ATS/ISATS student temperature", "method",
-                                              methods=("ats", "isats"))
+    temperature: Optional[float] = _f(None, "KD / DKD / DIST temperature (default: fastkd.DistillLoss's)", "method")
+    tau_target: Optional[float] = _f(None, "ATS/ISATS teacher temperature on the label class", "method")
+    tau_other: Optional[float] = _f(None, "ATS teacher temperature on the other classes", "method")
+    student_temperature: Optional[float] = _f(None, "ATS/ISATS student temperature", "method")
     isats_candidates: Optional[list[float]] = _f(None, "ISATS candidate temperatures (default: 16 values in "
-                                                 "[0.5, tau_target])", "method", methods=("isats",))
-    dkd_alpha: Optional[float] = _f(None, "DKD weight of TCKD", "method", methods=("dkd",))
-    dkd_beta: Optional[float] = _f(None, "DKD weight of NCKD", "method", methods=("dkd",))
-    dkd_warmup_epochs: Optional[float] = _f(None, "DKD warm-up epochs of the KD weight", "method", methods=("dkd",))
-    dist_beta: Optional[float] = _f(None, "DIST inter-class weight", "method", methods=("dist",))
-    dist_gamma: Optional[float] = _f(None, "DIST intra-class weight", "method", methods=("dist",))
+                                                 "[0.5, tau_target])", "method")
+    dkd_alpha: Optional[float] = _f(None, "DKD weight of TCKD", "method")
+    dkd_beta: Optional[float] = _f(None, "DKD weight of NCKD", "method")
+    dkd_warmup_epochs: Optional[float] = _f(None, "DKD warm-up epochs of the KD weight", "method")
+    dist_beta: Optional[float] = _f(None, "DIST inter-class weight", "method")
+    dist_gamma: Optional[float] = _f(None, "DIST intra-class weight", "method")
     tolerant_eta: Optional[float] = _f(None, "teacher training (--method ce) with the tolerant-teacher loss "
                                        "CE + eta * gap (our reconstruction of Yang et al. 2018)", "method")
     tolerant_k: Optional[int] = _f(None, "tolerant-teacher K: the gap is top-1 minus the mean of the next K-1 "
@@ -145,7 +139,9 @@ class TrainConfig:
     warmup_epochs: float = _f(0.0, "linear learning-rate warm-up (epochs, fractional allowed)", "optim")
     min_lr: float = _f(0.0, "cosine: final learning rate", "optim")
     decay_epochs: float = _f(30.0, "step: epochs between decays", "optim")
-    decay_rate: float = _f(0.1, "step: decay factor", "optim")
+    decay_milestones: Optional[list[float]] = _f(None, "multistep: the epochs at which the rate is multiplied by "
+                                                 "--decay-rate (e.g. 150 180 210)", "optim")
+    decay_rate: float = _f(0.1, "step/multistep: decay factor", "optim")
     clip_grad: Optional[float] = _f(None, "clip the student's gradient norm to this value", "optim")
     # ---- performance -----------------------------------------------------------------------
     device: str = _f("auto", "cpu, cuda, cuda:N or auto (CUDA when available; under torchrun cuda:LOCAL_RANK)",
@@ -159,11 +155,17 @@ class TrainConfig:
                           "oracle of the concurrent teacher stream)", "performance")
     deterministic: bool = _f(False, "deterministic algorithms (torch.use_deterministic_algorithms), no cuDNN "
                              "autotuning", "performance")
+    threads: Optional[int] = _f(None, "math threads of this process (torch.set_num_threads; default: on CPU "
+                                "half the cores, at most 8, leaving the rest to the loader; OMP_NUM_THREADS is "
+                                "respected; on CUDA PyTorch's default)", "performance")
+    dist_timeout: float = _f(600.0, "DDP: seconds a collective waits for the other processes before the run "
+                             "fails (a stopped or crashed rank otherwise blocks the rest; gloo's own default is "
+                             "30 minutes); raise it if checkpoints or validation take longer", "performance")
     # ---- run -------------------------------------------------------------------------------
     output: str = _f("runs/fastkd", "output directory (config, metrics.jsonl, checkpoints)", "run", metavar="DIR")
     resume: Optional[str] = _f(None, "'auto' (newest valid checkpoint in --output, if any) or a checkpoint path",
                                "run", metavar="PATH|auto")
-    seed: int = _f(0, "random seed (model init, data order, augmentation)", "run")
+    seed: int = _f(0, "random seed (model init, data order, augmentation), in [0, 2**63)", "run")
     save_every: int = _f(0, "also keep epoch_N.pt every N epochs (0: only last.pt and best.pt)", "run")
     checkpoint_interval: int = _f(0, "also write last.pt every N training steps within an epoch (0: at epoch "
                                   "ends only)", "run")
@@ -171,6 +173,11 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def field_methods(name: str) -> tuple:
+    """The logit methods a loss-parameter field applies to (from the method table); () for others."""
+    return M.methods_using(name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,14 +262,89 @@ def find_config(path_or_name: str) -> Path:
     raise ConfigError(f"config file {path_or_name!r} does not exist (shipped presets: {', '.join(presets()) or 'none'})")
 
 
-def load_yaml(path_or_name) -> dict:
-    """Read a config file into ``{key: checked value}``; unknown keys and bad values are errors."""
+# Names users reach for that are spelled differently here (suggested for an unknown key).
+ALIASES = {
+    "learning_rate": "lr", "base_lr": "lr_base", "bs": "batch_size", "batch": "batch_size",
+    "wd": "weight_decay", "decay": "weight_decay", "num_epochs": "epochs", "n_epochs": "epochs",
+    "epoch": "epochs", "max_epochs": "epochs", "optimizer": "opt", "optim": "opt", "scheduler": "sched",
+    "lr_scheduler": "sched", "schedule": "sched", "warmup": "warmup_epochs", "warmup_epoch": "warmup_epochs",
+    "t": "temperature", "temp": "temperature", "tau": "temperature", "T": "temperature",
+    "alpha": "kd_weight", "beta": "dkd_beta", "kd_loss_weight": "kd_weight", "ce_loss_weight": "ce_weight",
+    "num_workers": "workers", "data_dir": "data", "data_path": "data", "dataset": "data", "root": "data",
+    "output_dir": "output", "out": "output", "out_dir": "output", "save_dir": "output",
+    "model": "student", "arch": "student", "student_model": "student", "teacher_model": "teacher",
+    "mixed_precision": "amp", "precision": "amp", "fp16": "amp", "bf16": "amp",
+    "img_size": "image_size", "input_size": "image_size", "resolution": "image_size",
+    "milestones": "decay_milestones", "lr_decay_epochs": "decay_milestones", "gamma": "decay_rate",
+    "lr_decay_rate": "decay_rate", "clip_grad_norm": "clip_grad", "grad_clip": "clip_grad",
+    "smoothing": "label_smoothing", "num_threads": "threads", "timeout": "dist_timeout",
+}
+# The first line of a resolved config (OUTPUT/config.yaml): such a file records its run's folder
+# under ``output:``, but loading it never sends a new run there (see :func:`load_yaml`).
+RESOLVED_MARKER = "# fastkd resolved config"
+
+
+def suggest(name: str) -> str:
+    """`` (did you mean 'lr'?)`` for an unknown key: known aliases first, then close spellings."""
+    if name in ALIASES:
+        return f" (did you mean {ALIASES[name]!r}?)"
+    if name.lower() in ALIASES:
+        return f" (did you mean {ALIASES[name.lower()]!r}?)"
+    close = difflib.get_close_matches(name, FIELDS, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _unique_key_loader():
+    """A yaml SafeLoader whose mappings refuse a key given twice (PyYAML keeps the last silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: let PyYAML report it
+                continue
+            if first is not None:
+                raise ConfigError(f"key {key!r} appears twice (lines {first} and {key_node.start_mark.line + 1}); "
+                                  f"keep one")
+            seen[key] = key_node.start_mark.line + 1
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return UniqueKeyLoader
+
+
+def is_resolved_config(path) -> bool:
+    """True for a run's resolved ``config.yaml`` (written by the engine, first line the marker)."""
+    try:
+        with open(path) as fh:
+            return fh.readline().startswith(RESOLVED_MARKER)
+    except OSError:
+        return False
+
+
+def load_yaml(path_or_name, *, drop_resolved_output: bool = True) -> dict:
+    """Read a config file into ``{key: checked value}``; unknown keys, keys given twice and bad values
+    are errors.
+
+    The rule for ``output``: a config written by hand may name the run's folder; a run's resolved
+    ``config.yaml`` records where that run went, but that entry is dropped on load (with
+    ``drop_resolved_output``), so reusing or copying a resolved config never sends a new run, or
+    ``--resume auto``, into the original run's folder. :func:`from_args` then asks for ``--output``.
+    """
     import yaml
 
     path = find_config(os.fspath(path_or_name))
     try:
         with open(path) as fh:
-            raw = yaml.safe_load(fh)
+            raw = yaml.load(fh, Loader=_unique_key_loader())
+    except ConfigError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path}: not valid YAML: {exc}") from None
     if raw is None:
@@ -273,10 +355,10 @@ def load_yaml(path_or_name) -> dict:
     for key, value in raw.items():
         name = str(key).replace("-", "_")
         if name not in FIELDS:
-            close = difflib.get_close_matches(name, FIELDS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"config file {path}: unknown key {key!r}{hint}")
+            raise ConfigError(f"config file {path}: unknown key {key!r}{suggest(name)}")
         out[name] = _coerce(name, value, f"config file {path}")
+    if drop_resolved_output and "output" in out and is_resolved_config(path):
+        del out["output"]
     return out
 
 
@@ -284,7 +366,9 @@ def to_yaml(cfg: TrainConfig, extra: Optional[dict] = None) -> str:
     import yaml
 
     data = dataclasses.asdict(cfg)
-    text = yaml.safe_dump(data, sort_keys=False)
+    text = (f"{RESOLVED_MARKER}: every setting of the run in {cfg.output}. Loading this file never redirects\n"
+            f"# a run here: its output: entry is ignored, give --output (the same folder to continue this run).\n")
+    text += yaml.safe_dump(data, sort_keys=False)
     if extra:
         text += "# resolved at run time (informational; not read back):\n"
         text += "".join(f"# {line}\n" for line in yaml.safe_dump(extra, sort_keys=False).splitlines())
@@ -326,8 +410,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         meta = f.metadata
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_ = meta["help"]
-        if meta.get("methods"):
-            help_ += f" [{', '.join(meta['methods'])}]"
+        if field_methods(name):
+            help_ += f" [{', '.join(field_methods(name))}]"
         if default is not None and kind != "bool":
             help_ += f" (default: {default})"
         kw = dict(default=argparse.SUPPRESS, help=help_, dest=name)
@@ -349,12 +433,28 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
     config_path = getattr(args, "config", None)
     if config_path:
         values.update(load_yaml(config_path))
+        if not hasattr(args, "output") and "output" not in values and is_resolved_config(find_config(config_path)):
+            raise ConfigError(f"--config {config_path} is the resolved config of another run, and it never "
+                              f"chooses the output folder: give --output DIR (that run's own folder to continue it)")
     for name in FIELDS:
         if hasattr(args, name):
             values[name] = _coerce(name, getattr(args, name), f"flag {flag(name)}")
     cfg = TrainConfig(**values)
     validate(cfg)
+    check_teacher_weights(cfg)
     return cfg
+
+
+def check_teacher_weights(cfg: TrainConfig) -> None:
+    """The command line refuses to distil from a randomly initialised teacher unless asked to.
+
+    (The Python API, :func:`make_config`, allows it with a warning at run time: tests and
+    benchmarks build such runs on purpose.)
+    """
+    if cfg.teacher is not None and needs_teacher(cfg) and cfg.teacher_checkpoint is None and not cfg.random_teacher:
+        raise ConfigError(f"--method {cfg.method} distils from the teacher {cfg.teacher}, but no --teacher-checkpoint "
+                          f"PATH is given: its weights would be random; pass --random-teacher to allow that "
+                          f"(benchmarks only)")
 
 
 def make_config(**overrides) -> TrainConfig:
@@ -418,6 +518,19 @@ def validate(cfg: TrainConfig) -> None:
         v = getattr(cfg, name)
         need(v is None or (math.isfinite(v) and v > 0), f"{flag(name)} must be a finite number > 0, got {v}")
     need(0 < cfg.decay_rate <= 1, f"--decay-rate must be in (0, 1], got {cfg.decay_rate}")
+    need(0 <= cfg.seed < 2**63, f"--seed must be in [0, 2**63), got {cfg.seed}")
+    need(cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}")
+    need(cfg.lr is None or cfg.min_lr <= cfg.lr, f"--min-lr ({cfg.min_lr:g}) must not exceed --lr ({cfg.lr or 0:g})")
+    need(cfg.threads is None or cfg.threads >= 1, f"--threads must be >= 1, got {cfg.threads}")
+    need(math.isfinite(cfg.dist_timeout) and cfg.dist_timeout > 0,
+         f"--dist-timeout must be a finite number of seconds > 0, got {cfg.dist_timeout}")
+    if cfg.sched == "multistep":
+        m = cfg.decay_milestones
+        need(bool(m), "--sched multistep needs --decay-milestones EPOCH [EPOCH ...]")
+        need(all(0 < a < b for a, b in zip([0.0] + m, m)) and m[-1] <= cfg.epochs,
+             f"--decay-milestones must increase within (0, epochs={cfg.epochs}], got {m}")
+    else:
+        need(cfg.decay_milestones is None, f"--decay-milestones applies to --sched multistep, not {cfg.sched!r}")
     need(cfg.label_smoothing <= 1, f"--label-smoothing must be in [0, 1], got {cfg.label_smoothing}")
     need(cfg.warmup_epochs < cfg.epochs or cfg.warmup_epochs == 0,
          f"--warmup-epochs ({cfg.warmup_epochs}) must be shorter than --epochs ({cfg.epochs})")
@@ -430,7 +543,7 @@ def validate(cfg: TrainConfig) -> None:
     lm = logit_method(cfg)
     # Method parameters that the chosen method would not use are errors, never silently ignored.
     for name, f in FIELDS.items():
-        methods = f.metadata.get("methods")
+        methods = field_methods(name)
         if methods and getattr(cfg, name) is not None and lm not in methods:
             raise ConfigError(f"{flag(name)} applies to --method {'/'.join(methods)}, not {lm!r}"
                               + (" (the logit term of dpk, --dpk-logit)" if cfg.method == "dpk" else ""))
@@ -443,6 +556,10 @@ def validate(cfg: TrainConfig) -> None:
              and cfg.dpk_teacher_stages is None, "--dpk-* options need --method dpk")
     if lm == "ce" and cfg.method != "dpk":
         need(cfg.kd_weight in (None, 0.0), "--kd-weight needs a distillation method (--method ce has no KD term)")
+    if lm == "ce" and cfg.method == "dpk":
+        need(cfg.kd_weight in (None, 0.0), "--kd-weight weights a logit KD term, and --method dpk adds none with "
+                                           "--dpk-logit ce: choose one (e.g. --dpk-logit kd), or weight the DPK "
+                                           "feature term with --dpk-weight")
     ce_w, kd_w = weights(cfg)
     need(ce_w > 0 or kd_w > 0 or cfg.method == "dpk", "--ce-weight and --kd-weight are both 0: nothing to train")
     if needs_teacher(cfg):
@@ -458,6 +575,9 @@ def validate(cfg: TrainConfig) -> None:
         need(not cfg.teacher_cuda_graph, "--teacher-cuda-graph given but no teacher is used")
     if cfg.teacher_checkpoint is not None:
         need(cfg.teacher is not None, "--teacher-checkpoint needs --teacher NAME (the architecture)")
+    if cfg.random_teacher:
+        need(cfg.teacher is not None and cfg.teacher_checkpoint is None,
+             "--random-teacher means a teacher (--teacher NAME) without --teacher-checkpoint")
     if cfg.eskd_stop_epoch is not None:
         need(needs_teacher(cfg), "--eskd-stop-epoch needs a distillation method with a teacher")
         need(1 <= cfg.eskd_stop_epoch < cfg.epochs,

@@ -6,8 +6,10 @@ variables everything here degrades to a single process and every collective is a
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -54,8 +56,16 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
-def init(device_spec: str = "auto") -> DistInfo:
-    """Join torchrun's process group if launched by it (NCCL on CUDA, gloo on CPU)."""
+DEFAULT_TIMEOUT_S = 600.0
+
+
+def init(device_spec: str = "auto", timeout_s: Optional[float] = DEFAULT_TIMEOUT_S) -> DistInfo:
+    """Join torchrun's process group if launched by it (NCCL on CUDA, gloo on CPU).
+
+    ``timeout_s``: how long a collective waits for the other ranks before failing (``--dist-timeout``;
+    ``None`` keeps PyTorch's default, 30 minutes for gloo): a stopped or dead rank then ends the
+    run with an error instead of blocking every other process.
+    """
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
@@ -68,6 +78,8 @@ def init(device_spec: str = "auto") -> DistInfo:
         return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, initialized_here=False)
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
+    if timeout_s is not None:
+        kwargs["timeout"] = datetime.timedelta(seconds=float(timeout_s))
     dist.init_process_group(backend=backend, **kwargs)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, initialized_here=True)
 

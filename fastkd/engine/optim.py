@@ -36,16 +36,22 @@ def build_optimizer(name: str, params, *, lr: float, weight_decay: float, moment
 
 
 class LRSchedule:
-    """Learning-rate factor per optimizer step: linear warm-up, then cosine or step decay.
+    """Learning-rate factor per optimizer step: linear warm-up, then cosine, step or multistep decay.
+
+    ``step`` multiplies by ``decay_rate`` every ``decay_epochs``; ``multistep`` at each epoch of
+    ``milestones`` (e.g. 150, 180, 210 of 240: the CIFAR setting of CRD / mdistiller).
 
     A callable object (not a lambda) so that ``LambdaLR.state_dict()`` saves it with the
     checkpoint.
     """
 
     def __init__(self, kind: str, steps_per_epoch: int, epochs: int, warmup_epochs: float = 0.0,
-                 min_lr_ratio: float = 0.0, decay_epochs: float = 30.0, decay_rate: float = 0.1):
-        if kind not in ("cosine", "step"):
-            raise ValueError(f"unknown schedule {kind!r}; expected cosine or step")
+                 min_lr_ratio: float = 0.0, decay_epochs: float = 30.0, decay_rate: float = 0.1,
+                 milestones=None):
+        if kind not in ("cosine", "step", "multistep"):
+            raise ValueError(f"unknown schedule {kind!r}; expected cosine, step or multistep")
+        if kind == "multistep" and not milestones:
+            raise ValueError("the multistep schedule needs milestones (epochs)")
         self.kind = kind
         self.steps_per_epoch = int(steps_per_epoch)
         self.total = int(steps_per_epoch) * int(epochs)
@@ -53,12 +59,15 @@ class LRSchedule:
         self.min_lr_ratio = float(min_lr_ratio)
         self.decay_steps = max(1, int(round(decay_epochs * steps_per_epoch)))
         self.decay_rate = float(decay_rate)
+        self.milestone_steps = [int(round(m * steps_per_epoch)) for m in (milestones or ())]
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:
             return (step + 1) / self.warmup
         if self.kind == "step":
             return self.decay_rate ** (step // self.decay_steps)
+        if self.kind == "multistep":
+            return self.decay_rate ** sum(step >= m for m in self.milestone_steps)
         t = (step - self.warmup) / max(1, self.total - self.warmup)
         t = min(max(t, 0.0), 1.0)
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))

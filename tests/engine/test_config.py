@@ -20,7 +20,7 @@ def test_flags_override_the_file(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("student: fastkd:resnet8\nteacher: fastkd:resnet20\nmethod: ats\nepochs: 7\nlr: 0.2\n"
                  "tau-target: 5\nchannels_last: true\n")
-    cfg = parse(["--config", str(f), "--data", "/d", "--epochs", "3", "--no-channels-last"])
+    cfg = parse(["--config", str(f), "--data", "/d", "--epochs", "3", "--no-channels-last", "--random-teacher"])
     assert (cfg.epochs, cfg.lr, cfg.method, cfg.tau_target, cfg.channels_last) == (3, 0.2, "ats", 5.0, False)
     assert cfg.data == "/d" and cfg.teacher == "fastkd:resnet20"
 
@@ -141,3 +141,92 @@ def test_cli_reports_a_missing_data_folder(tmp_path, caplog):
                        "--device", "cpu", "--output", str(tmp_path / "out")])
     assert rc == 2
     assert "nowhere" in caplog.text and "does not exist" in caplog.text
+
+
+# ---- issue 11 item 17, issue 12 items 5, 6, 10: refusals and hints ------------------------------
+@pytest.mark.parametrize("overrides, match", [
+    (dict(seed=-1), r"--seed must be in \[0, 2\*\*63\), got -1"),
+    (dict(momentum=5.0), r"--momentum must be in \[0, 1\), got 5.0"),
+    (dict(lr=0.1, min_lr=0.5), r"--min-lr \(0.5\) must not exceed --lr \(0.1\)"),
+    (dict(threads=0), "--threads must be >= 1"),
+    (dict(dist_timeout=0.0), "--dist-timeout must be a finite number of seconds > 0"),
+    (dict(sched="multistep"), "--sched multistep needs --decay-milestones"),
+    (dict(sched="multistep", epochs=10, decay_milestones=[5.0, 3.0]), "--decay-milestones must increase"),
+    (dict(decay_milestones=[5.0]), "--decay-milestones applies to --sched multistep"),
+    # issue 11 item 7: --kd-weight was recorded for DPK and the loss got 0
+    (dict(method="dpk", teacher="fastkd:resnet20", kd_weight=0.5), "--kd-weight weights a logit KD term.*--dpk-logit"),
+    (dict(random_teacher=True), "--random-teacher means a teacher"),
+])
+def test_more_bad_values_are_refused_early(overrides, match):
+    with pytest.raises(C.ConfigError, match=match):
+        C.make_config(**{**BASE, "method": "ce", **overrides})
+
+
+def test_min_lr_above_the_derived_lr_is_refused_at_run_time(tmp_path):
+    from fastkd.engine.trainer import train
+
+    cfg = C.make_config(data_backend="synthetic", synthetic_samples=32, synthetic_classes=4, image_size=8,
+                        batch_size=32, student="fastkd:resnet8", method="ce", epochs=1, min_lr=0.5,
+                        device="cpu", output=str(tmp_path / "run"))
+    with pytest.raises(C.ConfigError, match=r"--min-lr \(0.5\) exceeds the learning rate of this run \(0.0125"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()  # the failed run leaves no empty output folder
+
+
+def test_dpk_kd_weight_with_a_kd_logit_term_reaches_the_loss():
+    cfg = C.make_config(**BASE, method="dpk", teacher="fastkd:resnet20", dpk_logit="kd", kd_weight=0.7)
+    assert C.weights(cfg) == (0.5, 0.7)
+
+
+def test_duplicate_yaml_key_is_an_error(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("student: fastkd:resnet8\nlr: 0.1\nepochs: 3\nlr: 0.2\n")
+    with pytest.raises(C.ConfigError, match=r"key 'lr' appears twice \(lines 2 and 4\)"):
+        C.load_yaml(f)
+
+
+@pytest.mark.parametrize("key, want", [("learning_rate", "lr"), ("bs", "batch_size"), ("wd", "weight_decay"),
+                                       ("num_epochs", "epochs"), ("optimizer", "opt"), ("milestones",
+                                                                                         "decay_milestones")])
+def test_unknown_keys_suggest_common_aliases(tmp_path, key, want):
+    f = tmp_path / "c.yaml"
+    f.write_text(f"{key}: 1\n")
+    with pytest.raises(C.ConfigError, match=f"unknown key '{key}' \\(did you mean '{want}'\\?\\)"):
+        C.load_yaml(f)
+
+
+def test_a_resolved_config_never_chooses_the_output_folder(tmp_path):
+    cfg = C.make_config(**BASE, method="ce", output=str(tmp_path / "a"))
+    C.save_yaml(cfg, tmp_path / "a.yaml")
+    assert C.is_resolved_config(tmp_path / "a.yaml")
+    assert "output" not in C.load_yaml(tmp_path / "a.yaml")
+    with pytest.raises(C.ConfigError, match="resolved config of another run.*give --output DIR"):
+        parse(["--config", str(tmp_path / "a.yaml")])
+    assert parse(["--config", str(tmp_path / "a.yaml"), "--output", str(tmp_path / "b")]).output == str(tmp_path / "b")
+    # a hand-written config may name its output
+    (tmp_path / "mine.yaml").write_text(f"student: fastkd:resnet8\nmethod: ce\noutput: {tmp_path / 'c'}\n")
+    assert parse(["--config", str(tmp_path / "mine.yaml"), "--data", "/d"]).output == str(tmp_path / "c")
+
+
+def test_a_teacher_without_weights_needs_random_teacher_on_the_command_line():
+    argv = ["--data", "/d", "--student", "fastkd:resnet8", "--teacher", "fastkd:resnet8", "--method", "kd"]
+    with pytest.raises(C.ConfigError, match="no --teacher-checkpoint PATH.*--random-teacher"):
+        parse(argv)
+    assert parse([*argv, "--random-teacher"]).random_teacher
+    assert parse([*argv, "--teacher-checkpoint", "t.pt"]).teacher_checkpoint == "t.pt"
+
+
+def test_method_parameter_fields_come_from_the_method_table():
+    from fastkd.losses import methods as M
+
+    for field, info in M.config_fields().items():
+        assert field in C.FIELDS, field
+        assert C.field_methods(field) == info.methods
+    assert C.DEFAULT_WEIGHTS == {name: tuple(m.weights) for name, m in M.METHOD_TABLE.items()}
+
+
+def test_dist_timeout_flag_documents_its_default():
+    parser = argparse.ArgumentParser()
+    C.add_arguments(parser)
+    help_ = parser.format_help()
+    assert "--dist-timeout" in help_ and "(default: 600.0)" in help_ and "30 minutes" in help_

@@ -33,3 +33,26 @@ def test_two_gloo_processes_count_validation_like_one(tiny_jpegs, tmp_path, run_
     for key in ("val_samples", "val_correct_top1", "val_correct_top5", "teacher_correct_top1", "agreement"):
         assert single[key] == record[key], key
     assert abs(single["kl"] - record["kl"]) < 1e-6
+
+
+def test_the_collective_timeout_reaches_the_process_group(monkeypatch):
+    # issue 11 item 15: a stopped rank blocked the others for gloo's default 30 minutes
+    import datetime
+
+    import torch.distributed as dist
+
+    from fastkd.engine import distributed as D
+
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    info = D.init("cpu", timeout_s=42.5)
+    assert info.world_size == 2 and seen["backend"] == "gloo"
+    assert seen["timeout"] == datetime.timedelta(seconds=42.5)
+    seen.clear()
+    D.init("cpu")
+    assert seen["timeout"] == datetime.timedelta(seconds=D.DEFAULT_TIMEOUT_S)

@@ -14,8 +14,8 @@ from fastkd.engine.metrics import read_metrics
 # one at each epoch end; a teacher, so the concurrent-teacher bookkeeping is part of the state.
 ARGS = ["train", "--data-backend", "synthetic", "--synthetic-samples", "320", "--synthetic-classes", "10",
         "--image-size", "12", "--batch-size", "32", "--student", "fastkd:resnet8", "--teacher", "fastkd:resnet8",
-        "--method", "kd", "--epochs", "2", "--checkpoint-interval", "4", "--lr", "0.05", "--warmup-epochs", "0.5",
-        "--device", "cpu", "--seed", "3", "--log-interval", "1", "--deterministic"]
+        "--method", "kd", "--random-teacher", "--epochs", "2", "--checkpoint-interval", "4", "--lr", "0.05", "--warmup-epochs", "0.5",
+        "--device", "cpu", "--seed", "3", "--log-interval", "1", "--deterministic", "--threads", "1"]
 TOTAL_STEPS = 20
 # Runs ``fastkd`` with a fault-injection hook installed (kill at a step or in a checkpoint write).
 KILL_RUN = str(Path(__file__).with_name("kill_run.py"))
@@ -194,3 +194,31 @@ def test_the_only_checkpoint_unreadable_says_what_happened_and_what_to_do(tmp_pa
         assert cli.main([*SMALL, "--output", str(out), "--resume", "auto"]) == 2
     assert "none can be used" in caplog.text and "last.pt" in caplog.text and "--resume PATH" in caplog.text
     assert "starting from scratch" not in caplog.text and "already holds a run" not in caplog.text
+
+
+def _small_run(out):
+    assert cli.main([*SMALL, "--output", str(out)]) == 0
+    return ckpt.load(out / "last.pt")
+
+
+def test_resume_refuses_another_student_before_loading(tmp_path, caplog):
+    # issue 12 item 4: a warning, then a 29-line state_dict traceback
+    out = tmp_path / "run"
+    _small_run(out)
+    args = [a if a != "fastkd:resnet8" else "fastkd:resnet20" for a in SMALL]
+    with caplog.at_level("ERROR", logger="fastkd"):
+        assert cli.main([*args, "--epochs", "2", "--output", str(out), "--resume", "auto"]) == 2
+    assert "trained with --student 'fastkd:resnet8', this run asks for 'fastkd:resnet20'" in caplog.text
+    assert "state_dict" not in caplog.text
+
+
+def test_resume_with_another_world_size_is_refused_clearly(tmp_path, caplog):
+    # issue 11 item 7: the old step count with the new steps per epoch and the old scaled LR
+    out = tmp_path / "run"
+    state = _small_run(out)
+    state["world_size"] = 2
+    state["rng"], state["loader"] = state["rng"] * 2, state["loader"] * 2
+    ckpt.save_atomic(state, out / "last.pt")
+    with caplog.at_level("ERROR", logger="fastkd"):
+        assert cli.main([*SMALL, "--epochs", "2", "--output", str(out), "--resume", "auto"]) == 2
+    assert "written by 2 process(es) and this run has 1" in caplog.text and "--student-checkpoint" in caplog.text
