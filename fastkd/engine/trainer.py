@@ -27,7 +27,6 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..losses import DistillLoss
-from ..losses import functional as lossF
 from ..losses import reference as ref
 from . import checkpoint as ckpt
 from . import config as C
@@ -44,8 +43,12 @@ logger = logging.getLogger("fastkd")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 IGNORE_INDEX = -100
 # Config keys that may differ between a checkpoint's run and the run resuming it.
+# Config keys that must be the same: the checkpoint's state cannot fit another value (checked
+# before anything is loaded, so the error names the setting, not a state_dict mismatch).
+_RESUME_SAME_KEYS = ("student", "teacher", "method", "dpk_logit", "opt", "image_size", "teacher_image_size",
+                     "dpk_stages", "dpk_teacher_stages")
 _RESUME_FREE_KEYS = {"resume", "output", "epochs", "log_interval", "device", "workers", "save_every",
-                     "checkpoint_interval", "data"}
+                     "checkpoint_interval", "data", "threads", "dist_timeout", "skip_corrupt"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,7 +197,7 @@ class Trainer:
         if cfg.deterministic:
             # cuBLAS needs this before its first use to be deterministic.
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        self.dist = D.init(cfg.device)
+        self.dist = D.init(cfg.device, timeout_s=cfg.dist_timeout)
         self.device = self.dist.device
         self.is_main = self.dist.is_main
         if not self.is_main:
@@ -226,7 +229,8 @@ class Trainer:
             tis = cfg.teacher_image_size
         common = dict(backend=cfg.data_backend, image_size=cfg.image_size, teacher_image_size=tis,
                       shard_id=self.dist.rank, num_shards=self.dist.world_size, seed=cfg.seed,
-                      num_threads=cfg.workers, device=self.device, channels_last=cfg.channels_last)
+                      num_threads=cfg.workers, device=self.device, channels_last=cfg.channels_last,
+                      skip_corrupt=cfg.skip_corrupt)
         if cfg.data_backend == "synthetic" and cfg.data is None:
             n = cfg.synthetic_samples
             common["synthetic_classes"] = cfg.synthetic_classes
@@ -291,21 +295,16 @@ class Trainer:
                 raise ValueError(f"--tolerant-k {k} needs at least {k} classes; the data set has {len(self.classes)}")
             self.loss_fn = TolerantTeacherLoss(ce_w, cfg.tolerant_eta, k, cfg.label_smoothing)
         else:
-            params = {}
-            names = {"temperature": "temperature", "tau_target": "tau_target", "tau_other": "tau_other",
-                     "student_temperature": "student_temperature", "isats_candidates": "candidates",
-                     "dkd_alpha": "alpha", "dkd_beta": "beta", "dkd_warmup_epochs": "warmup_epochs",
-                     "dist_beta": "beta", "dist_gamma": "gamma"}
-            for key, param in names.items():
-                value = getattr(cfg, key)
-                if value is not None:
-                    params[param] = value
+            from ..losses import methods as M
+
+            # Labels come from the loader's index (always in [0, C)) or are ignore_index for
+            # padding, so check_labels=False: the check would cost a device sync every step on CUDA.
             self.loss_fn = DistillLoss(lm, ce_weight=ce_w, kd_weight=kd_w if lm != "ce" else 0.0,
                                        label_smoothing=cfg.label_smoothing, ignore_index=IGNORE_INDEX,
-                                       backend=cfg.loss_backend, **params)
+                                       backend=cfg.loss_backend, check_labels=False, **M.loss_kwargs(lm, cfg))
         # After --eskd-stop-epoch (or without a teacher): the CE term alone, same weight.
         self.ce_only = DistillLoss("ce", ce_weight=ce_w, kd_weight=0.0, label_smoothing=cfg.label_smoothing,
-                                   ignore_index=IGNORE_INDEX, backend=cfg.loss_backend)
+                                   ignore_index=IGNORE_INDEX, backend=cfg.loss_backend, check_labels=False)
         self.dpk = None
         self.student_hooks = None
         self.teacher_stages = None
@@ -331,12 +330,15 @@ class Trainer:
     def _make_optim(self) -> None:
         cfg = self.cfg
         self.lr = C.resolve_lr(cfg, self.dist.world_size)
+        if cfg.min_lr > self.lr:
+            raise C.ConfigError(f"--min-lr ({cfg.min_lr:g}) exceeds the learning rate of this run ({self.lr:g}, "
+                                f"from --lr-base x global batch / 256): lower --min-lr or give --lr")
         params = list(self.student.parameters()) + (list(self.dpk.parameters()) if self.dpk is not None else [])
         self.optimizer = build_optimizer(cfg.opt, params, lr=self.lr, weight_decay=cfg.weight_decay,
                                          momentum=cfg.momentum)
         schedule = LRSchedule(cfg.sched, self.steps_per_epoch, cfg.epochs, warmup_epochs=cfg.warmup_epochs,
                               min_lr_ratio=cfg.min_lr / self.lr, decay_epochs=cfg.decay_epochs,
-                              decay_rate=cfg.decay_rate)
+                              decay_rate=cfg.decay_rate, milestones=cfg.decay_milestones)
         self.scheduler = build_scheduler(self.optimizer, schedule)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
         self.clip_params = params
@@ -357,14 +359,10 @@ class Trainer:
         if C.logit_method(self.cfg) != "ce":
             cfg.kd_weight = kd_w
         if isinstance(self.loss_fn, DistillLoss):
-            back = {"candidates": "isats_candidates", "alpha": "dkd_alpha", "warmup_epochs": "dkd_warmup_epochs"}
-            for param, value in self.loss_fn.params.items():
-                key = back.get(param, param)
-                if self.loss_fn.method == "dist" and param in ("beta", "gamma"):
-                    key = f"dist_{param}"
-                elif self.loss_fn.method == "dkd" and param == "beta":
-                    key = "dkd_beta"
-                setattr(cfg, key, list(value) if isinstance(value, tuple) else value)
+            from ..losses import methods as M
+
+            for key, value in M.config_values(self.loss_fn.method, self.loss_fn.params).items():
+                setattr(cfg, key, value)
         if self.cfg.tolerant_eta is not None:
             cfg.tolerant_k = self.loss_fn.k
         if self.dpk is not None:
@@ -375,6 +373,7 @@ class Trainer:
         cfg = self.cfg
         self._resolve()
         self._seed()
+        self._created_out = not self.out.exists()  # a failed set-up removes the folder it created
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         D.barrier(self.dist)
@@ -475,6 +474,21 @@ class Trainer:
         logger.info("fastkd: resuming from %s (epoch %d, step %d of it, global step %d)", path, state["epoch"],
                     state["step_in_epoch"], state["global_step"])
         saved = state.get("config", {})
+        for key in _RESUME_SAME_KEYS:
+            if key in saved and saved[key] != getattr(cfg, key):
+                raise ValueError(f"checkpoint {path} was trained with {C.flag(key)} {saved[key]!r}, this run asks for "
+                                 f"{getattr(cfg, key)!r}: it cannot continue that run (resume with the same "
+                                 f"{C.flag(key)}, or start a new --output)")
+        if state.get("classes") is not None and len(state["classes"]) != len(self.classes):
+            raise ValueError(f"checkpoint {path} was trained on {len(state['classes'])} classes, --data holds "
+                             f"{len(self.classes)}: it cannot continue on this data set")
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.dist.world_size:
+            raise ValueError(f"checkpoint {path} was written by {saved_world} process(es) and this run has "
+                             f"{self.dist.world_size}: resuming with another world size would change the steps per "
+                             f"epoch, the data shards and the global batch its LR was set for; resume with "
+                             f"{saved_world} process(es), or start a new --output from its weights with "
+                             f"--student-checkpoint {path}")
         changed = sorted(k for k, v in dataclasses.asdict(cfg).items()
                          if k not in _RESUME_FREE_KEYS and k in saved and saved[k] != v)
         if changed:
@@ -506,15 +520,8 @@ class Trainer:
         self.global_step = int(state["global_step"])
         self.best_top1 = float(state["best_top1"])
         self.progress_state = state.get("epoch_progress")
-        same_world = state.get("world_size", 1) == self.dist.world_size
-        if same_world:
-            ckpt.set_rng_state(state["rng"][self.dist.rank])
-            self.train_loader.load_state_dict(state["loader"][self.dist.rank])
-        else:
-            logger.warning("fastkd: checkpoint from %d process(es), resuming with %d: the data order restarts at "
-                           "the epoch start and random generators are reseeded", state.get("world_size", 1),
-                           self.dist.world_size)
-            self.start_batch, self.progress_state = 0, None
+        ckpt.set_rng_state(state["rng"][self.dist.rank])
+        self.train_loader.load_state_dict(state["loader"][self.dist.rank])
         if self.is_main:
             self._truncate_metrics()
         return True
@@ -648,19 +655,43 @@ class Trainer:
             record["dpk_ratios"] = self.dpk.ratios
         return record
 
+    def _threads(self) -> Optional[int]:
+        """``--threads``, else on CPU half the cores (at most 8) unless OMP_NUM_THREADS chose; None: leave."""
+        if self.cfg.threads is not None:
+            return self.cfg.threads
+        if self.device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+            return None
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, min(8, cores // 2))
+
+    def _skipped_files(self) -> dict:
+        """Corrupt files skipped (--skip-corrupt) over all ranks: new this epoch, and in all."""
+        total = int(getattr(self.train_loader, "skipped", 0))
+        counts = torch.tensor([total - self._skipped_before, total], dtype=torch.int64)
+        self._skipped_before = total
+        if self.dist.distributed:
+            counts = D.all_reduce_sum(counts.to(self.device), self.dist).cpu()
+        new, total = counts.tolist()
+        return {"skipped_files": new, "skipped_files_total": total}
+
     def run(self) -> dict:
         cfg = self.cfg
-        previous_checks = lossF.label_checks_enabled()
-        # Labels come from the loader's index (always in [0, C)) or are set to ignore_index for
-        # padding here; the per-call label check would cost a device sync every step on CUDA.
-        lossF.set_label_checks(False)
         records = []
+        previous_threads = torch.get_num_threads()
+        threads = self._threads()
+        if threads is not None and threads != previous_threads:
+            torch.set_num_threads(threads)  # restored below: the caller's process keeps its setting
+            logger.info("fastkd: %d math thread(s) (--threads to change; speed only)", threads)
+        failed = True
         try:
             self.setup()
+            self._skipped_before = 0
             if self.start_epoch >= cfg.epochs:
                 logger.info("fastkd: the checkpoint has already finished all %d epochs", cfg.epochs)
             for epoch in range(self.start_epoch, cfg.epochs):
                 record = self._train_epoch(epoch)
+                if cfg.skip_corrupt:
+                    record.update(self._skipped_files())
                 D.broadcast_buffers(self.student, self.dist)
                 source = self.teacher_source
                 record.update(evaluate(self.student, self.val_loader, self.device,
@@ -675,10 +706,11 @@ class Trainer:
                 keep_epoch = cfg.save_every and (epoch + 1) % cfg.save_every == 0
                 self._save(self._state(epoch + 1, 0, self.train_loader.state_dict(), None), best=is_best,
                            epoch_file=epoch + 1 if keep_epoch else None)
+            failed = False
             return {"output": str(self.out), "epochs": records, "best_top1": self.best_top1,
                     "final": records[-1] if records else None, "global_step": self.global_step}
         finally:
-            lossF.set_label_checks(previous_checks)
+            torch.set_num_threads(previous_threads)
             if getattr(self, "metrics", None) is not None:
                 self.metrics.close()
             if getattr(self, "teacher_source", None) is not None:
@@ -686,6 +718,11 @@ class Trainer:
             if getattr(self, "student_hooks", None) is not None:
                 self.student_hooks.remove()
             D.shutdown(self.dist)
+            if failed and self.is_main and getattr(self, "_created_out", False):
+                try:
+                    self.out.rmdir()  # a failed run leaves no empty output folder (rmdir: only if empty)
+                except OSError:
+                    pass
 
     def _log_epoch(self, r: dict) -> None:
         parts = [f"epoch {r['epoch'] + 1}/{self.cfg.epochs}", f"loss {r['train_loss']:.4f}",
@@ -693,6 +730,8 @@ class Trainer:
         if "teacher_top1" in r:
             parts += [f"teacher {r['teacher_top1']:.2f}", f"agree {r['agreement']:.2f}", f"KL {r['kl']:.4f}"]
         parts.append(f"{r['images_per_s']:.0f} img/s")
+        if r.get("skipped_files_total"):
+            parts.append(f"skipped {r['skipped_files']} corrupt file(s) ({r['skipped_files_total']} in all)")
         steps = ", ".join(f"{k} {v:.2f}" for k, v in r["step_time_ms"].items())
         logger.info("  ".join(parts) + f"  [ms/step: {steps}]")
 
