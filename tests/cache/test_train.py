@@ -204,3 +204,30 @@ def test_not_a_cache_and_dpk_are_refused(full_cache, tiny_jpegs, tmp_path, caplo
     args[args.index("kd")] = "dpk"
     assert cli.main(args) == 2
     assert "--method dpk distils teacher features, which a --teacher-cache does not hold" in caplog.text
+
+
+def test_cached_teacher_source_reads_rows_by_sample_index(full_cache, tmp_path):
+    from types import SimpleNamespace
+
+    from fastkd.cache.source import CachedTeacher
+
+    reader = CacheReader(full_cache)
+    src = CachedTeacher(full_cache, torch.device("cpu"), expect=reader.manifest, epochs=[0, 1])
+    assert not src.has_model and not src.provides_features
+    idx = torch.tensor([44, 0, 7, 7])
+    with pytest.raises(RuntimeError, match="before set_epoch"):
+        src.submit(SimpleNamespace(indices=idx))
+    src.set_epoch(1)
+    out = src.result(src.submit(SimpleNamespace(indices=idx)))
+    assert out.features is None and torch.equal(out.logits, reader.rows(1, idx.numpy())["logits"])
+    with pytest.raises(ValueError, match="needs batch.indices"):
+        src.submit(SimpleNamespace(indices=None))
+
+
+def test_eskd_needs_only_the_epochs_before_the_stop(full_cache, tiny_jpegs, tmp_path):
+    args = [str(a) for a in [*TRAIN, "--data", tiny_jpegs, "--teacher-cache", full_cache, "--output", tmp_path / "r",
+                             "--eskd-stop-epoch", "2"]]
+    args[args.index("--epochs") + 1] = "3"  # epochs 0-1 from the cache, epoch 2 without a teacher
+    assert cli.main(args) == 0
+    records = read_metrics(tmp_path / "r" / "metrics.jsonl", "epoch")
+    assert [r["teacher_forward"] for r in records] == [True, True, False]
