@@ -199,7 +199,9 @@ def isats(
 # 4. DKD
 # --------------------------------------------------------------------------------------------
 def dkd_parts(z: Tensor, v: Tensor, target: Tensor, temperature: float = 4.0, ignore_index: int = -100):
-    """Per-row (TCKD, NCKD), both without the T^2 factor, through log-sum-exp forms."""
+    """Per-row (TCKD, NCKD), both without the T^2 factor, through log-sum-exp forms on max-shifted
+    logits: ``log p_y = x_y - LSE(x)`` and ``log(1 - p_y) = LSE_{c != y}(x) - LSE(x)`` with
+    ``x = z/T - max(z/T)`` (methods.md section 4); never the log of a rounded probability."""
     z, v = upcast(z), upcast(v)
     T = float(temperature)
     y = _safe_target(target, ignore_index)
@@ -208,6 +210,12 @@ def dkd_parts(z: Tensor, v: Tensor, target: Tensor, temperature: float = 4.0, ig
 
     def split(x):
         x = x / T
+        # Shift each row by its (detached) max first: every quantity below is then formed from
+        # differences of nearby numbers, so the result is shift invariant (a row at logit scale
+        # 3e38 is as exact as one at scale 1) and ``x_y - LSE`` never cancels two huge values.
+        # The loss is invariant to the shift, so detaching it leaves the gradient exact.
+        m = x.detach().amax(-1, keepdim=True)
+        x = x - torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         lse = torch.logsumexp(x, dim=-1)
         x_nt = torch.where(on_target, torch.full_like(x, -math.inf), x)
         lse_nt = torch.logsumexp(x_nt, dim=-1)
