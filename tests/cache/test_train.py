@@ -231,3 +231,16 @@ def test_eskd_needs_only_the_epochs_before_the_stop(full_cache, tiny_jpegs, tmp_
     assert cli.main(args) == 0
     records = read_metrics(tmp_path / "r" / "metrics.jsonl", "epoch")
     assert [r["teacher_forward"] for r in records] == [True, True, False]
+
+
+def test_kill_during_cached_training_then_resume_gives_identical_weights(full_cache, tiny_jpegs, tmp_path, run_py):
+    kill_run = Path(__file__).resolve().parents[1] / "engine" / "kill_run.py"
+    args = [str(a) for a in [*TRAIN, "--data", tiny_jpegs, "--teacher-cache", full_cache, "--checkpoint-interval", 2]]
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    assert cli.main([*args, "--output", str(ref)]) == 0
+    proc = run_py([*args, "--output", out], module=(str(kill_run), "step:9"))  # 6 steps per epoch: inside epoch 1
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert cli.main([*args, "--output", str(out), "--resume", "auto"]) == 0
+    a, b = weights(out), weights(ref)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
