@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from .. import __version__
 from ..losses import DistillLoss
 from ..losses import reference as ref
+from ..losses.tolerant import TolerantTeacherLoss
 from . import checkpoint as ckpt
 from . import config as C
 from . import distributed as D
@@ -105,38 +106,6 @@ def evaluate(student: nn.Module, loader, device: torch.device, *, teacher=None,
         out.update(teacher_correct_top1=t1, teacher_top1=100.0 * t1 / n, agreement=100.0 * agree / n,
                    kl=float(kl_sum) / n)
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Losses beyond DistillLoss
-# --------------------------------------------------------------------------------------------
-class TolerantTeacherLoss(nn.Module):
-    """``ce_weight * (CE + eta * gap)``: teacher training (methods.md 6; our reconstruction of
-    Yang et al. 2018, see :func:`fastkd.losses.reference.tolerant_teacher_loss`).
-
-    ``last_terms``: ``"ce"`` the CE mean, ``"kd"`` the tolerance term ``eta * gap`` (mean over
-    the same rows), so the engine's ``train_ce`` / ``train_kd`` columns add up to the loss.
-    """
-
-    needs_teacher = False
-
-    def __init__(self, ce_weight: float, eta: float, k: int, label_smoothing: float):
-        super().__init__()
-        self.ce_weight, self.eta, self.k, self.label_smoothing = ce_weight, eta, k, label_smoothing
-        self.last_terms: dict[str, Tensor] = {}
-
-    def set_epoch(self, epoch: float) -> None:
-        pass
-
-    def forward(self, logits: Tensor, teacher_logits, target: Tensor) -> Tensor:
-        z, y = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
-        loss = ref.tolerant_teacher_loss(z, y, self.eta, self.k, self.label_smoothing, IGNORE_INDEX)
-        with torch.no_grad():
-            valid = y != IGNORE_INDEX
-            count = valid.sum().clamp_min(1)
-            ce = torch.where(valid, ref.cross_entropy(z, y, self.label_smoothing, IGNORE_INDEX), 0.0).sum() / count
-        self.last_terms = {"ce": ce, "kd": loss.detach() - ce}
-        return self.ce_weight * loss
 
 
 class EpochMeters:
@@ -293,7 +262,7 @@ class Trainer:
             k = 5 if cfg.tolerant_k is None else cfg.tolerant_k
             if k > len(self.classes):
                 raise ValueError(f"--tolerant-k {k} needs at least {k} classes; the data set has {len(self.classes)}")
-            self.loss_fn = TolerantTeacherLoss(ce_w, cfg.tolerant_eta, k, cfg.label_smoothing)
+            self.loss_fn = TolerantTeacherLoss(ce_w, cfg.tolerant_eta, k, cfg.label_smoothing, IGNORE_INDEX, False)
         else:
             from ..losses import methods as M
 
@@ -373,7 +342,8 @@ class Trainer:
         cfg = self.cfg
         self._resolve()
         self._seed()
-        self._created_out = not self.out.exists()  # a failed set-up removes the folder it created
+        # Folders this run creates (the output and missing parents): a failed run removes them if empty.
+        self._created_dirs = [p for p in (self.out, *self.out.parents) if not p.exists()]
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         D.barrier(self.dist)
@@ -556,17 +526,9 @@ class Trainer:
         images = batch.images.to(self.device, non_blocking=True)
         labels = batch.labels.to(self.device, non_blocking=True)
         t_logits = tout.logits if tout is not None else None
-        if batch.valid is not None:
-            valid = batch.valid.to(self.device, non_blocking=True)
-            if isinstance(loss_fn, DistillLoss) and loss_fn.method == "dist":
-                # DIST correlates whole columns of the batch, so padding rows cannot be masked by
-                # label; drop them (one host sync, only on a shard's padded final batch).
-                keep = valid.nonzero().squeeze(1)
-                images, labels = images[keep], labels[keep]
-                t_logits = t_logits[keep] if t_logits is not None else None
-            else:
-                # Wrap-around padding evens out DDP shards; it must not count twice: ignore it.
-                labels = labels.masked_fill(~valid, IGNORE_INDEX)
+        # Wrap-around padding evens out DDP shards; it must not count twice: the loss leaves the
+        # rows with valid=False out, for every method (DIST's batch statistics included).
+        valid = batch.valid.to(self.device, non_blocking=True) if batch.valid is not None else None
         loss_fn.set_epoch(epoch_pos)
         dpk_on = self.dpk is not None and tout is not None
         with self.timer.section("forward"):
@@ -574,11 +536,11 @@ class Trainer:
                 logits = self.student_train(images)
         with self.timer.section("loss"):
             # The logit losses upcast to fp32 themselves (and pick the fused kernel on CUDA).
-            loss = loss_fn(logits, t_logits, labels)
+            loss = loss_fn(logits, t_logits, labels, valid=valid)
             if dpk_on:
                 feats = self.student_hooks.features
                 with autocast_context(self.device, self.amp_dtype):
-                    dpk = self.dpk_train(feats, tout.features)
+                    dpk = self.dpk_train(feats, tout.features, valid=valid)
                 loss = loss + self.cfg.dpk_weight * dpk
         with self.timer.section("backward"):
             self.scaler.scale(loss).backward()
@@ -718,11 +680,12 @@ class Trainer:
             if getattr(self, "student_hooks", None) is not None:
                 self.student_hooks.remove()
             D.shutdown(self.dist)
-            if failed and self.is_main and getattr(self, "_created_out", False):
-                try:
-                    self.out.rmdir()  # a failed run leaves no empty output folder (rmdir: only if empty)
-                except OSError:
-                    pass
+            if failed and self.is_main:
+                for folder in getattr(self, "_created_dirs", ()):
+                    try:
+                        folder.rmdir()  # a failed run leaves no empty output folder (rmdir: only if empty)
+                    except OSError:
+                        break
 
     def _log_epoch(self, r: dict) -> None:
         parts = [f"epoch {r['epoch'] + 1}/{self.cfg.epochs}", f"loss {r['train_loss']:.4f}",

@@ -238,7 +238,10 @@ class DPKLoss(nn.Module):
         _compat.log_once(f"DPK stage {i}: average-pooling teacher features {ht}x{wt} -> {h}x{w}")
         return tF.adaptive_avg_pool2d(f_t, (h, w))
 
-    def forward(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:
+    def forward(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor],
+                valid: Optional[Tensor] = None) -> Tensor:
+        """``valid``: optional (B,) bool row mask; rows with False (shard padding) are left out
+        of the reconstruction error (they still enter the CKA ratio, as duplicates of real rows)."""
         n = len(self.proj)
         if len(student_feats) != n or len(teacher_feats) != n:
             raise ValueError(f"DPKLoss has {n} stages, got {len(student_feats)} student and "
@@ -263,6 +266,10 @@ class DPKLoss(nn.Module):
             teacher_prob = (1 - self.r[i]).to(f_s.dtype)
             hybrid, _ = mix_features(f_s, self.proj[i](f_t.to(f_s.dtype)), teacher_prob, self._generator(f_s.device))
             pred = self.gen[i](hybrid)
-            loss = tF.mse_loss(pred.float(), f_t.float())
+            if valid is None:
+                loss = tF.mse_loss(pred.float(), f_t.float())
+            else:
+                per_row = (pred.float() - f_t.float()).pow(2).flatten(1).mean(1)
+                loss = torch.where(valid, per_row, 0.0).sum() / valid.sum().clamp_min(1)
             total = loss if total is None else total + loss
         return total

@@ -166,3 +166,44 @@ def test_the_teacher_gets_its_own_view(tmp_path, monkeypatch):
                                  teacher_image_size=20, epochs=1, output=str(tmp_path / "views")))
     assert seen and set(seen) == {(20, 20)}  # training and validation batches alike
     assert result["final"]["teacher_forward"]
+
+
+def test_a_padded_batch_trains_dpk_with_dist_and_padding_counts_for_nothing(tmp_path):
+    """Shard padding is a row mask for every method: DIST no longer drops rows, so DPK's teacher
+    and student features keep one batch size (this crashed before), and the loss sees ``valid``."""
+    from fastkd.data.loader import Batch
+    from fastkd.engine.trainer import Trainer
+
+    cfg = C.make_config(**SYNTH, student="fastkd:resnet8", teacher="fastkd:resnet20", method="dpk", dpk_logit="dist",
+                        epochs=1, output=str(tmp_path / "pad"))
+    trainer = Trainer(cfg)
+    trainer.setup()
+    try:
+        trainer.train_loader.set_epoch(0)
+        b = next(iter(trainer.train_loader))
+        pad = Batch(images=torch.cat([b.images, b.images[:5]]), labels=torch.cat([b.labels, b.labels[:5]]),
+                    valid=torch.cat([torch.ones(len(b), dtype=torch.bool), torch.zeros(5, dtype=torch.bool)]))
+        seen = []
+        original = trainer.loss_fn.forward
+        trainer.loss_fn.forward = lambda *a, **kw: seen.append(kw.get("valid")) or original(*a, **kw)
+        tout = trainer.teacher_source.result(trainer.teacher_source.submit(pad))
+        loss = trainer._step(pad, tout, trainer.loss_fn, 0.0)
+        assert math.isfinite(float(loss))
+        assert torch.equal(seen[0], pad.valid)
+    finally:
+        trainer.teacher_source.close()
+        trainer.student_hooks.remove()
+
+
+def test_dpk_reconstruction_error_leaves_padding_rows_out():
+    from fastkd.losses.dpk import DPKLoss
+
+    torch.manual_seed(0)
+    f_s, f_t = [torch.randn(6, 4, 3, 3)], [torch.randn(6, 8, 3, 3)]
+    junk_s, junk_t = [torch.cat([f_s[0], 50 * torch.randn(2, 4, 3, 3)])], [torch.cat([f_t[0], torch.randn(2, 8, 3, 3)])]
+    valid = torch.tensor([True] * 6 + [False] * 2)
+    loss = DPKLoss([4], [8], seed=1).eval()  # eval: r fixed; same seed: the first rows draw the same masks
+    plain = loss(f_s, f_t)
+    padded = DPKLoss([4], [8], seed=1).eval()
+    padded.load_state_dict(loss.state_dict())
+    torch.testing.assert_close(padded(junk_s, junk_t, valid=valid), plain, rtol=1e-6, atol=0)
