@@ -19,24 +19,44 @@ from . import config as C
 logger = logging.getLogger("fastkd")
 
 
+def preset_line(name: str) -> str:
+    """One line per preset, from its values: ``NAME  teacher -> student, method, schedule ...``."""
+    v = {**{k: f.default for k, f in C.FIELDS.items() if not callable(f.default)}, **C.load_yaml(name)}
+    what = f"{v.get('teacher') or '(no teacher)'} -> {v.get('student')}, --method {v['method']}"
+    if v.get("tolerant_eta") is not None:
+        what = f"{v.get('student')}: teacher training, tolerant eta {v['tolerant_eta']:g}"
+    lr = f"lr {v['lr']:g}" if v.get("lr") is not None else f"lr_base {v.get('lr_base') or 0.1:g}"
+    sched = v["sched"] + (f" at {'/'.join(f'{m:g}' for m in v['decay_milestones'])}" if v.get("decay_milestones")
+                          else "")
+    return (f"{name:<24} {what}; {v['epochs']} epochs, {v['image_size']} px, batch {v['batch_size']}, "
+            f"{v['opt']} {lr} {sched}, wd {v['weight_decay']:g}")
+
+
+class _ListPresets(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="list the shipped presets (--config NAME), one line each, and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for name in C.presets():
+            print(preset_line(name))
+        parser.exit(0)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--list-presets", action=_ListPresets)
     C.add_arguments(parser)
+    # fastkd.cli's unknown-flag hint: --learning-rate -> --lr, --bs -> --batch-size, ...
+    parser.flag_aliases = {C.flag(k): C.flag(v) for k, v in C.ALIASES.items()}
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        cfg = C.from_args(args)
-    except C.ConfigError as exc:
-        logger.error("fastkd train: %s", exc)
-        return 2
+    """Errors (a bad config, path, data set, model name or checkpoint) propagate to
+    :func:`fastkd.cli.main`, which reports them on one line with exit code 2."""
+    cfg = C.from_args(args)
     from .trainer import train
 
-    try:
-        result = train(cfg)
-    except (FileNotFoundError, ValueError, ImportError) as exc:
-        # Bad paths, data sets, model names or checkpoints: a clear message, not a traceback.
-        logger.error("fastkd train: error: %s", exc)
-        return 2
+    result = train(cfg)
     final = result.get("final")
     if final is not None:
         logger.info("fastkd train: done; best top-1 %.2f%%, outputs in %s", result["best_top1"], result["output"])

@@ -14,6 +14,12 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..errors import UsageError
+
+
+class DeviceError(UsageError, RuntimeError):
+    """A --device this machine cannot provide (a RuntimeError too, as it was before)."""
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -49,10 +55,10 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     if spec == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError(f"--device {spec} asked for CUDA, but torch.cuda.is_available() is False on this machine")
+        raise DeviceError(f"--device {spec} asked for CUDA, but torch.cuda.is_available() is False on this machine")
     dev = torch.device(f"cuda:{local_rank}" if spec == "cuda" else spec)
     if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise RuntimeError(f"--device {dev}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise DeviceError(f"--device {dev}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
