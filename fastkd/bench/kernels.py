@@ -318,9 +318,10 @@ def main(args) -> int:
     try:
         shapes = parse_shapes(args.shapes)
         config = parse_config(args.config)
-    except ValueError as exc:
-        print(f"fastkd bench kernels: {exc}")
-        return 2
+    except ValueError as exc:  # fastkd.cli reports it: one line on stderr, exit code 2
+        from ..errors import UsageError
+
+        raise UsageError(str(exc)) from None
     wanted = [w.strip() for w in args.impls.split(",") if w.strip()]
     unknown = sorted(set(wanted) - set(IMPLS))
     if unknown:
