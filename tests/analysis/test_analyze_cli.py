@@ -120,7 +120,7 @@ def test_analyze_writes_every_file_with_the_right_numbers(digits, checkpoints, t
 def test_analyze_names_bad_input(digits, checkpoints, tmp_path):
     early, _ = checkpoints
     base = ["analyze", "--data", str(digits), "--image-size", "16", "--device", "cpu", "--no-plots",
-            "--output", str(tmp_path)]
+            "--output", str(tmp_path), "--debug"]  # --debug: the exceptions themselves (else exit code 2)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         cli.main(base + ["--teacher", f"fastkd:resnet8:{tmp_path / 'missing.pt'}"])
     with pytest.raises(ValueError, match="NAME:CHECKPOINT"):
