@@ -57,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--epochs", type=int, default=2, help="epochs per training run; the last one is timed")
+    p.add_argument("--repeats", type=int, default=3, help="training runs per mode, interleaved round-robin "
+                   "(the median is reported: a shared machine drifts)")
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--dtype", default="fp16", choices=("fp32", "bf16", "fp16"), help="cache storage dtype")
     p.add_argument("--device", default="cpu")
@@ -250,10 +252,13 @@ def main(argv=None) -> int:
         f"cached KD full {args.dtype}": dict(method="kd", teacher_cache=str(work / "cache-full")),
         f"cached KD top-{top_k} {args.dtype}": dict(method="kd", teacher_cache=str(work / "cache-topk")),
     }
-    rates = {}
-    for name, kw in runs.items():
-        rates[name] = train_rate(args, data, work / ("run-" + name.replace(" ", "-")), **kw)
-        print(f"{name}: {rates[name]['images_per_s']:.0f} img/s", flush=True)
+    samples = {name: [] for name in runs}
+    for rep in range(args.repeats):
+        for name, kw in runs.items():  # round-robin: drift of a shared machine hits every mode alike
+            res = train_rate(args, data, work / f"run-{name.replace(' ', '-')}-{rep}", **kw)
+            samples[name].append(res["images_per_s"])
+            print(f"{name} (run {rep + 1}): {res['images_per_s']:.0f} img/s", flush=True)
+    rates = {name: {"images_per_s": float(np.median(v)), "runs": v} for name, v in samples.items()}
     record["seconds"] = time.perf_counter() - t
     record["results"] = {"teacher_only_images_per_s": r["teacher_only"], "build_full": r["build_full"],
                          "build_topk": r["build_topk"], "train": rates, "storage": storage(classes, top_k)}
@@ -264,11 +269,12 @@ def main(argv=None) -> int:
              f", fastkd {record['fastkd']}, Python {record['python']}.",
              f"{args.teacher} -> {args.student}, {n_train} training JPEGs x {classes} classes, {args.image_size} px, "
              f"batch {args.batch_size}, {args.data_backend} loader ({args.workers} workers), device {args.device}, "
-             f"amp {args.amp}; the last of {args.epochs} epochs timed.", "",
+             f"amp {args.amp}; the last of {args.epochs} epochs timed; median of {args.repeats} interleaved runs "
+             "(min-max in brackets).", "",
              "| run | images/s | / student-only | / online KD |", "|---|---:|---:|---:|"]
     for name, v in rates.items():
         x = v["images_per_s"]
-        lines.append(f"| {name} | {x:.0f} | {x / a:.2f} | {x / o:.2f} |")
+        lines.append(f"| {name} | {x:.0f} [{min(v['runs']):.0f}-{max(v['runs']):.0f}] | {x / a:.2f} | {x / o:.2f} |")
     lines += ["", "| cache build (data loading included) | rows/s | / teacher-only inference |", "|---|---:|---:|",
               f"| teacher-only inference | {r['teacher_only']:.0f} | 1.00 |"]
     for key, label in (("build_full", f"build full {args.dtype}"), ("build_topk", f"build top-{top_k} {args.dtype}")):
