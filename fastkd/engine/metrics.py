@@ -1,4 +1,5 @@
-"""Run outputs: a JSON-lines metrics file, TensorBoard when installed, a progress bar on a terminal.
+"""Run outputs: a JSON-lines metrics file, TensorBoard when installed, a progress bar on a terminal
+(plain progress lines off one).
 
 Only the main process (rank 0) writes. ``metrics.jsonl`` has one JSON object per line with a
 ``"kind"``: ``"step"`` (every ``--log-interval`` steps: loss, lr, images/s) or ``"epoch"`` (the
@@ -72,20 +73,41 @@ def read_metrics(path, kind: Optional[str] = None) -> list[dict]:
 
 
 class Progress:
-    """A tqdm bar on a terminal (main process only); nothing otherwise."""
+    """A tqdm bar on a terminal; off a terminal (CI, nohup, a log file) a plain log line at each
+    logging boundary: the engine passes the loss and LR there (``update(0, loss=..., lr=...)``),
+    and the line is written once that step is counted. Main process only; nothing otherwise."""
 
     def __init__(self, total: int, desc: str, enabled: bool, initial: int = 0):
+        import time
+
         self.bar = None
+        self.plain = False
+        self.total, self.desc, self.n = total, desc, initial
+        self._pending: Optional[dict] = None
+        self._t0, self._n0, self._clock = time.perf_counter(), initial, time.perf_counter
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=desc, initial=initial, dynamic_ncols=True, leave=False)
+        elif enabled:
+            self.plain = True
 
     def update(self, n: int = 1, **postfix) -> None:
         if self.bar is not None:
             self.bar.update(n)
             if postfix:
                 self.bar.set_postfix(postfix, refresh=False)
+        elif self.plain:
+            self.n += n
+            if postfix:
+                self._pending = postfix
+            if self._pending is not None and n > 0:
+                elapsed = self._clock() - self._t0
+                rate = (self.n - self._n0) / elapsed if elapsed > 0 else 0.0
+                values = "  ".join(f"{k} {v}" for k, v in self._pending.items())
+                logger.info("%s  step %d/%d  %s  (%.1f s, %.2f steps/s)", self.desc, self.n, self.total, values,
+                            elapsed, rate)
+                self._pending = None
 
     def close(self) -> None:
         if self.bar is not None:
