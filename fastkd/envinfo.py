@@ -60,6 +60,61 @@ def collect() -> dict:
     return info
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device=None) -> dict:
+    """The machine a measurement or a run was made on, for results files: date (UTC), versions,
+    CPU model and usable cores, torch threads, and the GPU's name when ``device`` is a CUDA device.
+
+    The one place this is collected (benchmarks, the study and run records use it).
+    """
+    import datetime
+
+    import torch
+
+    from . import __version__
+    from ._device import cpu_cores
+
+    triton = dali = torchvision = None
+    if _compat.has_triton():
+        import triton as _triton
+
+        triton = _triton.__version__
+    if _compat.has_dali():
+        dali = _version("nvidia-dali-cuda120") or _version("nvidia-dali-cuda110") or _version("nvidia-dali")
+    if _compat.has_torchvision():
+        torchvision = _version("torchvision")
+    dev = torch.device(device) if device is not None else None
+    gpu = None
+    if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(dev if dev.index is not None else None)
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton,
+        "dali": dali,
+        "torchvision": torchvision,
+        "fastkd": __version__,
+        "cpu": _cpu_model(),
+        "cores": cpu_cores(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+    }
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 

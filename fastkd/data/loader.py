@@ -58,30 +58,18 @@ def default_num_threads() -> int:
     """CPU threads per process: the cores this process may use, split between local DDP ranks."""
     import os
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from .._device import cpu_cores
+
+    cores = cpu_cores()
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     return max(1, cores // max(1, local_ranks))
 
 
 def resolve_device(device) -> torch.device:
-    if isinstance(device, torch.device):
-        dev = device
-    elif isinstance(device, str) and (device in DEVICES or device.startswith("cuda:")):
-        if device == "auto":
-            if _compat.cuda_available():
-                return torch.device("cuda", torch.cuda.current_device())
-            return torch.device("cpu")
-        dev = torch.device(device)
-    else:
-        raise ValueError(f"device must be one of {DEVICES} (or 'cuda:N'), got {device!r}")
-    if dev.type == "cuda":
-        if not _compat.cuda_available():
-            raise RuntimeError("device='cuda' was asked for but CUDA is not available on this machine")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-    elif dev.type != "cpu":
-        raise ValueError(f"device must be a CPU or CUDA device, got {dev}")
-    return dev
+    """``auto``/``cpu``/``cuda``/``cuda:N`` or a torch.device -> a concrete device (fastkd._device)."""
+    from .._device import resolve_device as _resolve
+
+    return _resolve(device, flag="device")
 
 
 def create_loader(root, *, train: bool, batch_size: int, image_size: int, backend: str = "auto",

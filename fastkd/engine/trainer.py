@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
+from .._device import cpu_cores
 from ..losses import DistillLoss
 from ..losses import reference as ref
 from ..losses.tolerant import TolerantTeacherLoss
@@ -623,8 +624,7 @@ class Trainer:
             return self.cfg.threads
         if self.device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
             return None
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, min(8, cores // 2))
+        return max(1, min(8, cpu_cores() // 2))
 
     def _skipped_files(self) -> dict:
         """Corrupt files skipped (--skip-corrupt) over all ranks: new this epoch, and in all."""
