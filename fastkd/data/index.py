@@ -80,11 +80,25 @@ def index_image_folder(root: Path) -> DatasetIndex:
     """Index ``root/<class>/**/<image>`` (torchvision's ImageFolder layout, classes sorted by name).
 
     Raises a clear error for a missing root, a root without class folders, or an empty class
-    folder. Files that are not images (by extension) are ignored and counted in a log line.
+    folder. Nothing is dropped without a count in the log: files that are not images (by
+    extension), hidden files and folders (names starting with ``.``), and images directly under
+    the root (not in a class folder). Symbolic links are followed, but every real folder is read
+    once per class: a link back to a folder already read (a loop such as ``ln -s . loop``, or a
+    second link to the same folder) is skipped with a warning naming it.
     """
     if not root.is_dir():
         raise NotADirectoryError(f"data root {str(root)!r} is not a directory (nor a file list)")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    classes, hidden, at_root, not_images = [], 0, 0, 0
+    for e in os.scandir(root):
+        if e.name.startswith("."):
+            hidden += 1
+        elif e.is_dir():
+            classes.append(e.name)
+        elif _is_image(e.name):
+            at_root += 1
+        else:
+            not_images += 1
+    classes.sort()
     if not classes:
         raise FileNotFoundError(
             f"data root {str(root)!r} has no class folders; expected root/<class>/<image> "
@@ -92,18 +106,34 @@ def index_image_folder(root: Path) -> DatasetIndex:
         )
     paths: list[str] = []
     labels: list[int] = []
-    ignored = 0
+    revisits: list[tuple[str, str]] = []  # (link, the real folder it leads back to)
     for label, name in enumerate(classes):
         found = []
+        seen = {os.path.realpath(root / name)}
+        # The folders really inside the class folder are read where they are: a link to one of
+        # them is a second way in (or a loop), whichever the walk meets first.
+        inside = {os.path.realpath(p) for p, _, _ in os.walk(root / name)}
         for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            keep = []
+            for d in dirnames:
+                if d.startswith("."):
+                    hidden += 1
+                    continue
+                link = os.path.join(dirpath, d)
+                real = os.path.realpath(link)
+                if real in seen or (os.path.islink(link) and real in inside):
+                    revisits.append((os.path.join(dirpath, d), real))
+                    continue
+                seen.add(real)
+                keep.append(d)
+            dirnames[:] = keep
             for f in filenames:
                 if f.startswith("."):
-                    continue
-                if _is_image(f):
+                    hidden += 1
+                elif _is_image(f):
                     found.append(os.path.join(dirpath, f))
                 else:
-                    ignored += 1
+                    not_images += 1
         if not found:
             raise FileNotFoundError(
                 f"class folder {str(root / name)!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})"
@@ -111,8 +141,20 @@ def index_image_folder(root: Path) -> DatasetIndex:
         found.sort()
         paths += found
         labels += [label] * len(found)
-    if ignored:
-        logger.warning("fastkd.data: ignored %d files under %s that are not images (by extension)", ignored, root)
+    if not_images:
+        logger.warning("fastkd.data: ignored %d files under %s that are not images (by extension)", not_images, root)
+    if hidden:
+        logger.warning("fastkd.data: ignored %d hidden files or folders under %s (names starting with '.')",
+                       hidden, root)
+    if at_root:
+        logger.warning("fastkd.data: ignored %d images directly under %s: they are in no class folder "
+                       "(expected root/<class>/<image>)", at_root, root)
+    if revisits:
+        shown = "; ".join(f"{link} -> {real}" for link, real in revisits[:3])
+        more = f" and {len(revisits) - 3} more" if len(revisits) > 3 else ""
+        logger.warning("fastkd.data: skipped %d symbolic links under %s to folders already indexed (each real "
+                       "folder is read once; a link to its own parent is a loop): %s%s", len(revisits), root,
+                       shown, more)
     return DatasetIndex(root=root, paths=tuple(os.path.abspath(p) for p in paths),
                         labels=np.asarray(labels, dtype=np.int64), classes=tuple(classes))
 

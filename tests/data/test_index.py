@@ -105,3 +105,41 @@ def test_resize_geometry_helpers():
     assert shorter_side_size(375, 500, 256) == (256, 341)  # 341.33 -> 341
     assert shorter_side_size(120, 64, 36) == (68, 36)  # 67.5 rounds up, as DALI does
     assert center_crop_offset(41, 24) == 9 and center_crop_offset(40, 24) == 8
+
+
+def _jpeg(path, tag=0):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), tag, dtype=np.uint8)).save(path, quality=90)
+
+
+def test_symlink_loop_is_indexed_once_and_warned_about(tmp_path, caplog):
+    for c in ("a", "b"):
+        for j in range(2):
+            _jpeg(tmp_path / c / f"{j}.jpg", j)
+    _jpeg(tmp_path / "b" / "sub" / "2.jpg")
+    (tmp_path / "b" / "loop").symlink_to(tmp_path / "b")  # ln -s . b/loop (absolute target)
+    (tmp_path / "b" / "sub" / "up").symlink_to("..")  # a relative loop one level down
+    (tmp_path / "b" / "again").symlink_to(tmp_path / "b" / "sub")  # a second way into sub/
+    with caplog.at_level(logging.WARNING, logger="fastkd"):
+        index = build_index(tmp_path, train=True)
+    names = [str(Path(p).relative_to(tmp_path)) for p in index.paths]
+    assert names == ["a/0.jpg", "a/1.jpg", "b/0.jpg", "b/1.jpg", "b/sub/2.jpg"]  # each file once
+    assert "skipped 3 symbolic links" in caplog.text and "loop" in caplog.text
+
+
+def test_hidden_entries_and_images_at_the_root_are_counted(tmp_path, caplog):
+    _jpeg(tmp_path / "a" / "0.jpg")
+    _jpeg(tmp_path / "a" / ".hidden.jpg")
+    _jpeg(tmp_path / "a" / ".cache" / "1.jpg")  # a hidden folder: counted once, not entered
+    _jpeg(tmp_path / ".trash" / "2.jpg")  # a hidden folder at the root is no class either
+    _jpeg(tmp_path / "stray.jpg")
+    _jpeg(tmp_path / "stray2.png")
+    (tmp_path / "README.txt").write_text("not an image")
+    with caplog.at_level(logging.WARNING, logger="fastkd"):
+        index = build_index(tmp_path, train=True)
+    assert index.classes == ("a",) and len(index) == 1
+    assert "ignored 3 hidden files or folders" in caplog.text
+    assert "ignored 2 images directly under" in caplog.text
+    assert "ignored 1 files" in caplog.text  # README.txt
