@@ -1,7 +1,7 @@
 """Compile the fused kernel's variants for a GPU architecture without a GPU.
 
 Triton's interpreter accepts code its compiler rejects, so the CPU test suite also compiles
-the main variants (one per method, both the single-block and the chunked path) with Triton's
+the main variants (one per method; the single-block, chunked and split-row paths) with Triton's
 own compiler (ptxas ships with Triton) and reads registers and spills from ``ptxas -v``. Run as ``python -m fastkd.kernels._compile_check [--arch 90]``;
 it prints one JSON line per variant. ``TRITON_INTERPRET`` must be unset in that process (the
 test runs it in a subprocess for that reason).
@@ -21,7 +21,8 @@ class ToolchainMissing(RuntimeError):
     pass
 
 
-# (description, constexpr overrides). The base is kd + CE, fp16-family input, batchmean.
+# (description, constexpr overrides). The base is kd + CE, fp16-family input, batchmean. Variants
+# with SPLIT compile the split-row kernel (its BLOCK is a slice; SINGLE / PREFETCH do not apply).
 VARIANTS = [
     ("kd+ce single 1024 (ImageNet)", dict()),
     ("ats+smoothing single 8192", dict(METHOD=2, SMOOTH=True, BLOCK=8192, T_UNIT=False)),
@@ -35,6 +36,11 @@ VARIANTS = [
     ("ce only, reduction none", dict(METHOD=0, REUSE_CE=False, REDUCE=0, KD_GRAD=False)),
     ("kd without labels chunked, T != 1", dict(HAS_TARGET=False, REUSE_CE=False, CE_GRAD=False, COUNT_MODE=0,
                                                BLOCK=2048, SINGLE=False, PREFETCH=True, S_UNIT=False, T_UNIT=False)),
+    ("kd+ce split (128256)", dict(SPLIT=True, BLOCK=4096, COUNT_MODE=2)),
+    ("isats 16 candidates split", dict(SPLIT=True, METHOD=3, NUM_CAND=16, CAND_P2=16, BLOCK=2048, COUNT_MODE=2,
+                                       T_UNIT=False)),
+    ("dkd split, T != 1", dict(SPLIT=True, METHOD=4, REUSE_CE=False, BLOCK=4096, COUNT_MODE=2, S_UNIT=False,
+                               T_UNIT=False)),
 ]
 BASE = dict(METHOD=1, HAS_TARGET=True, SMOOTH=False, REUSE_CE=True, CE_GRAD=True, KD_GRAD=True, WRITE_GRAD=True,
             REDUCE=2, COUNT_MODE=1, NUM_CAND=1, CAND_P2=2, BLOCK=1024, SINGLE=True, PREFETCH=False, BLOCK_N=1024,
@@ -43,7 +49,8 @@ BASE = dict(METHOD=1, HAS_TARGET=True, SMOOTH=False, REUSE_CE=True, CE_GRAD=True
 _PTRS = {"z_ptr": "*bf16", "v_ptr": "*bf16", "y_ptr": "*i64", "grad_ptr": "*bf16", "ce_ptr": "*fp32",
          "kd_ptr": "*fp32", "rows_ptr": "*fp32", "loss_ptr": "*fp32", "counter_ptr": "*i32", "count_ptr": "*i64",
          "cand_ptr": "*fp32"}
-_INTS = ("stride_zn", "stride_vn", "stride_y", "N", "C", "ignore_index")
+_PTRS.update(sync_ptr="*i32", stats_ptr="*fp32", klp_ptr="*fp32")
+_INTS = ("stride_zn", "stride_vn", "stride_y", "N", "C", "ignore_index", "S", "LAG")
 
 
 def _usage(ptx: str, arch: int, warps: int) -> dict:
@@ -84,6 +91,7 @@ def compile_variants(arch: int = 90):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from . import _launch as L
     from . import kd_softmax_kl as K
 
     if not isinstance(K._kd_fused_kernel, triton.runtime.jit.JITFunction):
@@ -91,21 +99,26 @@ def compile_variants(arch: int = 90):
     report = []
     for name, over in VARIANTS:
         const = {**BASE, **over}
+        split = const.pop("SPLIT", False)
+        fn = K._kd_split_kernel if split else K._kd_fused_kernel
+        if split:
+            del const["SINGLE"], const["PREFETCH"]
         sig = dict(_PTRS)
         sig.update({n: "i32" for n in _INTS})
-        for n in K._kd_fused_kernel.arg_names:
-            sig.setdefault(n, "constexpr" if n in const else "fp32")
-        block, single, warps = K.config_for(const["BLOCK"] if const["SINGLE"] else K.MAX_SINGLE + 1,
-                                            "isats" if const["METHOD"] == 3 else "kd")
-        if not single:  # the chunked variants are compiled at the shipped chunk width
-            assert block == const["BLOCK"], (block, const["BLOCK"])
-        src = ASTSource(fn=K._kd_fused_kernel, signature=sig, constexprs=const)
+        sig = {n: sig.get(n, "constexpr" if n in const else "fp32") for n in fn.arg_names}
+        method = "isats" if const["METHOD"] == 3 else "kd"
+        C = const["BLOCK"] if const.get("SINGLE") else 128256
+        plan = L.plan(C, method, L.LaunchConfig(split=split))
+        if plan.path != "single":  # the chunked / split variants are compiled at the shipped width
+            assert plan.path == ("split" if split else "chunked") and plan.block == const["BLOCK"], (plan, name)
+        warps = plan.warps
+        src = ASTSource(fn=fn, signature=sig, constexprs=const)
         try:
             kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                     options={"num_warps": warps, "enable_fp_fusion": False})
         except FileNotFoundError as exc:  # ptxas missing
             raise ToolchainMissing(str(exc)) from exc
-        report.append((name, _usage(kernel.asm["ptx"], arch, warps)))
+        report.append((name, {"warps": warps, **_usage(kernel.asm["ptx"], arch, warps)}))
     return report
 
 

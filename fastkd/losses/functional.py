@@ -279,6 +279,14 @@ def _resolve_backend(backend: str, x: Tensor) -> str:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend == "torch":
         return "torch"
+    if x.dtype == torch.float64 and (backend == "triton" or x.device.type == "cuda") \
+            and _compat.triton_usable_on(x.device)[0]:
+        # The fused kernels compute in fp32: fp64 keeps the fp64 reference.
+        _compat.log_once(
+            "fastkd: backend 'triton' computes in fp32; float64 inputs use the float64 PyTorch reference "
+            "instead (same numbers as backend 'torch', only speed differs)"
+        )
+        return "torch"
     ok, why = _compat.triton_usable_on(x.device)
     if backend == "triton":
         if not ok:

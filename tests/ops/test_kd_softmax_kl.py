@@ -22,7 +22,9 @@ import torch
 import fastkd
 from fastkd import _compat
 from fastkd.kernels import fused_distill
+from fastkd.kernels import _launch as L
 from fastkd.kernels import kd_softmax_kl as K
+from fastkd.kernels.kd_softmax_kl import LaunchConfig
 from fastkd.losses import reference as ref
 
 RATIO = {torch.float32: 4.0, torch.bfloat16: 2.0, torch.float16: 2.0}
@@ -46,11 +48,12 @@ PARAMS = {
 }
 KD_METHODS = list(PARAMS)
 
-# The interpreter evaluates both sides of tl.where with numpy (e.g. -inf - -inf on columns past
-# the row end, masked out right after; log(0) of an empty sum): numpy's warnings are noise.
+# The interpreter evaluates kernels with numpy: an invalid operation (-inf - -inf, log(0) of an
+# unused empty sum) warns, and such warnings fail these tests (the -inf-masking tests below
+# produce legitimate infinities, which do not warn).
 pytestmark = [
-    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("error:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("error:divide by zero encountered:RuntimeWarning"),
 ]
 
 
@@ -127,11 +130,11 @@ def check(name, got, same_dtype, exact, dtype):
 
 
 def run_case(method, z, v, y, *, dtype, ce_w=0.3, kd_w=0.7, eps=0.0, reduction="batchmean", grad_out=None,
-             params=None):
+             params=None, config=None):
     params = PARAMS.get(method, {}) if params is None else params
     zk = z.detach().clone().requires_grad_(True)
     loss, parts = fused_distill(zk, v, y, method=method, ce_weight=ce_w, kd_weight=kd_w, label_smoothing=eps,
-                                ignore_index=II, reduction=reduction, **params)
+                                ignore_index=II, reduction=reduction, config=config, **params)
     assert loss.dtype == torch.float32
     (g,) = torch.autograd.grad(loss, zk, grad_out)
     assert g.dtype == z.dtype and g.shape == z.shape
@@ -144,12 +147,9 @@ def run_case(method, z, v, y, *, dtype, ce_w=0.3, kd_w=0.7, eps=0.0, reduction="
     return loss, parts, g
 
 
-@pytest.fixture
-def chunked():
-    """Force the multi-chunk (two-sweep) path on small rows; returns a setter for prefetch."""
-    K.override_blocks(max_single=256, chunk=256)
-    yield lambda prefetch: K.override_blocks(max_single=256, chunk=256, prefetch=prefetch)
-    K.override_blocks()
+def chunked(prefetch):
+    """A launch configuration forcing the multi-chunk (two-sweep) path on small rows."""
+    return LaunchConfig(max_single=256, chunk=256, prefetch=prefetch, split=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,12 +167,74 @@ def test_matches_reference_41x1271(method, dtype, device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("method", KD_METHODS)
-def test_chunked_path_matches_reference(method, dtype, device, chunked):
-    chunked(dtype == torch.bfloat16)  # both loop variants: plain, and with the register prefetch
+def test_chunked_path_matches_reference(method, dtype, device):
     z = rand((7, 1000), dtype, 4, device=device)
     v = rand((7, 1000), dtype, 5, device=device)
     y = labels(7, 1000, 6, device, ignored=(3,))
-    run_case(method, z, v, y, dtype=dtype, eps=0.05)
+    # both loop variants: plain, and with the register prefetch
+    run_case(method, z, v, y, dtype=dtype, eps=0.05, config=chunked(dtype == torch.bfloat16))
+
+
+def split(slice=256, lag=2):
+    """A launch configuration forcing the split-row path (slices of ``slice`` columns)."""
+    return LaunchConfig(max_single=128, split=True, slice=slice, lag=lag)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("method", ["ce"] + KD_METHODS)
+def test_split_path_matches_reference(method, dtype, device):
+    """Split rows (C = 1271 in 5 slices of 256, the last partial), odd N, ignored rows, label
+    smoothing, temperatures != 1, grad_output != 1, work steps interleaved with a lag of 2 rows."""
+    z = rand((9, 1271), dtype, 70, device=device)
+    v = rand((9, 1271), dtype, 71, device=device)
+    y = labels(9, 1271, 72, device, ignored=(0, 5))
+    assert K.L.plan(1271, method, split(), 9).path == "split"
+    run_case(method, z, v if method != "ce" else None, y, dtype=dtype, eps=0.1, kd_w=0.0 if method == "ce" else 0.7,
+             grad_out=torch.tensor(1.7, device=device), config=split())
+
+
+@pytest.mark.parametrize("method", KD_METHODS)
+def test_split_path_reductions_lags_and_masked_slices(method, device):
+    """reduction none / sum with grad_output != 1, lag 0 (gradient items right after the row's
+    statistics) and lag >= N (all statistics first); a whole slice masked with -inf."""
+    N, C = 5, 700
+    z = rand((N, C), torch.float32, 73, device=device)
+    v = rand((N, C), torch.float32, 74, device=device)
+    y = labels(N, C, 75, device, ignored=(3,))
+    y[1] = 650
+    z[1, 256:512] = float("-inf")  # slice 1 of row 1 entirely masked in both
+    v[1, 256:512] = float("-inf")
+    go = rand((N,), torch.float32, 76, device=device)
+    run_case(method, z, v, y, dtype=torch.float32, reduction="none", grad_out=go, config=split(lag=0))
+    run_case(method, z, v, y, dtype=torch.float32, reduction="sum", grad_out=torch.tensor(-0.5, device=device),
+             config=split(lag=100))
+
+
+def test_split_path_kd_without_labels_isats_default_grid_and_determinism(device):
+    z = rand((6, 600), torch.float16, 77, device=device)
+    v = rand((6, 600), torch.float16, 78, device=device)
+    run_case("kd", z, v, None, dtype=torch.float16, ce_w=0.0, kd_w=1.0, params=dict(temperature=3.0), config=split())
+    y = labels(6, 600, 79, device)
+    y[:3] = v[:3].argmax(-1)  # rows where some candidate keeps the label on top, and rows where none does
+    params = dict(tau_target=4.0, candidates=None, student_temperature=1.0)  # the 16-candidate grid
+    run_case("isats", z.float(), v.float(), y, dtype=torch.float32, params=params, config=split())
+    kw = dict(method="dkd", ce_weight=0.5, kd_weight=0.5, label_smoothing=0.0, ignore_index=II,
+              reduction="batchmean", config=split(), **PARAMS["dkd"])
+    a, pa = fused_distill(z, v, y, **kw)
+    b, pb = fused_distill(z, v, y, **kw)
+    assert torch.equal(a, b) and torch.equal(pa["kd"], pb["kd"])
+
+
+def test_launch_plan_defaults():
+    """Rows up to one block: single; above SPLIT_MIN_C: split; ISATS rows between its smaller
+    single-block limit and SPLIT_MIN_C: chunked; split=False forces chunked."""
+    assert L.plan(1000, "kd").path == "single" and L.plan(8192, "kd").path == "single"
+    assert L.plan(8193, "kd").path == "split" and L.plan(128256, "kd", N=8192)[:2] == ("split", L.SLICE)
+    assert L.plan(6000, "isats").path == "chunked" and L.plan(32000, "isats").block == L.SLICE_ISATS
+    assert L.plan(128256, "kd", LaunchConfig(split=False)).path == "chunked"
+    p = L.plan(1271, "kd", split(lag=600), N=9)
+    assert p.slices == 5 and p.lag_rows == 9  # the lag is at most N rows
+    assert L.plan(300_000, "kd", LaunchConfig(slice=16)).slices <= L.MAX_SLICES
 
 
 @pytest.mark.parametrize("method", ["kd", "ats", "dkd"])
@@ -301,12 +363,8 @@ def test_bad_label_gives_nan_row_only(device):
         assert torch.isnan(loss[[1, 3]]).all() and torch.isfinite(loss[[0, 2, 4]]).all(), method
         (g,) = torch.autograd.grad(loss[[0, 2, 4]].sum(), z)
         assert torch.isfinite(g[[0, 2, 4]]).all()
-    fastkd.set_label_checks(False)
-    try:
-        out = fastkd.DistillLoss("dkd", backend="triton")(z, v, y)
-        assert torch.isnan(out)
-    finally:
-        fastkd.set_label_checks(True)
+    out = fastkd.DistillLoss("dkd", backend="triton", check_labels=False)(z, v, y)
+    assert torch.isnan(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,7 +453,7 @@ def test_label_count_from_device_reduction(device, monkeypatch):
     v = rand((20, 64), torch.float32, 48, device=device)
     y = labels(20, 64, 49, device, ignored=(1, 2, 3))
     first = run_case("kd", z, v, y, dtype=torch.float32)
-    monkeypatch.setattr(K, "COUNT_IN_KERNEL_MAX", 4)
+    monkeypatch.setattr(L, "COUNT_IN_KERNEL_MAX", 4)
     second = run_case("kd", z, v, y, dtype=torch.float32)
     assert torch.equal(first[0], second[0]) and torch.equal(first[2], second[2])
 
@@ -427,7 +485,7 @@ def test_reduction_is_deterministic_and_counter_resets(device):
     a, pa = fused_distill(z, v, y, **kw)
     b, pb = fused_distill(z, v, y, **kw)
     assert torch.equal(a, b)
-    assert int(K._ticket_counter(z.device).item()) == 0
+    assert int(L.ticket_counter(z.device).item()) == 0
     # the in-launch sum is the ordinary fixed-order sum of the rows
     rows = 0.5 * pa["ce"] + 0.5 * pa["kd"]
     torch.testing.assert_close(a, rows.sum() / 33, rtol=1e-6, atol=0)
@@ -463,7 +521,7 @@ def test_no_grad_with_a_grad_requiring_student_writes_no_gradient(device, monkey
     y = labels(6, 90, 57, device)
     launches = []
     orig = K._launch
-    monkeypatch.setattr(K, "_launch", lambda *a: launches.append(a[-1]) or orig(*a))
+    monkeypatch.setattr(K, "_launch", lambda *a: launches.append(a[4]) or orig(*a))
     with torch.no_grad():
         loss, _ = fused_distill(z, v, y, method="kd", ce_weight=0.5, kd_weight=0.5, label_smoothing=0.0,
                                 ignore_index=II, reduction="batchmean")
@@ -473,36 +531,27 @@ def test_no_grad_with_a_grad_requiring_student_writes_no_gradient(device, monkey
     assert launches == [False, True]
 
 
-def test_float64_uses_the_reference_and_says_so(device, caplog):
+def test_float64_is_refused_by_the_kernel_and_routed_to_the_reference(device, caplog):
+    """The kernel computes in fp32, so it refuses fp64 clearly; the public API sends fp64 to the
+    fp64 reference even with backend='triton' (same numbers as backend='torch') and says so."""
     z = rand((5, 20), torch.float64, 58, device=device).requires_grad_(True)
     v = rand((5, 20), torch.float64, 59, device=device)
     y = labels(5, 20, 60, device)
+    with pytest.raises(TypeError, match="float64"):
+        fused_distill(z, v, y, method="kd", ce_weight=0.5, kd_weight=0.5, label_smoothing=0.0, ignore_index=II,
+                      reduction="batchmean")
     _compat._said_once.clear()
     with caplog.at_level(logging.INFO, logger="fastkd"):
-        loss, parts = fused_distill(z, v, y, method="dkd", ce_weight=0.5, kd_weight=0.5, label_smoothing=0.0,
-                                    ignore_index=II, reduction="batchmean", **PARAMS["dkd"])
-    assert "float64" in caplog.text
-    exact = torch_side("dkd", z, v, y, PARAMS["dkd"], 0.5, 0.5, 0.0, "batchmean", None)
-    assert torch.equal(loss, exact[0])
+        got = fastkd.DistillLoss("dkd", ce_weight=0.5, kd_weight=0.5, backend="triton", **PARAMS["dkd"])(z, v, y)
+    assert "float64" in caplog.text and got.dtype == torch.float64
+    exact = fastkd.DistillLoss("dkd", ce_weight=0.5, kd_weight=0.5, backend="torch", **PARAMS["dkd"])(z, v, y)
+    assert torch.equal(got, exact)
 
 
-@pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        (dict(method="ats", target=None), "needs target"),
-        (dict(method="kd", teacher=None), "needs teacher"),
-        (dict(method="kd", target=None, ce_weight=0.5), "ce_weight=0.5 needs target"),
-        (dict(method="nope"), "unknown method"),
-        (dict(reduction="mean"), "unknown reduction"),
-    ],
-)
-def test_bad_arguments_are_named(kwargs, match):
-    z, v, y = torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)
-    call = dict(teacher=v, target=y, method="kd", ce_weight=0.0, reduction="batchmean")
-    call.update(kwargs)
-    with pytest.raises(ValueError, match=match):
-        fused_distill(z, call.pop("teacher"), call.pop("target"), kd_weight=1.0, label_smoothing=0.0,
-                      ignore_index=II, **call)
+@pytest.mark.parametrize("field,value", [("chunk", 100), ("warps", 0), ("slice", 8), ("split", 1), ("lag", -1)])
+def test_bad_launch_config_is_named(field, value):
+    with pytest.raises(ValueError, match=f"LaunchConfig.{field}"):
+        LaunchConfig(**{field: value})
 
 
 def test_empty_batch(device):

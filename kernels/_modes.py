@@ -1,0 +1,21 @@
+"""Compile-time modes of the fused KD kernels: the kernels test these by name, never by number
+(Liger-Kernel's ``_REDUCTION_MODE_BATCHMEAN`` habit); the launcher maps names to them."""
+from __future__ import annotations
+
+import triton.language as tl
+
+METHOD_CE: tl.constexpr = tl.constexpr(0)
+METHOD_KD: tl.constexpr = tl.constexpr(1)
+METHOD_ATS: tl.constexpr = tl.constexpr(2)
+METHOD_ISATS: tl.constexpr = tl.constexpr(3)
+METHOD_DKD: tl.constexpr = tl.constexpr(4)
+REDUCE_NONE: tl.constexpr = tl.constexpr(0)
+REDUCE_SUM: tl.constexpr = tl.constexpr(1)
+REDUCE_BATCHMEAN: tl.constexpr = tl.constexpr(2)
+COUNT_FIXED: tl.constexpr = tl.constexpr(0)      # batchmean denominator: the fixed_count argument
+COUNT_IN_KERNEL: tl.constexpr = tl.constexpr(1)  # every program counts the labels
+COUNT_FROM_BUFFER: tl.constexpr = tl.constexpr(2)  # read count_ptr (a device reduction)
+
+METHOD_IDS = {"ce": METHOD_CE.value, "kd": METHOD_KD.value, "ats": METHOD_ATS.value,
+              "isats": METHOD_ISATS.value, "dkd": METHOD_DKD.value}
+REDUCE_IDS = {"none": REDUCE_NONE.value, "sum": REDUCE_SUM.value, "batchmean": REDUCE_BATCHMEAN.value}
