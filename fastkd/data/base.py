@@ -283,7 +283,7 @@ class BaseLoader:
         path = self.index.paths[index]
         if not self.spec.skip_corrupt:
             raise CorruptImageError(f"cannot decode image file {path!r}: {error} "
-                                    "(pass skip_corrupt=True to skip such files)")
+                                    "(skip such files with skip_corrupt=True; fastkd train: --skip-corrupt)")
         if index not in self._skipped:
             self._skipped[index] = error
             logger.warning("fastkd.data: skipped corrupt image file %r (%s); %d file(s) skipped so far",
