@@ -76,15 +76,19 @@ def _unique_labels(specs: Sequence[TeacherSpec]) -> list[TeacherSpec]:
 # --------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def analyze(models: Mapping[str, nn.Module], batches: Iterable, soft_labels: Sequence[M.SoftLabel], *,
-            device: torch.device, kl_temperature: float = 1.0) -> dict:
+            device: torch.device, kl_temperature: float = 1.0, ats_grid: Optional[tuple] = None) -> dict:
     """Stream ``batches`` (:class:`fastkd.data.Batch`, or ``(images, labels)`` pairs) through
     every model and return ``{"teachers": {...}, "pairs": [...]}``.
 
     Models are put in eval mode. Logits are measured in float64 (:mod:`fastkd.analysis.metrics`).
     Rows a sharded loader flags as padding (``Batch.valid`` False) are repeats and are left out.
+    ``ats_grid=(tau_targets, tau_others)`` adds, per teacher, the ATS regime diagnostic
+    (:class:`fastkd.analysis.metrics.LabelOnTopMeter`): ``ats_label_on_top`` keyed ``"t1,t2"`` and
+    the quantiles of (largest wrong logit) / (target logit) of the row-centred logits.
     """
     labels = list(models)
     meters = {k: M.TeacherMeter(soft_labels) for k in labels}
+    on_top = {k: M.LabelOnTopMeter(*ats_grid) for k in labels} if ats_grid is not None else {}
     pairs = {(a, b): M.PairMeter(kl_temperature) for a, b in combinations(labels, 2)}
     for m in models.values():
         m.eval()
@@ -101,10 +105,15 @@ def analyze(models: Mapping[str, nn.Module], batches: Iterable, soft_labels: Seq
         logits = {k: models[k](images).float() for k in labels}
         for k in labels:
             meters[k].update(logits[k], target)
+            if on_top:
+                on_top[k].update(logits[k], target)
         for (a, b), meter in pairs.items():
             meter.update(logits[a], logits[b], target)
+    teachers = {k: meters[k].result() for k in labels}
+    for k, meter in on_top.items():
+        teachers[k].update(meter.result())
     return {
-        "teachers": {k: meters[k].result() for k in labels},
+        "teachers": teachers,
         "pairs": [{"a": a, "b": b, **meter.result()} for (a, b), meter in pairs.items()],
     }
 
@@ -143,6 +152,7 @@ def format_report(results: dict, title: str = "Dark-knowledge analysis") -> str:
         for name, s in res["settings"].items():
             row = [label, f"{res['accuracy']:.4f}", name] + [_fmt(s[m]) for m in M.METRICS]
             lines.append("| " + " | ".join(row) + " |")
+    lines += format_ats_regime(results)
     if results["pairs"]:
         kl_t = results["pairs"][0]["kl_temperature"]
         head = ["teacher A", "teacher B", "wrong-class Spearman", "rows (undefined)", "top-1 agreement",
@@ -153,6 +163,38 @@ def format_report(results: dict, title: str = "Dark-knowledge analysis") -> str:
                    f"{p['top1_agreement']:.4f}", _fmt(p["kl_ab"]), _fmt(p["kl_ba"])]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+FLIP_MARK = 0.05  # grid points that flip more than this share of the labels are marked
+
+
+def format_ats_regime(results: dict) -> list[str]:
+    """Markdown lines of the ATS regime diagnostic (empty when it was not computed)."""
+    teachers = {k: t for k, t in results["teachers"].items() if "ats_label_on_top" in t}
+    if not teachers:
+        return []
+    lines = ["", "ATS regime (methods.md section 3): for row-centred logits, ATS(tau1, tau2) keeps the label as the "
+             "arg-max of its soft label only while (largest wrong logit) / (target logit) < tau2 / tau1.", "",
+             "| teacher | ratio q05 | q25 | median | q75 | q95 | rows with centred target <= 0 |",
+             "|---|---|---|---|---|---|---|"]
+    for k, t in teachers.items():
+        r = t["wrong_target_ratio"]
+        lines.append(f"| {k} | " + " | ".join(_fmt(r[q]) for q in ("q05", "q25", "q50", "q75", "q95"))
+                     + f" | {r['nonpositive_target']:.4f} |")
+    for k, t in teachers.items():
+        grid = t["ats_label_on_top"]
+        t1s = sorted({float(g.split(",")[0]) for g in grid})
+        t2s = sorted({float(g.split(",")[1]) for g in grid})
+        lines += ["", f"{k}: fraction of rows whose ATS soft label keeps the label on top "
+                  f"(rows tau1, columns tau2; '!' flips more than {FLIP_MARK:.0%})", "",
+                  "| tau1 \\ tau2 | " + " | ".join(f"{b:g}" for b in t2s) + " |", "|---" * (len(t2s) + 1) + "|"]
+        for a in t1s:
+            cells = []
+            for b in t2s:
+                f = grid[M.grid_key(a, b)]
+                cells.append(f"{f:.4f}" + (" !" if 1 - f > FLIP_MARK else ""))
+            lines.append(f"| {a:g} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_outputs(results: dict, out_dir, *, plots: bool = True, title: str = "Dark-knowledge analysis"
@@ -203,7 +245,15 @@ def write_outputs(results: dict, out_dir, *, plots: bool = True, title: str = "D
                                          colorbar_label="Spearman", vmax=1.0))
         else:
             logger.info("one teacher: no affinity heat map (it compares pairs of teachers)")
+        for label, res in results["teachers"].items():
+            if "ats_label_on_top" in res:
+                written.append(P.plot_ats_grid(res["ats_label_on_top"], out / f"ats_label_on_top_{_safe(label)}.png",
+                                               title=f"{label}: ATS label on top", flip_mark=FLIP_MARK))
     return written
+
+
+def _safe(label: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)
 
 
 def _json_safe(obj):
@@ -231,13 +281,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--temperatures", default="1,2,4,8", help="comma-separated temperatures")
     parser.add_argument("--ats", default="4,2", metavar="TAU_TARGET,TAU_OTHER",
                         help="also report the metrics under ATS with these temperatures; 'none' to skip")
+    parser.add_argument("--ats-grid", default="1,2,3,4,5,6:1,2,3,4,5", metavar="TAU1S:TAU2S",
+                        help="the ATS regime diagnostic over this grid of tau1 (label) x tau2 (other classes): the "
+                             "fraction of rows whose ATS soft label keeps the label on top; 'none' to skip")
     parser.add_argument("--kl-temperature", type=float, default=1.0,
                         help="temperature of the pairwise KL between teachers")
     parser.add_argument("--output", default="runs/analyze", metavar="DIR", help="where the reports go")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--image-size", type=int, default=224, help="evaluation image size (centre crop)")
-    parser.add_argument("--mean", default=None, help="normalisation mean, comma-separated (default: the loader's)")
-    parser.add_argument("--std", default=None, help="normalisation std, comma-separated (default: the loader's)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="evaluation image size (centre crop); default: the size recorded in the fastkd "
+                             "checkpoint's config (224 for a bare state_dict); a value that disagrees is warned about")
+    parser.add_argument("--mean", default=None,
+                        help="normalisation mean, comma-separated (default: the checkpoint's, else the loader's)")
+    parser.add_argument("--std", default=None,
+                        help="normalisation std, comma-separated (default: the checkpoint's, else the loader's)")
     parser.add_argument("--data-backend", default="auto", choices=("auto", "dali", "torch"),
                         help="data loader backend")
     parser.add_argument("--workers", type=int, default=None,
@@ -247,12 +304,9 @@ def add_arguments(parser) -> None:
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
+    from .._device import resolve_device
+
+    return resolve_device(name)
 
 
 def _floats(text: Optional[str], name: str) -> Optional[tuple]:
@@ -264,19 +318,69 @@ def _floats(text: Optional[str], name: str) -> Optional[tuple]:
         raise ValueError(f"{name} takes comma-separated numbers, got {text!r}") from None
 
 
+def read_checkpoint_settings(path: Path) -> dict:
+    """What a fastkd training checkpoint records about its inputs: ``{"image_size", "mean", "std",
+    "classes", "model_name"}`` (keys absent when the file does not say; ``{}`` for a bare state_dict)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return {}  # load_weights reports unreadable files with a clear error later
+    if not isinstance(obj, dict) or not isinstance(obj.get("config"), dict):
+        return {}
+    cfg = obj["config"]
+    out = {}
+    if cfg.get("image_size"):
+        out["image_size"] = int(cfg["image_size"])
+    for key in ("mean", "std"):
+        if cfg.get(key) is not None:
+            out[key] = tuple(float(v) for v in cfg[key])
+    if obj.get("classes") is not None:
+        out["classes"] = list(obj["classes"])
+    if obj.get("model_name"):
+        out["model_name"] = str(obj["model_name"])
+    return out
+
+
+def _settle(name: str, flag: Optional[tuple], recorded: dict, specs) -> Optional[tuple]:
+    """One value for ``name`` (image_size, mean, std): the flag wins (with a warning where a
+    checkpoint recorded another value); else the checkpoints' value, which must agree."""
+    values = {s.label: recorded[s.label][name] for s in specs if name in recorded[s.label]}
+    option = "--" + name.replace("_", "-")
+    if flag is not None:
+        for label, v in values.items():
+            if v != flag:
+                logger.warning(f"fastkd analyze: {option} {_show(flag)} differs from the {_show(v)} that teacher "
+                               f"{label!r} was trained with (its checkpoint's config); its numbers may be wrong")
+        return flag
+    distinct = set(values.values())
+    if len(distinct) > 1:
+        raise ValueError(f"the teachers were trained with different {name} ("
+                         + ", ".join(f"{k}: {_show(v)}" for k, v in values.items())
+                         + f"); analyse them in separate runs, or pass {option} for all of them")
+    return distinct.pop() if distinct else None
+
+
+def _show(v) -> str:
+    return ",".join(f"{x:g}" for x in v) if isinstance(v, tuple) else str(v)
+
+
 def main(args) -> int:
     soft_labels = [M.SoftLabel(temperature=t) for t in M.parse_temperatures(args.temperatures)]
     ats = M.parse_ats(args.ats)
     if ats is not None:
         soft_labels.append(ats)
+    ats_grid = M.parse_ats_grid(args.ats_grid)
     if not (math.isfinite(args.kl_temperature) and args.kl_temperature > 0):
         raise ValueError(f"--kl-temperature must be positive, got {args.kl_temperature}")
-    if args.batch_size < 1 or args.image_size < 1:
+    if args.batch_size < 1 or (args.image_size is not None and args.image_size < 1):
         raise ValueError("--batch-size and --image-size must be positive")
     specs = _unique_labels([parse_teacher(s) for s in args.teacher])
     for s in specs:
         if not s.checkpoint.is_file():
             raise FileNotFoundError(f"teacher {s.label!r}: checkpoint {s.checkpoint} does not exist")
+    data_root = Path(args.data).expanduser()
+    if not data_root.exists():
+        raise FileNotFoundError(f"--data {args.data}: no such file or folder")
     if not args.no_plots:
         from .plots import require_matplotlib
 
@@ -287,30 +391,55 @@ def main(args) -> int:
     from ..data.index import resolve_split_root
     from ..models import create_model, load_weights
 
-    data_dir = resolve_split_root(args.data, train=False)
+    recorded = {s.label: read_checkpoint_settings(s.checkpoint) for s in specs}
+    for s in specs:
+        name = recorded[s.label].get("model_name")
+        if name is not None and name != s.model:
+            logger.warning(f"fastkd analyze: teacher {s.label!r} is given as {s.model} but its checkpoint was "
+                           f"trained as {name}")
+    image_size = _settle("image_size", args.image_size, recorded, specs)
+    if image_size is None:
+        image_size = 224
+        logger.info("fastkd analyze: no checkpoint records its image size; evaluating at 224 (--image-size to set)")
+    mean = _settle("mean", _floats(args.mean, "--mean"), recorded, specs)
+    std = _settle("std", _floats(args.std, "--std"), recorded, specs)
+
+    data_dir = resolve_split_root(data_root, train=False)
     loader_kw = {}
-    mean, std = _floats(args.mean, "--mean"), _floats(args.std, "--std")
     if mean is not None:
         loader_kw["mean"] = mean
     if std is not None:
         loader_kw["std"] = std
-    loader = create_loader(data_dir, train=False, batch_size=args.batch_size, image_size=args.image_size,
+    loader = create_loader(data_dir, train=False, batch_size=args.batch_size, image_size=image_size,
                            backend=args.data_backend, device=str(device), num_threads=args.workers, **loader_kw)
     num_classes = len(loader.classes)
+    for s in specs:
+        classes = recorded[s.label].get("classes")
+        if classes is not None and len(classes) != num_classes:
+            raise ValueError(f"teacher {s.label!r} was trained on {len(classes)} classes, --data {data_dir} holds "
+                             f"{num_classes}: point --data at the data set it was trained on")
+        if classes is not None and list(classes) != list(loader.classes):
+            raise ValueError(f"teacher {s.label!r} was trained on other class names than the folders of --data "
+                             f"{data_dir} (first difference: "
+                             f"{next((a, b) for a, b in zip(classes, loader.classes) if a != b)}): labels would not match")
     models = {}
     for s in specs:
         model = create_model(s.model, num_classes=num_classes)
-        load_weights(model, s.checkpoint)
+        try:
+            load_weights(model, s.checkpoint)
+        except ValueError as e:
+            raise ValueError(f"teacher {s.label!r} ({s.model}, {num_classes} classes from --data): {e}") from None
         models[s.label] = model.to(device)
     logger.info(f"analysing {len(models)} teacher(s) on {data_dir} ({loader.num_samples} images, "
-                f"{num_classes} classes) on {device}")
+                f"{num_classes} classes, {image_size} px) on {device}")
 
     start = time.perf_counter()
     from tqdm import tqdm
 
     batches = tqdm(loader, total=len(loader), desc="analyze", unit="batch", disable=None)  # bar on a TTY only
-    results = analyze(models, batches, soft_labels, device=device, kl_temperature=args.kl_temperature)
-    results = {"config": {"data": str(data_dir), "num_classes": num_classes, "image_size": args.image_size,
+    results = analyze(models, batches, soft_labels, device=device, kl_temperature=args.kl_temperature,
+                      ats_grid=ats_grid)
+    results = {"config": {"data": str(data_dir), "num_classes": num_classes, "image_size": image_size,
                           "device": str(device), "seconds": round(time.perf_counter() - start, 2),
                           "teachers": [{"label": s.label, "model": s.model, "checkpoint": str(s.checkpoint)}
                                        for s in specs],

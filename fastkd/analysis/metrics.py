@@ -43,6 +43,12 @@ __all__ = [
     "kl_rows",
     "TeacherMeter",
     "PairMeter",
+    "DEFAULT_ATS_GRID",
+    "grid_key",
+    "parse_ats_grid",
+    "wrong_to_target_ratio",
+    "ats_label_on_top",
+    "LabelOnTopMeter",
 ]
 
 # Per-row statistics of :func:`wrong_class_stats`, in reporting order.
@@ -331,3 +337,111 @@ class PairMeter:
             "kl_ba": kl_ba / n,
             "kl_temperature": self.temperature,
         }
+
+
+# --------------------------------------------------------------------------------------------
+# ATS regime diagnostic (methods.md section 3: "report the label-on-top fraction")
+# --------------------------------------------------------------------------------------------
+DEFAULT_ATS_GRID = ((1.0, 2.0, 3.0, 4.0, 5.0, 6.0), (1.0, 2.0, 3.0, 4.0, 5.0))
+RATIO_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def grid_key(tau_target: float, tau_other: float) -> str:
+    """``(4.0, 2.0)`` -> ``"4,2"``: the key of a grid point in ``ats_label_on_top``."""
+    return f"{float(tau_target):g},{float(tau_other):g}"
+
+
+def parse_ats_grid(text: str) -> Optional[tuple]:
+    """``"1,2,3,4,5,6:1,2,3,4,5"`` (tau_target values : tau_other values) -> two tuples; ``"none"`` -> None."""
+    if str(text).strip().lower() in ("", "none", "off"):
+        return None
+    head, sep, tail = str(text).partition(":")
+    if not sep:
+        raise ValueError(f"--ats-grid takes TAU_TARGETS:TAU_OTHERS, e.g. 1,2,3,4,5,6:1,2,3,4,5, got {text!r}")
+    try:
+        return tuple(parse_temperatures(head)), tuple(parse_temperatures(tail))
+    except ValueError as e:
+        raise ValueError(f"--ats-grid {text!r}: {e}") from None
+
+
+def target_and_max_wrong(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row, the target logit ``v_y`` and the largest wrong-class logit (float64, raw logits)."""
+    _check(logits, target)
+    v = _f64(logits)
+    y = target.long()
+    v_y = v.gather(1, y[:, None]).squeeze(1)
+    m = v.masked_fill(_target_mask(v, y), -math.inf).amax(1)
+    return v_y, m
+
+
+def wrong_to_target_ratio(logits: Tensor, target: Tensor) -> Tensor:
+    """Per row ``max_{c != y} v~_c / v~_y`` with ``v~ = v - mean(v)`` (the row-centred logits), float64.
+
+    For zero-mean logits ATS(tau_target, tau_other) keeps the label on top exactly while this
+    ratio is below ``tau_other / tau_target`` (and the centred target logit is positive).
+    """
+    _check(logits, target)
+    v = _f64(logits)
+    v = v - v.mean(1, keepdim=True)
+    v_y, m = target_and_max_wrong(v, target)
+    return m / v_y
+
+
+def ats_label_on_top(logits: Tensor, target: Tensor, tau_target: float, tau_other: float) -> Tensor:
+    """Per row, whether ATS's soft label ``sm(v_c / tau_c)`` of the *raw* logits (as the loss uses
+    them) keeps the label as its strict arg-max: ``v_y / tau_target > max_{c != y} v_c / tau_other``."""
+    v_y, m = target_and_max_wrong(logits, target)
+    return v_y / float(tau_target) > m / float(tau_other)
+
+
+class LabelOnTopMeter:
+    """Streaming ATS regime diagnostic over a grid of ``(tau_target, tau_other)``.
+
+    ``result()`` gives ``{"ats_label_on_top": {"t1,t2": fraction}, "wrong_target_ratio":
+    {"q05", "q25", "q50", "q75", "q95", "mean", "nonpositive_target"}}``; the ratio is that of
+    :func:`wrong_to_target_ratio` (its quantiles are over every row; ``nonpositive_target`` is the
+    share of rows whose centred target logit is <= 0, where the ratio does not describe ATS).
+    """
+
+    def __init__(self, tau_targets: Sequence[float] = DEFAULT_ATS_GRID[0],
+                 tau_others: Sequence[float] = DEFAULT_ATS_GRID[1]):
+        self.points = [(float(a), float(b)) for a in tau_targets for b in tau_others]
+        if not self.points:
+            raise ValueError("the ATS grid is empty")
+        for a, b in self.points:
+            SoftLabel(tau_target=a, tau_other=b)  # validates both
+        self._inv = None
+        self._counts: Optional[Tensor] = None
+        self._ratios: list[Tensor] = []
+        self._nonpositive = 0
+        self.num_samples = 0
+
+    def update(self, logits: Tensor, target: Tensor) -> None:
+        v_y, m = target_and_max_wrong(logits, target)
+        if self._inv is None:
+            self._inv = torch.tensor([[1 / a, 1 / b] for a, b in self.points], dtype=torch.float64,
+                                     device=v_y.device)
+        on_top = v_y[None, :] * self._inv[:, :1] > m[None, :] * self._inv[:, 1:]  # (points, N)
+        counts = on_top.sum(1)
+        self._counts = counts if self._counts is None else self._counts + counts
+        v = _f64(logits)
+        c_y, c_m = target_and_max_wrong(v - v.mean(1, keepdim=True), target)
+        positive = c_y > 0
+        self._ratios.append((c_m / c_y)[positive])
+        self._nonpositive += int((~positive).sum())
+        self.num_samples += logits.shape[0]
+
+    def result(self) -> dict:
+        if not self.num_samples:
+            raise ValueError("no samples were seen; the data set is empty")
+        frac = (self._counts.double() / self.num_samples).cpu().tolist()
+        ratio = torch.cat(self._ratios).cpu()  # rows with a positive centred target logit
+        if ratio.numel():
+            q = torch.quantile(ratio, torch.tensor(RATIO_QUANTILES, dtype=torch.float64)).tolist()
+        else:
+            q = [math.nan] * len(RATIO_QUANTILES)
+        stats = {f"q{round(p * 100):02d}": float(x) for p, x in zip(RATIO_QUANTILES, q)}
+        stats["mean"] = float(ratio.mean()) if ratio.numel() else math.nan
+        stats["nonpositive_target"] = self._nonpositive / self.num_samples
+        return {"ats_label_on_top": {grid_key(a, b): f for (a, b), f in zip(self.points, frac)},
+                "wrong_target_ratio": stats}

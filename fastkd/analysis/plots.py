@@ -124,3 +124,37 @@ def plot_lines(x: Sequence[float], series: Mapping[str, Sequence[float]], path, 
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     return _save(fig, path)
+
+
+def plot_ats_grid(on_top: Mapping[str, float], path, *, title: str, flip_mark: float = 0.05) -> Path:
+    """Heat map of the fraction of rows whose ATS soft label keeps the label on top, over the
+    ``"t1,t2"`` grid (tau_target rows, tau_other columns); points that flip more than
+    ``flip_mark`` of the labels are outlined in red and marked with '!'."""
+    t1s = sorted({float(k.split(",")[0]) for k in on_top})
+    t2s = sorted({float(k.split(",")[1]) for k in on_top})
+    grid = [[on_top.get(f"{a:g},{b:g}", math.nan) for b in t2s] for a in t1s]
+    fig = _figure(1.8 + 0.75 * len(t2s), 1.4 + 0.6 * len(t1s))
+    ax = fig.add_subplot()
+    im = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, origin="lower")
+    ax.set_xticks(range(len(t2s)), [f"{b:g}" for b in t2s])
+    ax.set_yticks(range(len(t1s)), [f"{a:g}" for a in t1s])
+    ax.set_xlabel("tau2 (other classes)")
+    ax.set_ylabel("tau1 (label)")
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            if isinstance(value, float) and math.isnan(value):
+                continue
+            flips = 1.0 - value > flip_mark
+            ax.text(j, i, f"{value:.3f}" + ("!" if flips else ""), ha="center", va="center", fontsize="small",
+                    color="white" if value < 0.6 else "black")
+            if flips:
+                ax.add_patch(_rect(j, i))
+    fig.colorbar(im, ax=ax, label="label on top (fraction of rows)")
+    ax.set_title(title + f"\n(red: > {flip_mark:.0%} of labels flipped)", fontsize="medium")
+    return _save(fig, path)
+
+
+def _rect(j: int, i: int):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2)

