@@ -28,8 +28,8 @@ def preset_line(name: str) -> str:
     lr = f"lr {v['lr']:g}" if v.get("lr") is not None else f"lr_base {v.get('lr_base') or 0.1:g}"
     sched = v["sched"] + (f" at {'/'.join(f'{m:g}' for m in v['decay_milestones'])}" if v.get("decay_milestones")
                           else "")
-    return (f"{name:<24} {what}; {v['epochs']} epochs, {v['image_size']} px, batch {v['batch_size']}, "
-            f"{v['opt']} {lr} {sched}, wd {v['weight_decay']:g}")
+    return (f"{name:<24} {what}; {v['epochs']} epochs, {v['image_size']} px {v['augment']} augmentation, "
+            f"batch {v['batch_size']}, {v['opt']} {lr} {sched}, wd {v['weight_decay']:g}")
 
 
 class _ListPresets(argparse.Action):

@@ -73,6 +73,9 @@ class TrainConfig:
     teacher_image_size: Optional[int] = _f(None, "teacher input size, cut from the same crop (default: --image-size)",
                                            "data")
     workers: Optional[int] = _f(None, "loader worker threads per process (default: the loader's choice)", "data")
+    augment: str = _f("imagenet", "training augmentation: imagenet (RandomResizedCrop 0.08-1 + flip; validation "
+                      "resize + centre crop) or cifar (pad 4 + random crop + flip; validation images as they are)",
+                      "data", choices=("imagenet", "cifar"))
     skip_corrupt: bool = _f(False, "skip image files that fail to decode instead of stopping (each epoch's count "
                             "is logged and written to metrics.jsonl as skipped_files)", "data")
     synthetic_samples: Optional[int] = _f(None, "--data-backend synthetic without --data: training samples "
@@ -527,7 +530,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.sched == "multistep":
         m = cfg.decay_milestones
         need(bool(m), "--sched multistep needs --decay-milestones EPOCH [EPOCH ...]")
-        need(all(0 < a < b for a, b in zip([0.0] + m, m)) and m[-1] <= cfg.epochs,
+        need(all(a < b for a, b in zip([0.0] + m, m)) and m[-1] <= cfg.epochs,
              f"--decay-milestones must increase within (0, epochs={cfg.epochs}], got {m}")
     else:
         need(cfg.decay_milestones is None, f"--decay-milestones applies to --sched multistep, not {cfg.sched!r}")

@@ -102,8 +102,44 @@ def test_every_shipped_preset_loads_and_validates(preset):
     assert C.load_yaml(C.PRESET_DIR / f"{preset}.yaml") == values
 
 
-def test_presets_exist():
-    assert len(C.presets()) >= 5
+# What each preset claims (its comment and name) that its values must hold.
+PRESET_CLAIMS = {
+    "cifar-r32x4-r8x4-kd": dict(teacher="fastkd:resnet32x4", student="fastkd:resnet8x4", method="kd", temperature=4.0,
+                                ce_weight=0.1, kd_weight=0.9, image_size=32, augment="cifar", epochs=240,
+                                batch_size=64, opt="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, sched="multistep",
+                                decay_milestones=[150.0, 180.0, 210.0], decay_rate=0.1),
+    "imagenet-r50-r18-kd": dict(teacher="timm:resnet50", student="timm:resnet18", method="kd", temperature=1.0,
+                                ce_weight=0.5, kd_weight=0.5, augment="imagenet", image_size=224),
+    "imagenet-r34-r18-dkd": dict(teacher="torchvision:resnet34", student="torchvision:resnet18", method="dkd"),
+    "imagenet-r50-mbv2-dist": dict(teacher="timm:resnet50", student="timm:mobilenetv2_100", method="dist"),
+    "imagenet-r50-r18-ats": dict(teacher="timm:resnet50", student="timm:resnet18", method="ats"),
+    "teacher-tolerant": dict(method="ce", teacher=None),
+}
+
+
+def test_presets_hold_what_they_claim():
+    # issue 13 item 7 / issue 12 item 9: more than existence. Every preset is claimed here, loads,
+    # resolves (validation + the CLI's teacher-weights rule with a checkpoint given) and its values
+    # match its claims; its --list-presets line names its setting.
+    from fastkd.engine.cli import preset_line
+
+    assert sorted(PRESET_CLAIMS) == C.presets()
+    for name, claims in PRESET_CLAIMS.items():
+        values = C.load_yaml(name)
+        extra = {"teacher_checkpoint": "t.pt"} if values.get("teacher") else {}
+        cfg = C.make_config(**{**values, "data": "/data", **extra})
+        C.check_teacher_weights(cfg)
+        for key, want in claims.items():
+            assert getattr(cfg, key) == want, (name, key)
+        line = preset_line(name)
+        assert line.startswith(name) and f"--method {cfg.method}" in line or "teacher training" in line
+    # the CIFAR schedule: lr 0.05 until epoch 150, then x0.1 at 150, 180 and 210 (CRD / mdistiller)
+    from fastkd.engine.optim import LRSchedule
+
+    cfg = C.make_config(**{**C.load_yaml("cifar-r32x4-r8x4-kd"), "data": "/data"})
+    sched = LRSchedule(cfg.sched, 10, cfg.epochs, decay_rate=cfg.decay_rate, milestones=cfg.decay_milestones)
+    factors = {e: sched(e * 10) for e in (0, 149, 150, 179, 180, 209, 210, 239)}
+    assert factors == pytest.approx({0: 1, 149: 1, 150: 0.1, 179: 0.1, 180: 0.01, 209: 0.01, 210: 1e-3, 239: 1e-3})
 
 
 def test_resolved_config_round_trips(tmp_path):
