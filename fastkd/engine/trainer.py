@@ -201,6 +201,13 @@ class Trainer:
                       shard_id=self.dist.rank, num_shards=self.dist.world_size, seed=cfg.seed,
                       num_threads=cfg.workers, device=self.device, channels_last=cfg.channels_last,
                       skip_corrupt=cfg.skip_corrupt)
+        if cfg.augment != "imagenet":
+            import inspect
+
+            if "augment" not in inspect.signature(create_loader).parameters:
+                raise C.ConfigError(f"--augment {cfg.augment}: this version's data loaders offer only the imagenet "
+                                    f"augmentation")
+            common["augment"] = cfg.augment
         if cfg.data_backend == "synthetic" and cfg.data is None:
             n = cfg.synthetic_samples
             common["synthetic_classes"] = cfg.synthetic_classes
