@@ -54,13 +54,36 @@ def crop_window(height: int, width: int, seed: int, epoch: int, key: int) -> tup
 
 
 def open_rgb(source):
-    """Decode a file (path or file object) with PIL to an oriented RGB image; errors propagate."""
+    """Decode a file (path or file object) with PIL to an oriented 8-bit RGB image; errors propagate.
+
+    Every PIL mode comes out as DALI's decoder gives it (so both backends see the same pixels):
+    16-bit grey (``I;16*``, and ``I``, which PIL uses for 16-bit data) is scaled by 255 / 65535
+    and rounded, not clipped (PIL's own ``convert`` would turn all but the darkest pixels white);
+    float images (``F``) are taken as 0..1 and scaled by 255; an alpha channel is dropped (``LA``,
+    ``RGBA``, palettes with transparency); grey, bilevel, palette and CMYK images are expanded.
+    """
     from PIL import Image, ImageOps
 
     with Image.open(source) as im:
         im.load()  # decode now: a truncated or corrupt file fails here, not later
         ImageOps.exif_transpose(im, in_place=True)  # a no-op without an orientation tag
-        return im if im.mode == "RGB" else im.convert("RGB")  # grayscale, CMYK, palette, ...
+        return to_rgb8(im)
+
+
+def to_rgb8(im):
+    """A PIL image of any mode -> 8-bit RGB (see :func:`open_rgb`)."""
+    from PIL import Image
+
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode.startswith("I;16") or mode == "I" or mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        a = np.clip(a, 0.0, 1.0) * 255.0 if mode == "F" else np.clip(a, 0.0, 65535.0) * (255.0 / 65535.0)
+        return Image.fromarray(np.floor(a + 0.5).astype(np.uint8)).convert("RGB")
+    if mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # the palette colours; the alpha is then dropped, as DALI does
+    return im.convert("RGB")  # L, LA, 1, P, RGBA (alpha dropped), CMYK, YCbCr, ...
 
 
 def orient(img: torch.Tensor, orientation: int) -> torch.Tensor:

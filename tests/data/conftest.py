@@ -89,3 +89,58 @@ def corrupt_folder(tmp_path):
     good = (tmp_path / "b" / "0.jpg").read_bytes()
     (tmp_path / "b" / "truncated.jpg").write_bytes(good[: len(good) // 2])
     return tmp_path
+
+
+def write_png16_rgb(path, rgb16: np.ndarray) -> None:
+    """A 16-bit-per-channel RGB PNG (PIL cannot write one), written by hand."""
+    import struct
+    import zlib
+
+    h, w, _ = rgb16.shape
+    raw = b"".join(b"\x00" + rgb16[i].astype(">u2").tobytes() for i in range(h))
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="session")
+def modes_folder(tmp_path_factory):
+    """One 16 x 16 file per PIL mode / bit depth, with the 8-bit RGB each should decode to.
+
+    Returns (root, {file name: expected (16, 16, 3) uint8}); one class folder per file, so the
+    validation order is the sorted file names. The expectations are DALI's decoder's (16-bit
+    scaled by 255 / 65535 and rounded, float 0..1 scaled by 255, alpha dropped).
+    """
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("modes")
+    y, x = np.mgrid[0:16, 0:16]
+    g16 = (x * 4000 + y * 150).astype(np.uint16)  # up to 62,250: a real 16-bit range
+    g8 = (x * 15 + y).astype(np.uint8)
+    expected, images = {}, {}
+    scaled = np.floor(g16 * (255.0 / 65535.0) + 0.5).astype(np.uint8)
+    images["a_i16.png"] = (Image.fromarray(g16), np.repeat(scaled[..., None], 3, -1))
+    images["b_i16.tif"] = (Image.fromarray(g16), np.repeat(scaled[..., None], 3, -1))
+    f = (g16 / 65535.0).astype(np.float32)
+    images["c_float.tif"] = (Image.fromarray(f), np.repeat(np.floor(f * 255.0 + 0.5).astype(np.uint8)[..., None], 3, -1))
+    images["d_la.png"] = (Image.fromarray(np.stack([g8, 255 - g8], -1)), np.repeat(g8[..., None], 3, -1))
+    pal = Image.fromarray(g8).convert("P")
+    images["e_palette_transparent.png"] = (pal, np.repeat(g8[..., None], 3, -1))
+    bits = ((x + y) % 2 * 255).astype(np.uint8)
+    images["f_bilevel.png"] = (Image.fromarray(bits).convert("1"), np.repeat(bits[..., None], 3, -1))
+    rgba = np.stack([g8, 255 - g8, g8 // 2, (x * 16).astype(np.uint8)], -1)
+    images["g_rgba.png"] = (Image.fromarray(rgba), rgba[..., :3])
+    for name, (img, want) in images.items():
+        (root / name.split(".")[0]).mkdir()
+        kw = {"transparency": 0} if "transparent" in name else {}
+        img.save(root / name.split(".")[0] / name, **kw)
+        expected[name] = want
+    rgb16 = np.stack([g16, g16[::-1], g16 // 2], -1)
+    (root / "h_rgb16").mkdir()
+    write_png16_rgb(root / "h_rgb16" / "h_rgb16.png", rgb16)
+    expected["h_rgb16.png"] = np.floor(rgb16 * (255.0 / 65535.0) + 0.5).astype(np.uint8)
+    return root, expected

@@ -319,3 +319,20 @@ def test_dali_next_epoch_pipeline_built_ahead_gives_the_same_batches(image_folde
         assert torch.equal(a["images"], b["images"]) and torch.equal(a["teacher"], b["teacher"])
     loader.set_epoch(5)  # not the epoch built ahead: it is dropped, epoch 5 is built as usual
     assert sorted(torch.cat([b["indices"] for b in run(loader)]).tolist()) == list(range(21))
+
+
+def test_every_pil_mode_decodes_as_dali_does(modes_folder, backend):
+    """16-bit grey PNG / TIFF, float TIFF, grey + alpha, palette with transparency, bilevel, RGBA and
+    16-bit RGB: the same 8-bit RGB pixels from both backends (PIL's own convert("RGB") turned the
+    16-bit and float images white or black)."""
+    root, expected = modes_folder
+    # 16 x 16 files at image_size 14: the validation resize (to 16) is the identity, then a centre crop
+    out = run(make(root, backend, train=False, batch_size=len(expected), image_size=14))[0]
+    got = pixels(out["images"]).permute(0, 2, 3, 1).numpy()
+    index = build_index(root, train=False)
+    for k, i in enumerate(out["indices"].tolist()):
+        path = index.paths[i]
+        want = expected[Path(path).name][1:15, 1:15].astype(np.float64)
+        # exact up to fp32 normalisation, but PIL reads a 16-bit RGB PNG by its high byte (one level)
+        tol = 1.01 if "rgb16" in path else 1e-3
+        assert np.abs(got[k] - want).max() <= tol, (Path(path).name, np.abs(got[k] - want).max())
