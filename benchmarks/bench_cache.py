@@ -27,11 +27,9 @@ Results: a Markdown table (``--markdown``) and one JSON line appended to ``--jso
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -120,24 +118,12 @@ def _commit(explicit):
 
 
 def machine(args) -> dict:
-    if args.device.startswith("cuda") and torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-    else:
-        cpu = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        name = f"CPU {cpu}, {cores} cores, {torch.get_num_threads()} torch thread(s)"
-    import fastkd
+    from fastkd.envinfo import machine as machine_info
 
-    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": name,
-            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-            "fastkd": fastkd.__version__, "commit": _commit(args.commit)}
+    m = machine_info(args.device if args.device.startswith("cuda") and torch.cuda.is_available() else "cpu")
+    name = m["gpu"] or f"CPU {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch thread(s)"
+    return {"date": m["date"], "device": name, "torch": m["torch"], "cuda": m["cuda"], "python": m["python"],
+            "fastkd": m["fastkd"], "commit": _commit(args.commit)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,13 +138,20 @@ def train_rate(args, data: Path, out: Path, **kw) -> dict:
     from fastkd.engine.trainer import train
 
     cfg = C.make_config(**common_cfg(args, data), student=args.student, output=str(out), **kw)
+    cpu0 = time.process_time()
     result = train(cfg)
+    cpu = time.process_time() - cpu0
     last = result["epochs"][-1]
+    images = sum(r["train_samples"] for r in result["epochs"])
     return {"images_per_s": last["images_per_s"], "epoch_time_s": last["epoch_time_s"],
-            "all_epochs": [r["images_per_s"] for r in result["epochs"]]}
+            "all_epochs": [r["images_per_s"] for r in result["epochs"]],
+            # CPU time of this process for the whole run (set-up, every epoch, validation): with
+            # --workers 0 every step's work is here, and CPU time is far less sensitive than the
+            # wall clock to other jobs on a shared machine
+            "images_per_cpu_s": images / max(cpu, 1e-9)}
 
 
-def teacher_only_rate(args, data: Path, ckpt: Path) -> float:
+def teacher_only_rate(args, data: Path, ckpt: Path) -> dict:
     """Teacher inference over the training loader (data loading included), images/s of the last epoch."""
     from fastkd.cache.build import AMP_DTYPES, train_loader
     from fastkd.engine import config as C
@@ -172,15 +165,15 @@ def teacher_only_rate(args, data: Path, ckpt: Path) -> float:
     amp = cfg.amp if cfg.amp != "auto" else ("bf16" if dist.device.type == "cuda" else "none")
     runner = TeacherRunner(load_weights(create_model(args.teacher, len(loader.classes)), ckpt), dist.device,
                            amp_dtype=AMP_DTYPES[amp], channels_last=cfg.channels_last, concurrent=False)
-    rate = 0.0
+    rate = {}
     for epoch in range(args.epochs):
         loader.set_epoch(epoch)
-        n, t0 = 0, time.perf_counter()
+        n, t0, c0 = 0, time.perf_counter(), time.process_time()
         for batch in loader:
             out = runner(batch.teacher_images if batch.teacher_images is not None else batch.images)
             out.logits.float().cpu()  # what the builder does with every batch (and a sync)
             n += len(batch)
-        rate = n / (time.perf_counter() - t0)
+        rate = {"wall": n / (time.perf_counter() - t0), "cpu": n / max(time.process_time() - c0, 1e-9)}
     return rate
 
 
@@ -189,10 +182,11 @@ def build_rate(args, data: Path, ckpt: Path, out: Path, fmt: str, top_k=None) ->
     from fastkd.engine import config as C
 
     cfg = C.TrainConfig(**common_cfg(args, data), teacher=args.teacher, teacher_checkpoint=str(ckpt))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     summary = build_cache(cfg, out, CacheSpec(fmt, args.dtype, top_k))
+    rows = len(summary["epochs_built"]) * summary["rows_per_epoch"]
     return {"rows_per_s_last_epoch": summary["rows_per_s"][-1], "total_s": time.perf_counter() - t0,
-            "bytes_per_row": summary["bytes_per_row"]}
+            "rows_per_cpu_s": rows / max(time.process_time() - c0, 1e-9), "bytes_per_row": summary["bytes_per_row"]}
 
 
 def storage(classes: int, top_k: int) -> list[dict]:
@@ -241,7 +235,7 @@ def main(argv=None) -> int:
     r = {}
     t = time.perf_counter()
     r["teacher_only"] = teacher_only_rate(args, data, ckpt)
-    print(f"teacher-only inference: {r['teacher_only']:.0f} img/s", flush=True)
+    print(f"teacher-only inference: {r['teacher_only']['wall']:.0f} img/s", flush=True)
     r["build_full"] = build_rate(args, data, ckpt, work / "cache-full", "full")
     r["build_topk"] = build_rate(args, data, ckpt, work / "cache-topk", "topk", top_k)
     print(f"cache build: full {r['build_full']['rows_per_s_last_epoch']:.0f} rows/s, top-{top_k} "
@@ -256,9 +250,13 @@ def main(argv=None) -> int:
     for rep in range(args.repeats):
         for name, kw in runs.items():  # round-robin: drift of a shared machine hits every mode alike
             res = train_rate(args, data, work / f"run-{name.replace(' ', '-')}-{rep}", **kw)
-            samples[name].append(res["images_per_s"])
-            print(f"{name} (run {rep + 1}): {res['images_per_s']:.0f} img/s", flush=True)
-    rates = {name: {"images_per_s": float(np.median(v)), "runs": v} for name, v in samples.items()}
+            samples[name].append(res)
+            print(f"{name} (run {rep + 1}): {res['images_per_s']:.0f} img/s, {res['images_per_cpu_s']:.0f} "
+                  "img per CPU-s", flush=True)
+    rates = {name: {"images_per_s": float(np.median([x["images_per_s"] for x in v])),
+                    "images_per_cpu_s": float(np.median([x["images_per_cpu_s"] for x in v])),
+                    "runs": [x["images_per_s"] for x in v], "runs_cpu": [x["images_per_cpu_s"] for x in v]}
+             for name, v in samples.items()}
     record["seconds"] = time.perf_counter() - t
     record["results"] = {"teacher_only_images_per_s": r["teacher_only"], "build_full": r["build_full"],
                          "build_topk": r["build_topk"], "train": rates, "storage": storage(classes, top_k)}
@@ -271,15 +269,20 @@ def main(argv=None) -> int:
              f"batch {args.batch_size}, {args.data_backend} loader ({args.workers} workers), device {args.device}, "
              f"amp {args.amp}; the last of {args.epochs} epochs timed; median of {args.repeats} interleaved runs "
              "(min-max in brackets).", "",
-             "| run | images/s | / student-only | / online KD |", "|---|---:|---:|---:|"]
+             "| run | images/s (wall) | / student-only | / online KD | images per CPU-s (whole run) | "
+             "/ student-only | / online KD |", "|---|---:|---:|---:|---:|---:|---:|"]
+    ac, oc = rates["student-only"]["images_per_cpu_s"], rates["online KD"]["images_per_cpu_s"]
     for name, v in rates.items():
-        x = v["images_per_s"]
-        lines.append(f"| {name} | {x:.0f} [{min(v['runs']):.0f}-{max(v['runs']):.0f}] | {x / a:.2f} | {x / o:.2f} |")
-    lines += ["", "| cache build (data loading included) | rows/s | / teacher-only inference |", "|---|---:|---:|",
-              f"| teacher-only inference | {r['teacher_only']:.0f} | 1.00 |"]
+        x, xc = v["images_per_s"], v["images_per_cpu_s"]
+        lines.append(f"| {name} | {x:.0f} [{min(v['runs']):.0f}-{max(v['runs']):.0f}] | {x / a:.2f} | {x / o:.2f} | "
+                     f"{xc:.0f} [{min(v['runs_cpu']):.0f}-{max(v['runs_cpu']):.0f}] | {xc / ac:.2f} | {xc / oc:.2f} |")
+    t_wall, t_cpu = r["teacher_only"]["wall"], r["teacher_only"]["cpu"]
+    lines += ["", "| cache build (data loading included) | rows/s (wall, last epoch) | / teacher-only | "
+              "rows per CPU-s | / teacher-only |", "|---|---:|---:|---:|---:|",
+              f"| teacher-only inference | {t_wall:.0f} | 1.00 | {t_cpu:.0f} | 1.00 |"]
     for key, label in (("build_full", f"build full {args.dtype}"), ("build_topk", f"build top-{top_k} {args.dtype}")):
-        x = r[key]["rows_per_s_last_epoch"]
-        lines.append(f"| {label} | {x:.0f} | {x / r['teacher_only']:.2f} |")
+        x, xc = r[key]["rows_per_s_last_epoch"], r[key]["rows_per_cpu_s"]
+        lines.append(f"| {label} | {x:.0f} | {x / t_wall:.2f} | {xc:.0f} | {xc / t_cpu:.2f} |")
     lines += ["", f"| format | bytes/image/epoch (C={classes}) | bytes/image/epoch (C=1000) | ImageNet GB/epoch |",
               "|---|---:|---:|---:|"]
     for s in record["results"]["storage"]:

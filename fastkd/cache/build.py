@@ -234,7 +234,7 @@ def build_cache(cfg: C.TrainConfig, output, spec: CacheSpec) -> dict:
         n = len(loader.index)
         shape, row_dtype = store.row_layout(spec.fmt, spec.dtype, len(classes), spec.top_k)
         summary = {"output": str(out), "epochs_built": todo, "epochs_done_before": sorted(done),
-                   "rows_per_s": [], "bytes_per_row": store.bytes_per_row(spec.fmt, spec.dtype, len(classes),
+                   "rows_per_s": [], "rows_per_epoch": n, "bytes_per_row": store.bytes_per_row(spec.fmt, spec.dtype, len(classes),
                                                                          spec.top_k)}
         if not todo:
             logger.info("fastkd cache build: %s already holds epochs 0..%d", out, cfg.epochs - 1)
