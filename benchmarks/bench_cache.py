@@ -69,6 +69,14 @@ def parse_args(argv=None):
     p.add_argument("--markdown", default=None, help="write the table here")
     p.add_argument("--jsonl", default=None, help="append the JSON record here")
     p.add_argument("--commit", default=None, help="the commit the measured code is at (default: git rev-parse)")
+    p.add_argument("--accuracy", action="store_true", help="instead: the accuracy cost of top-K rows (issue 10 "
+                   "item 6) on the capacity study's task: KD students from the full teacher rows and from top-K "
+                   "rows, K in --accuracy-ks, over --accuracy-seeds")
+    p.add_argument("--accuracy-ks", type=int, nargs="+", default=[5, 10, 20])
+    p.add_argument("--accuracy-seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--accuracy-teacher", default="resnet56")
+    p.add_argument("--accuracy-preset", default="quick", help="fastkd study capacity preset whose data, "
+                   "epochs and KD setting are used")
     return p.parse_args(argv)
 
 
@@ -203,11 +211,94 @@ def storage(classes: int, top_k: int) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------
+def accuracy_cost(args) -> int:
+    """Issue 10 item 6: student top-1 from full teacher rows against top-K rows (methods.md 10).
+
+    The capacity study's task and loop (:mod:`fastkd.analysis.study`): 100 classes of MNIST digit
+    pairs, pad-1 shift views whose teacher logits are computed once, KD at T = 4 (CE 0.1 / KD 0.9).
+    Every student of a seed starts from the same weights and sees the same batches; only the
+    teacher rows differ: dense, or the :class:`~fastkd.losses.compressed.TopKTeacher` of each view's
+    row (what a top-K cache stores, in fp32 here so that only the compression differs), which
+    :class:`fastkd.DistillLoss` reads directly. Reported: test top-1 mean and SE over seeds, and the
+    per-seed paired difference to the full rows (mean and SE).
+    """
+    import torch.nn.functional as F
+
+    from fastkd.analysis import study as S
+    from fastkd.analysis.select import mean_se
+    from fastkd.data.mnist import make_digit_pairs
+    from fastkd.losses import DistillLoss
+    from fastkd.losses.compressed import compress_topk
+    from fastkd.models import create_model
+
+    cfg = S.PRESETS[args.accuracy_preset]
+    t_start = time.perf_counter()
+    data = make_digit_pairs(cfg.train_per_class, cfg.val_per_class, cfg.test_per_class, digit_size=cfg.digit_size)
+    views = S._views(data.x_train)
+    y_tr, x_te, y_te = data.y_train, data.x_test, data.y_test
+    C, n = data.num_classes, len(y_tr)
+    torch.manual_seed(1)
+    teacher = create_model(f"fastkd:{args.accuracy_teacher}", num_classes=C, in_chans=1)
+    S.fit(teacher, views, lambda out, idx, view, e: F.cross_entropy(out, y_tr[idx]),
+          S.Schedule(n, cfg.teacher_epochs, cfg.batch_size, seed=1000), cfg.teacher_epochs, cfg.lr, cfg.weight_decay)
+    logits = torch.stack([S._logits(teacher, views[v]) for v in range(9)])  # (9, N, C)
+    teacher_top1 = S._top1(S._logits(teacher, x_te), y_te)
+    print(f"teacher {args.accuracy_teacher}: test top-1 {teacher_top1:.4f} ({time.perf_counter() - t_start:.0f} s)",
+          flush=True)
+    variants = {"full": None, **{f"top-{k}": k for k in args.accuracy_ks}}
+    rows = {name: [] for name in variants}
+    for seed in args.accuracy_seeds:
+        torch.manual_seed(seed)
+        init = create_model("fastkd:resnet8", num_classes=C, in_chans=1).state_dict()
+        sched = S.Schedule(n, cfg.student_epochs, cfg.batch_size, seed=seed)
+        for name, k in variants.items():
+            model = create_model("fastkd:resnet8", num_classes=C, in_chans=1)
+            model.load_state_dict(init)
+            loss = DistillLoss("kd", **cfg.kd)
+
+            def loss_fn(out, idx, view, e, loss=loss, k=k):
+                v = logits[view, idx]
+                teacher_rows = v if k is None else compress_topk(v, y_tr[idx], k)
+                return loss(out, teacher_rows, y_tr[idx])
+
+            S.fit(model, views, loss_fn, sched, cfg.student_epochs, cfg.lr, cfg.weight_decay)
+            rows[name].append(S._top1(S._logits(model, x_te), y_te))
+            print(f"seed {seed} {name}: test top-1 {rows[name][-1]:.4f}", flush=True)
+    info = machine(args)
+    lines = [f"Measured {info['date']} at commit {info['commit']} on {info['device']}; torch {info['torch']}.",
+             f"Task: fastkd study capacity ({args.accuracy_preset} preset): {data.description}. Teacher "
+             f"fastkd:{args.accuracy_teacher} (CE, {cfg.teacher_epochs} epochs, test top-1 {teacher_top1:.4f}); "
+             f"students fastkd:resnet8, KD {cfg.kd}, {cfg.student_epochs} epochs, seeds {args.accuracy_seeds} "
+             f"(same initial weights and batches per seed). Top-K rows per methods.md section 10, fp32. "
+             f"Wall time {time.perf_counter() - t_start:.0f} s.", "",
+             "| teacher rows | student test top-1 (mean +- SE) | paired difference to full (mean +- SE) |",
+             "|---|---:|---:|"]
+    for name, vals in rows.items():
+        m, se = mean_se(vals)
+        if name == "full":
+            diff = "-"
+        else:
+            dm, dse = mean_se([a - b for a, b in zip(vals, rows["full"])])
+            diff = f"{dm:+.4f} +- {dse:.4f}"
+        lines.append(f"| {name} | {m:.4f} +- {se:.4f} | {diff} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+    if args.jsonl:
+        with open(args.jsonl, "a") as fh:
+            fh.write(json.dumps({"bench": "cache-topk-accuracy", **info, "teacher_top1": teacher_top1,
+                                 "student_test_top1": rows, "seeds": args.accuracy_seeds}) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.accuracy:
+        return accuracy_cost(args)
     tmp = None
     if args.workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="fastkd-bench-cache-")

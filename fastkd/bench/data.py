@@ -25,10 +25,7 @@ date) to ``--results``.
 """
 from __future__ import annotations
 
-import datetime
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -240,25 +237,9 @@ def time_distill_step(device, batch_size: int, image_size: int = 224, steps: int
 
 
 def _machine(device) -> dict:
-    import torch
+    from ..envinfo import machine
 
-    info = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(),
-            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
-    try:
-        import torchvision
-
-        info["torchvision"] = torchvision.__version__
-    except ImportError:
-        pass
-    if _compat.has_dali():
-        import nvidia.dali
-
-        info["dali"] = nvidia.dali.__version__
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
+    return machine(device)
 
 
 def main(args) -> int:

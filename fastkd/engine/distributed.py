@@ -14,11 +14,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..errors import UsageError
-
-
-class DeviceError(UsageError, RuntimeError):
-    """A --device this machine cannot provide (a RuntimeError too, as it was before)."""
+from .._device import DeviceError  # noqa: F401  (re-exported: a --device this machine cannot provide)
+from .._device import resolve_device as _resolve_device
 
 
 @dataclass(frozen=True)
@@ -50,16 +47,7 @@ def _env_int(name: str, default: int) -> int:
 
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     """``auto`` -> ``cuda:LOCAL_RANK`` when CUDA is available, else CPU; ``cuda`` -> ``cuda:LOCAL_RANK``."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise DeviceError(f"--device {spec} asked for CUDA, but torch.cuda.is_available() is False on this machine")
-    dev = torch.device(f"cuda:{local_rank}" if spec == "cuda" else spec)
-    if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise DeviceError(f"--device {dev}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return dev
+    return _resolve_device(spec, local_rank=local_rank)
 
 
 DEFAULT_TIMEOUT_S = 600.0
