@@ -134,6 +134,13 @@ def main(argv=None) -> int:
             raise
         _report(prog, str(exc.code))
         return 2
+    except BrokenPipeError:
+        # stdout closed early (``fastkd train --list-presets | head``): not an error; keep the
+        # interpreter's final flush of stdout quiet.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         if debug:
             raise

@@ -1,5 +1,6 @@
 """Config: dataclass -> YAML (unknown keys are errors) -> CLI flags override -> validation."""
 import argparse
+import dataclasses
 import logging
 
 import pytest
@@ -263,3 +264,31 @@ def test_dist_timeout_flag_documents_its_default():
     C.add_arguments(parser)
     help_ = parser.format_help()
     assert "--dist-timeout" in help_ and "(default: 600.0)" in help_ and "30 minutes" in help_
+
+
+def test_threads_apply_during_the_run_and_are_restored(tmp_path, monkeypatch):
+    # issue 12 item 7: --threads (torch.set_num_threads) for the run only; the caller keeps its setting
+    import torch
+
+    from fastkd.engine import trainer as T
+
+    seen = []
+    original = T.Trainer._train_epoch
+
+    def spy(self, epoch):
+        seen.append(torch.get_num_threads())
+        return original(self, epoch)
+
+    monkeypatch.setattr(T.Trainer, "_train_epoch", spy)
+    before = torch.get_num_threads()
+    cfg = C.make_config(data_backend="synthetic", synthetic_samples=32, synthetic_classes=4, image_size=8,
+                        batch_size=32, student="fastkd:resnet8", method="ce", epochs=1, device="cpu",
+                        threads=before + 1, output=str(tmp_path / "run"))
+    T.train(cfg)
+    assert seen == [before + 1] and torch.get_num_threads() == before
+    # default on CPU without OMP_NUM_THREADS: half the cores, at most 8
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    trainer = T.Trainer(dataclasses.replace(cfg, threads=None))
+    assert 1 <= trainer._threads() <= 8
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert trainer._threads() is None  # the user's OMP_NUM_THREADS wins
