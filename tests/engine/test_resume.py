@@ -222,3 +222,17 @@ def test_resume_with_another_world_size_is_refused_clearly(tmp_path, caplog):
     with caplog.at_level("ERROR", logger="fastkd"):
         assert cli.main([*SMALL, "--epochs", "2", "--output", str(out), "--resume", "auto"]) == 2
     assert "written by 2 process(es) and this run has 1" in caplog.text and "--student-checkpoint" in caplog.text
+
+
+def test_teacher_and_student_weights_from_a_damaged_checkpoint_are_refused(tmp_path):
+    # the same checksum guards --teacher-checkpoint / --student-checkpoint / fastkd analyze
+    from fastkd.models import create_model, load_weights
+
+    torch.manual_seed(0)
+    model = create_model("fastkd:resnet8", 4)
+    ckpt.save_atomic({"model": model.state_dict(), "epoch": 1}, tmp_path / "t.pt")
+    load_weights(create_model("fastkd:resnet8", 4), tmp_path / "t.pt")  # intact: loads
+    marker = model.state_dict()["fc.weight"].flatten()[:8].contiguous()
+    _flip_tensor_bytes(tmp_path / "t.pt", marker, n=2)
+    with pytest.raises(ValueError, match="t.pt.*fails its checksum"):
+        load_weights(create_model("fastkd:resnet8", 4), tmp_path / "t.pt")
