@@ -100,6 +100,10 @@ def load_weights(model: nn.Module, path) -> nn.Module:
             f"{str(exc).splitlines()[0] if str(exc) else ''}); a file holding pickled Python objects beyond tensors "
             f"can be re-saved with torch.save(model.state_dict(), path)"
         ) from exc
+    if isinstance(obj, dict) and "checksum" in obj:  # a fastkd checkpoint: refuse one whose bytes changed
+        from .._checksum import verify
+
+        verify(obj, path)
     sd = _strip_wrapper_prefix(_extract_state_dict(obj, path), path)
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
