@@ -177,10 +177,16 @@ def link_atomic(src, dst) -> Path:
     if tmp.exists():
         tmp.unlink()
     try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, Exception) and _is_disk_full(exc, dst.parent):
+            raise OSError(errno.ENOSPC, f"no space left on device while writing {dst}") from exc
+        raise
     _fsync_dir(dst.parent)
     return dst
 

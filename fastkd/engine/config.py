@@ -381,8 +381,12 @@ def to_yaml(cfg: TrainConfig, extra: Optional[dict] = None) -> str:
 def save_yaml(cfg: TrainConfig, path, extra: Optional[dict] = None) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(to_yaml(cfg, extra))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(to_yaml(cfg, extra))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. a full disk: no stray temporary file
+        raise
 
 
 # --------------------------------------------------------------------------------------------

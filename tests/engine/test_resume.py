@@ -236,3 +236,26 @@ def test_teacher_and_student_weights_from_a_damaged_checkpoint_are_refused(tmp_p
     _flip_tensor_bytes(tmp_path / "t.pt", marker, n=2)
     with pytest.raises(ValueError, match="t.pt.*fails its checksum"):
         load_weights(create_model("fastkd:resnet8", 4), tmp_path / "t.pt")
+
+
+def test_disk_full_while_linking_best_or_writing_the_config_leaves_no_temp_file(tmp_path, monkeypatch):
+    from fastkd.engine import config as C
+
+    ckpt.save_atomic({"model": {"w": torch.ones(3)}, "epoch": 1}, tmp_path / "last.pt")
+
+    def no_link(src, dst):
+        raise OSError(errno.EXDEV, "cross-device link")
+
+    def full_copy(src, dst):
+        Path(dst).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.os, "link", no_link)
+    monkeypatch.setattr(ckpt.shutil, "copyfile", full_copy)
+    with pytest.raises(OSError, match=r"no space left on device while writing .*best\.pt"):
+        ckpt.link_atomic(tmp_path / "last.pt", tmp_path / "best.pt")
+    monkeypatch.setattr(Path, "write_text", lambda self, text: (Path.write_bytes(self, b"x"),
+                                                                 (_ for _ in ()).throw(OSError(errno.ENOSPC, "full"))))
+    with pytest.raises(OSError):
+        C.save_yaml(C.make_config(data="/d", student="fastkd:resnet8", method="ce"), tmp_path / "config.yaml")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
