@@ -19,6 +19,8 @@ __all__ = [
     "dist_loss",
     "cross_entropy",
     "DistillLoss",
+    "TopKTeacher",
+    "compress_topk",
     "set_label_checks",
     "__version__",
 ]

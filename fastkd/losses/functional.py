@@ -442,7 +442,9 @@ def ats_loss(student_logits, teacher_logits, target, tau_target=4.0, tau_other=2
 
     Example::
 
-        >>> loss = fastkd.ats_loss(z, v, y, tau_target=4.0, tau_other=2.0)
+        >>> z, v = torch.randn(8, 100, requires_grad=True), torch.randn(8, 100)
+        >>> y = torch.randint(0, 100, (8,))
+        >>> loss = 0.5 * fastkd.cross_entropy(z, y) + 0.5 * fastkd.ats_loss(z, v, y, tau_target=4.0, tau_other=2.0)
     """
     tt = _check_temperature("tau_target", tau_target)
     to = _check_temperature("tau_other", tau_other)
@@ -470,6 +472,7 @@ def isats_loss(student_logits, teacher_logits, target, tau_target=4.0, candidate
 
     Example::
 
+        >>> z, v, y = torch.randn(8, 100), torch.randn(8, 100), torch.randint(0, 100, (8,))
         >>> loss = fastkd.isats_loss(z, v, y, tau_target=4.0)
     """
     tt = _check_temperature("tau_target", tau_target)
@@ -498,6 +501,7 @@ def dkd_loss(student_logits, teacher_logits, target, alpha=1.0, beta=8.0, temper
 
     Example::
 
+        >>> z, v, y = torch.randn(8, 100), torch.randn(8, 100), torch.randint(0, 100, (8,))
         >>> loss = fastkd.dkd_loss(z, v, y, alpha=1.0, beta=8.0, temperature=4.0)
     """
     a = _check_nonneg("alpha", alpha)
@@ -533,7 +537,9 @@ def dist_loss(student_logits, teacher_logits, beta=1.0, gamma=1.0, temperature=1
 
     Example::
 
-        >>> loss = fastkd.dist_loss(z, v, beta=1.0, gamma=1.0)
+        >>> z, v = torch.randn(8, 100), torch.randn(8, 100)
+        >>> valid = torch.tensor([True] * 6 + [False] * 2)   # the last two rows are padding
+        >>> loss = fastkd.dist_loss(z, v, beta=1.0, gamma=1.0, valid=valid)
     """
     b = _check_nonneg("beta", beta)
     g = _check_nonneg("gamma", gamma)
@@ -565,6 +571,7 @@ def cross_entropy(logits, target, label_smoothing=0.0, reduction="batchmean", ig
 
     Example::
 
+        >>> z, y = torch.randn(8, 100), torch.randint(0, 100, (8,))
         >>> loss = fastkd.cross_entropy(z, y, label_smoothing=0.1)
     """
     _check_logits("logits", logits)

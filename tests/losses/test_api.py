@@ -245,3 +245,27 @@ def test_ignore_index_is_not_out_of_range():
 def test_label_checks_can_be_disabled():
     with pytest.raises((IndexError, RuntimeError)):
         fastkd.ats_loss(Z, V, torch.tensor([0, 1, 9, 2]), backend="torch", check_labels=False)
+
+
+# ---------------------------------------------------------------- documentation
+@pytest.mark.parametrize("fn", [fastkd.kd_loss, fastkd.ats_loss, fastkd.isats_loss, fastkd.dkd_loss,
+                                fastkd.dist_loss, fastkd.cross_entropy, fastkd.DistillLoss])
+def test_public_functions_are_documented(fn):
+    doc = fn.__doc__
+    for section in ("Args", "Returns", "Raises", "Example"):
+        assert section in doc, (fn.__name__, section)
+    if fn is fastkd.DistillLoss:
+        assert "mdistiller" in doc and "torchdistill" in doc and "all rows" in doc
+        assert "batchmean" in fastkd.kd_loss.__doc__ and "triton" in fastkd.kd_loss.__doc__
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    for fn in (fastkd.kd_loss, fastkd.ats_loss, fastkd.isats_loss, fastkd.dkd_loss, fastkd.dist_loss,
+               fastkd.cross_entropy, fastkd.DistillLoss):
+        examples = doctest.DocTestParser().get_examples(fn.__doc__)
+        assert examples, fn.__name__
+        scope = {"torch": torch, "fastkd": fastkd}
+        for ex in examples:
+            exec(compile(ex.source, fn.__name__, "exec"), scope)
