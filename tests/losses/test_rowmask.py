@@ -127,3 +127,25 @@ def test_set_label_checks_is_deprecated_and_unused_by_the_library():
     users = [p for p in root.rglob("*.py") if "set_label_checks(" in p.read_text()
              and p.name not in ("functional.py",) and "engine" not in p.parts]
     assert users == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_row_mask_and_topk_teacher_need_no_host_sync_on_cuda(method):
+    """The loss layer's own work (mask folding, DIST's masked statistics, densifying a TopKTeacher)
+    never synchronises with the host (torch backend: the fused kernel's launch is tested in tests/ops)."""
+    z, v, y = (t.cuda() for t in data(64, 100))
+    valid = torch.ones(64, dtype=torch.bool, device="cuda")
+    valid[-5:] = False
+    t = fastkd.compress_topk(v, y, 10)
+    crit = fastkd.DistillLoss(method, backend="torch", check_labels=False, **METHODS[method])
+    z.requires_grad_()
+    crit(z, v, y, valid=valid)  # warm-up: kernel compilation may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for teacher in (v, t):
+            crit(z, teacher, y, valid=valid).backward()
+            crit.last_terms
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
