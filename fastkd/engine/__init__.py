@@ -1,4 +1,4 @@
-"""The distillation engine: config, the concurrent teacher runner, the training loop, checkpoints.
+"""The distillation engine: config, teacher sources (the concurrent runner), the training loop, checkpoints.
 
 ``fastkd train`` and ``fastkd demo`` are thin front ends over :func:`train`::
 
@@ -8,7 +8,8 @@
 """
 from .config import ConfigError, TrainConfig, make_config
 from .runner import TeacherOutput, TeacherRunner
+from .teacher import OnlineTeacher, TeacherSource
 from .trainer import Trainer, evaluate, train
 
 __all__ = ["TrainConfig", "ConfigError", "make_config", "train", "Trainer", "evaluate", "TeacherRunner",
-           "TeacherOutput"]
+           "TeacherOutput", "TeacherSource", "OnlineTeacher"]
