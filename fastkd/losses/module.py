@@ -171,6 +171,8 @@ class DistillLoss(nn.Module):
         if teacher_logits is None:
             if self.needs_teacher:
                 raise ValueError(f"method {self.method!r} with kd_weight={self.kd_weight} needs teacher_logits")
+        elif kd_w == 0 and isinstance(teacher_logits, F.TopKTeacher):
+            teacher_logits = None  # unused (ce, zero weight, DKD warm-up at 0): not densified
         else:
             teacher_logits = F._dense_teacher(teacher_logits, student_logits, y_raw, ii)
         z = F._flatten(student_logits)

@@ -8,7 +8,7 @@ import torch
 import fastkd
 from fastkd.losses import reference as ref
 
-METHODS = {"kd": {"temperature": 2.0}, "ats": {}, "isats": {"tau_target": 3.0}, "dkd": {"beta": 2.0},
+METHODS = {"kd": {"temperature": 2.0}, "ats": {}, "isats": {"tau_target": 3.0, "candidates": (1.0, 2.0, 3.0)}, "dkd": {"beta": 2.0},
            "dist": {"gamma": 2.0}, "ce": {}}
 BACKENDS = ["torch", "triton"]
 
