@@ -7,7 +7,8 @@ forward, backward and optimizer step on batch ``i``::
     student stream   | S(i) .............. | S(i+1) ...........|
                           ^ waits on T(i)'s event    ^ waits on T(i+1)'s event
 
-The loop calls :meth:`TeacherRunner.result` for batch ``i`` (the student stream waits on the
+The step pipeline (:mod:`fastkd.engine.pipeline`, through the
+:class:`~fastkd.engine.teacher.OnlineTeacher` source) calls :meth:`TeacherRunner.result` for batch ``i`` (the student stream waits on the
 event recorded after ``T(i)``; no device-wide sync), then :meth:`TeacherRunner.submit` for batch
 ``i+1`` (queued on the teacher stream, which first waits for the student stream so the input
 batch is ready), then queues ``S(i)``. The two streams overlap, so the GPU fills the gaps that

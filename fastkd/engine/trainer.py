@@ -464,12 +464,12 @@ class Trainer:
             raise ValueError(f"checkpoint {path} was trained on {len(state['classes'])} classes, --data holds "
                              f"{len(self.classes)}: it cannot continue on this data set")
         saved_world = int(state.get("world_size", 1))
-        if saved_world != self.dist.world_size:
-            raise ValueError(f"checkpoint {path} was written by {saved_world} process(es) and this run has "
-                             f"{self.dist.world_size}: resuming with another world size would change the steps per "
-                             f"epoch, the data shards and the global batch its LR was set for; resume with "
-                             f"{saved_world} process(es), or start a new --output from its weights with "
-                             f"--student-checkpoint {path}")
+        regrid = saved_world != self.dist.world_size
+        if regrid and int(state["step_in_epoch"]) != 0:
+            raise ValueError(f"checkpoint {path} was written in the middle of an epoch by {saved_world} process(es) "
+                             f"and this run has {self.dist.world_size}: a position inside an epoch's shards cannot "
+                             f"move to other shards; resume with {saved_world} process(es), or from an epoch-end "
+                             f"checkpoint (epoch_N.pt, kept with --save-every)")
         changed = sorted(k for k, v in dataclasses.asdict(cfg).items()
                          if k not in _RESUME_FREE_KEYS and k in saved and saved[k] != v)
         if changed:
@@ -501,11 +501,37 @@ class Trainer:
         self.global_step = int(state["global_step"])
         self.best_top1 = float(state["best_top1"])
         self.progress_state = state.get("epoch_progress")
-        ckpt.set_rng_state(state["rng"][self.dist.rank])
-        self.train_loader.load_state_dict(state["loader"][self.dist.rank])
+        if not regrid:
+            ckpt.set_rng_state(state["rng"][self.dist.rank])
+            self.train_loader.load_state_dict(state["loader"][self.dist.rank])
+        else:
+            ckpt.set_rng_state(state["rng"][self.dist.rank % saved_world])
         if self.is_main:
             self._truncate_metrics()
+        if regrid:
+            self._regrid(saved_world)
         return True
+
+    def _regrid(self, saved_world: int) -> None:
+        """Continue an epoch-end checkpoint of another world size on this run's grid: the global
+        step counts this run's steps per epoch, and the LR follows this run's schedule and rate
+        (``--lr`` as given, else ``lr_base`` x this run's global batch / 256). The data order of
+        the next epoch is keyed by (seed, epoch), so the new shards continue it exactly."""
+        old_step = self.global_step
+        self.global_step = self.start_epoch * self.steps_per_epoch
+        sched = self.scheduler
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = self.lr
+        sched.base_lrs = [self.lr for _ in self.optimizer.param_groups]
+        sched.last_epoch = self.global_step
+        lrs = [base * sched.lr_lambdas[0](sched.last_epoch) for base in sched.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        sched._last_lr = lrs
+        logger.warning("fastkd: checkpoint from %d process(es), resuming with %d at the start of epoch %d: global step "
+                       "%d -> %d (%d steps per epoch now), learning rate %.4g for the global batch of %d",
+                       saved_world, self.dist.world_size, self.start_epoch + 1, old_step, self.global_step,
+                       self.steps_per_epoch, self.lr, self.cfg.batch_size * self.dist.world_size)
 
     def _truncate_metrics(self) -> None:
         """Drop metrics records written after the checkpoint (the resumed run writes them again)."""
@@ -565,6 +591,14 @@ class Trainer:
             self.scheduler.step()
         return loss.detach()
 
+    def _log_step(self, epoch: int, loss: Tensor, meters: EpochMeters, bar) -> None:
+        loss_value = float(loss)  # the one sync of a logging boundary
+        self.timer.flush()  # resolve this interval's CUDA timing events (bounded memory)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.metrics.write("step", {"epoch": epoch, "global_step": self.global_step, "loss": loss_value,
+                                    "lr": lr, "images_per_s_rank": meters.rate()})
+        bar.update(0, loss=f"{loss_value:.4f}", lr=f"{lr:.3g}")
+
     def _train_epoch(self, epoch: int) -> dict:
         """For each step of the pipeline: the student step, meters, maybe a log line, maybe a checkpoint."""
         cfg = self.cfg
@@ -592,12 +626,7 @@ class Trainer:
             self.global_step += 1
             ckpt.fault_point("after_step", step=self.global_step)
             if self.global_step % cfg.log_interval == 0 or step_in_epoch == n_steps:
-                loss_value = float(loss)  # the one sync of a logging boundary
-                self.timer.flush()  # resolve this interval's CUDA timing events (bounded memory)
-                lr = self.optimizer.param_groups[0]["lr"]
-                self.metrics.write("step", {"epoch": epoch, "global_step": self.global_step, "loss": loss_value,
-                                            "lr": lr, "images_per_s_rank": meters.rate()})
-                bar.update(0, loss=f"{loss_value:.4f}", lr=f"{lr:.3g}")
+                self._log_step(epoch, loss, meters, bar)
             bar.update(1)
             if ckpt_due:
                 self._save(self._state(epoch, step_in_epoch, step.loader_state_after, meters.state_dict()))
