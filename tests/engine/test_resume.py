@@ -212,16 +212,45 @@ def test_resume_refuses_another_student_before_loading(tmp_path, caplog):
     assert "state_dict" not in caplog.text
 
 
-def test_resume_with_another_world_size_is_refused_clearly(tmp_path, caplog):
-    # issue 11 item 7: the old step count with the new steps per epoch and the old scaled LR
+def _as_if_written_by(state, world, steps_factor):
+    """A checkpoint as ``world`` processes would have written it at the same epoch end: as many RNG and
+    loader states, ``steps_factor`` x the steps, and the LR of that global batch (no --lr given)."""
+    state = dict(state)
+    state["world_size"] = world
+    state["rng"], state["loader"] = state["rng"] * world, state["loader"] * world
+    state["global_step"] = int(state["global_step"] * steps_factor)
+    sched = dict(state["scheduler"])
+    sched["last_epoch"] = state["global_step"]
+    sched["base_lrs"] = [b * world for b in sched["base_lrs"]]
+    state["scheduler"] = sched
+    return state
+
+
+def test_resume_with_another_world_size_continues_on_the_new_grid(tmp_path):
+    # issue 11 item 7: the old step count with the new steps per epoch, and the old scaled LR
+    args = [a for a in SMALL if a not in ("--lr", "0.1")] + ["--batch-size", "16", "--threads", "1"]
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    assert cli.main([*args, "--epochs", "2", "--save-every", "1", "--output", str(ref)]) == 0
+    out.mkdir()
+    ckpt.save_atomic(_as_if_written_by(ckpt.load(ref / "epoch_1.pt"), 2, 0.5), out / "last.pt")
+    assert cli.main([*args, "--epochs", "2", "--output", str(out), "--resume", "auto"]) == 0
+    a, b = ckpt.load(out / "last.pt"), ckpt.load(ref / "last.pt")
+    assert a["global_step"] == b["global_step"] == 8
+    assert a["scheduler"]["base_lrs"] == b["scheduler"]["base_lrs"]
+    for k in b["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    lrs = [r["lr"] for r in read_metrics(out / "metrics.jsonl", "step") if r["global_step"] > 4]
+    assert lrs == [r["lr"] for r in read_metrics(ref / "metrics.jsonl", "step") if r["global_step"] > 4]
+
+
+def test_resume_mid_epoch_with_another_world_size_is_refused(tmp_path, caplog):
     out = tmp_path / "run"
     state = _small_run(out)
-    state["world_size"] = 2
-    state["rng"], state["loader"] = state["rng"] * 2, state["loader"] * 2
+    state = {**_as_if_written_by(state, 2, 0.5), "step_in_epoch": 1, "epoch": 0}
     ckpt.save_atomic(state, out / "last.pt")
     with caplog.at_level("ERROR", logger="fastkd"):
         assert cli.main([*SMALL, "--epochs", "2", "--output", str(out), "--resume", "auto"]) == 2
-    assert "written by 2 process(es) and this run has 1" in caplog.text and "--student-checkpoint" in caplog.text
+    assert "middle of an epoch by 2 process(es) and this run has 1" in caplog.text
 
 
 def test_teacher_and_student_weights_from_a_damaged_checkpoint_are_refused(tmp_path):
