@@ -1,20 +1,22 @@
 """pytest-benchmark suite for the fused KD loss (``kd_softmax_kl``): forward + backward of
 ``0.5 CE + 0.5 KD`` in bf16 at the ImageNet shape and two vocabulary-sized shapes, fastkd's
-fused kernel side by side with eager PyTorch, torch.compile and (where installed) Liger-Kernel.
+fused kernel side by side with plain fp32 PyTorch (eager and torch.compile) and (where installed)
+two Liger-Kernel paths (see fastkd/bench/kernels.py for what each row is).
 
 Needs a CUDA GPU (skipped otherwise). Run:
 
     python -m pytest benchmarks/bench_kd_softmax_kl.py --benchmark-columns=median,min,max \
         --benchmark-json=benchmarks/results/kernels-pytest-benchmark.json
 
-The same comparison with GB/s, share of copy bandwidth, peak memory and launch counts:
-``fastkd bench kernels`` (fastkd/bench/kernels.py).
+The same comparison with a CUDA-graph column, GB/s, share of copy bandwidth, peak memory,
+launch counts and the commit: ``fastkd bench kernels`` (fastkd/bench/kernels.py), which
+``benchmarks/gpu_visit.sh`` runs.
 """
 import pytest
 import torch
 
 SHAPES = [(256, 1000), (4096, 32000), (8192, 128256)]
-IMPLS = ["fastkd", "eager", "compile", "liger"]
+IMPLS = ["fastkd", "eager", "compile", "liger-kl", "liger-jsd"]
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -27,7 +29,7 @@ def _get_impl(name):
     if not _impls:
         _impls.update(bk.build_impls("kd", 1.0, 0.5, 0.5, IMPLS))
     if name not in _impls:
-        pytest.skip(f"{name} is not available here (liger: pip install liger-kernel)")
+        pytest.skip(f"{name} is not available here (liger rows: pip install liger-kernel)")
     return _impls[name][0]
 
 

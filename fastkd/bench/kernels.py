@@ -1,54 +1,69 @@
-"""``fastkd bench kernels``: the fused KD kernel against eager PyTorch, torch.compile and Liger.
+"""``fastkd bench kernels``: the fused KD kernel against what a competent PyTorch user runs.
 
 Every row times one forward + backward of ``ce_weight * CE + kd_weight * KD`` (vanilla KD by
-default) on ``N x C`` logits, with ``triton.testing.do_bench`` (CUDA events, L2 flushed between
-runs, median). Rows:
+default; ``--method`` ats, isats, dkd or dist) on ``N x C`` logits, with
+``triton.testing.do_bench`` (CUDA events, L2 flushed between runs, median). Rows:
 
-* ``fastkd``: :func:`fastkd.kernels.fused_distill` (loss and gradient in one launch);
-* ``eager``: PyTorch written the usual way, as ``torch.autocast`` runs it (the softmaxes in fp32):
-  ``kl_div(log_softmax(z/T), log_softmax(v/T), log_target=True) * T^2`` plus ``cross_entropy``,
-  then ``backward`` (for ``--method`` other than ``kd``: fastkd's PyTorch reference);
-* ``compile``: ``torch.compile`` of the same function;
-* ``liger``: Liger-Kernel's KL loss (on PyTorch log-softmaxes) plus its cross-entropy, where
-  ``liger_kernel`` is installed (``kd`` only).
+* ``fastkd``: :func:`fastkd.kernels.fused_distill` (loss and gradient in one launch); for DIST,
+  which has no fused kernel, fastkd's fp32 PyTorch formula (``DistillLoss(backend="triton")``);
+* ``eager``: a plain fp32 implementation as a competent user writes it (the softmax family in
+  fp32, as ``torch.autocast`` runs it): for KD ``kl_div(log_softmax(z/T), log_softmax(v/T),
+  log_target=True) * T^2`` plus ``cross_entropy``; for ATS, ISATS, DKD and DIST the formulas of
+  their papers' code in fp32 (:data:`PLAIN`), not fastkd's fp64-selecting reference;
+* ``compile``: ``torch.compile`` of that same plain function: the fair baseline;
+* ``liger-kl`` (KD only, where ``liger_kernel`` is installed): what the first fastkd table called
+  "Liger-Kernel": eager fp32 ``log_softmax`` of both logits, ``LigerKLDIVLoss`` on them, and
+  ``LigerCrossEntropyLoss`` on a copy of the student logits (Liger's CE writes its gradient into
+  its input);
+* ``liger-jsd`` (KD only): the fairest Liger path for this job: ``LigerJSD(beta=0)`` (forward
+  KL, loss and gradient in one kernel) on the same log-softmaxes, plus Liger's CE.
+  (``LigerFusedLinearJSD`` fuses the final matmul and does not apply to given logits.)
 
-Columns: time, effective bandwidth (the minimal traffic ``read z + read v + write grad``
-divided by the time), that bandwidth as a share of a device-to-device copy measured in the same
-run, speed-up over eager, with ``--graphs`` the time when the same forward + backward is
-replayed from a CUDA graph (the GPU time without host-side Python overhead, which dominates small
-shapes such as 256 x 1000), peak memory above the inputs, and kernel launches (forward /
-forward + backward, counted with the PyTorch profiler). ``--save`` appends the rows (GPU name,
-versions, date) to ``benchmarks/results/kernels-<gpu>.jsonl`` and ``.md``.
+Columns: time, the same forward + backward replayed from a CUDA graph (GPU time without the
+host-side Python overhead that dominates small shapes such as 256 x 1000; ``-`` where the
+implementation cannot be captured, e.g. a host synchronisation), effective bandwidth (the
+minimal traffic ``read z + read v + write grad`` divided by the time), that bandwidth as a share
+of a device-to-device copy measured in the same run, speed-ups over ``eager`` and over
+``compile``, peak memory above the inputs, kernel launches (forward / forward + backward,
+counted with the PyTorch profiler) and the loss. Every row records the commit, GPU, versions
+and date; ``--save`` appends the rows to ``benchmarks/results/kernels-<gpu>.jsonl`` and ``.md``.
+
+``--dry-run`` runs every step on the CPU at tiny shapes (kernels in Triton's interpreter,
+``torch.compile`` with its ``eager`` backend, wall-clock timing, no CUDA-graph column): it
+checks the benchmark end to end without a GPU; its times mean nothing.
 """
 from __future__ import annotations
 
-import datetime
 import json
-import platform
+import os
 import re
+import statistics
+import sys
+import time
 from pathlib import Path
 
 from .. import _compat
+from .common import machine
 
 DEFAULT_SHAPES = "256x1000,4096x32000,8192x128256"
-IMPLS = ("fastkd", "eager", "compile", "liger")
+DRY_RUN_SHAPES = "8x100,4x9000"
+METHODS = ("kd", "ats", "isats", "dkd", "dist")
+IMPLS = ("fastkd", "eager", "compile", "liger-kl", "liger-jsd")
+ALIASES = {"liger": ("liger-kl", "liger-jsd")}
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-METHOD_DEFAULTS = {
-    "kd": {},
-    "ats": dict(tau_target=4.0, tau_other=2.0, student_temperature=1.0),
-    "isats": dict(tau_target=4.0, candidates=None, student_temperature=1.0),
-    "dkd": dict(alpha=1.0, beta=8.0),
-}
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated NxC shapes")
+    parser.add_argument("--shapes", default=None,
+                        help=f"comma-separated NxC shapes (default {DEFAULT_SHAPES}; --dry-run: {DRY_RUN_SHAPES})")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    parser.add_argument("--method", default="kd", choices=sorted(METHOD_DEFAULTS))
-    parser.add_argument("--temperature", type=float, default=1.0, help="KD / DKD temperature")
+    parser.add_argument("--method", default="kd", choices=METHODS)
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="KD / DKD / DIST temperature (default: the method's, see fastkd.DistillLoss)")
     parser.add_argument("--ce-weight", type=float, default=0.5)
     parser.add_argument("--kd-weight", type=float, default=0.5)
-    parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ", ".join(IMPLS))
+    parser.add_argument("--impls", default=",".join(IMPLS),
+                        help="comma-separated subset of " + ", ".join(IMPLS) + " ('liger' means both liger rows)")
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up time (ms)")
     parser.add_argument("--rep", type=int, default=100, help="do_bench measuring time (ms)")
     parser.add_argument("--sweep", action="store_true",
@@ -57,15 +72,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--config", default=None,
                         help="chunked-path configuration for the fused kernel, e.g. chunk=4096,warps=8,prefetch=1 "
                              "(default: the shipped one)")
-    parser.add_argument("--graphs", action="store_true",
-                        help="also time each implementation replayed from a CUDA graph (GPU time without the "
-                             "host-side Python overhead that dominates small shapes)")
+    parser.add_argument("--no-graphs", dest="graphs", action="store_false",
+                        help="skip the CUDA-graph replay column (on by default on a GPU)")
+    parser.add_argument("--commit", default=None,
+                        help="the commit the measured code is at (default: git rev-parse of this checkout)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run every step on the CPU at tiny shapes (Triton interpreter; times mean nothing)")
     parser.add_argument("--save", action="store_true", help="append the rows to --results-dir")
     parser.add_argument("--results-dir", default="benchmarks/results")
     parser.add_argument("--json", default=None, help="also write every row (and the sweep) to this JSON file")
 
 
-# ---- inputs and implementations --------------------------------------------------------------
+# ---- inputs ---------------------------------------------------------------------------------
 def parse_shapes(text: str) -> list[tuple[int, int]]:
     shapes = []
     for item in text.split(","):
@@ -79,6 +97,20 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
+def parse_impls(text: str) -> list[str]:
+    """'fastkd,liger' -> ['fastkd', 'liger-kl', 'liger-jsd']; an unknown name raises ValueError."""
+    wanted = []
+    for name in (w.strip() for w in text.split(",")):
+        if not name:
+            continue
+        for n in ALIASES.get(name, (name,)):
+            if n not in IMPLS:
+                raise ValueError(f"unknown implementation(s) {name}; choose from {', '.join(IMPLS)} or liger")
+            if n not in wanted:
+                wanted.append(n)
+    return wanted
+
+
 def make_inputs(n: int, c: int, dtype, device="cuda", seed: int = 0):
     import torch
 
@@ -89,63 +121,218 @@ def make_inputs(n: int, c: int, dtype, device="cuda", seed: int = 0):
     return z, v, y
 
 
-def eager_kd_ce(z, v, y, temperature: float, ce_weight: float, kd_weight: float):
-    """KD + CE the usual way, as autocast runs it (softmax family in fp32)."""
+def method_params(method: str, temperature=None) -> dict:
+    """The loss parameters the table uses: fastkd's defaults for ``method`` (from
+    :data:`fastkd.losses.methods.METHOD_TABLE`), with ``temperature`` overriding where the
+    method has one; ISATS' candidate grid made explicit."""
+    from ..losses.methods import params_for
+
+    # Every parameter of the loss formula, from the one method table (a warm-up schedule in
+    # epochs is no part of one step's loss).
+    params = {p.name: p.default for p in params_for(method) if p.kind != "epochs"}
+    if temperature is not None and "temperature" in params:
+        params["temperature"] = float(temperature)
+    if method == "isats" and params.get("candidates") is None:
+        from ..losses.reference import isats_default_candidates
+
+        params["candidates"] = tuple(isats_default_candidates(params["tau_target"]))
+    return params
+
+
+# ---- the plain fp32 implementations a competent user writes ---------------------------------
+# Each returns ce_weight * CE + kd_weight * KD (batch means). No ignore_index handling: the
+# benchmark has no ignored rows. These are the baselines of the table (eager and compiled);
+# tests/ops/test_bench_kernels.py checks each against fastkd's fp64 reference.
+def _ce(z, y):
+    import torch.nn.functional as F
+
+    return F.cross_entropy(z, y)
+
+
+def _label_mask(x, y):
+    import torch
+
+    return torch.zeros_like(x, dtype=torch.bool).scatter_(1, y[:, None], True)
+
+
+def plain_kd(z, v, y, *, temperature, ce_weight, kd_weight):
+    """Hinton KD as autocast runs it: softmax family in fp32."""
     import torch.nn.functional as F
 
     T = temperature
-    log_ps = F.log_softmax(z.float() / T, dim=-1)
-    log_pt = F.log_softmax(v.float() / T, dim=-1)
-    kl = F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True) * (T * T)
-    return ce_weight * F.cross_entropy(z.float(), y) + kd_weight * kl
+    z, v = z.float(), v.float()
+    kl = F.kl_div(F.log_softmax(z / T, -1), F.log_softmax(v / T, -1), reduction="batchmean", log_target=True)
+    return ce_weight * _ce(z, y) + kd_weight * kl * (T * T)
 
 
-def build_impls(method: str, temperature: float, ce_weight: float, kd_weight: float, wanted) -> dict:
-    """name -> (loss_fn(z, v, y), note) for the implementations available here."""
+def plain_ats(z, v, y, *, tau_target, tau_other, student_temperature, ce_weight, kd_weight):
+    """ATS: the teacher's label logit divided by tau_target, the others by tau_other."""
+    import torch
+    import torch.nn.functional as F
+
+    s = student_temperature
+    z, v = z.float(), v.float()
+    on_y = _label_mask(v, y)
+    log_q = F.log_softmax(torch.where(on_y, v / tau_target, v / tau_other), -1)
+    kl = F.kl_div(F.log_softmax(z / s, -1), log_q, reduction="batchmean", log_target=True)
+    return ce_weight * _ce(z, y) + kd_weight * kl * (s * s)
+
+
+def plain_isats(z, v, y, *, tau_target, candidates, student_temperature, ce_weight, kd_weight):
+    """ISATS: per row, the candidate tau_other that maximises the variance of the teacher's
+    wrong-class probabilities while the label stays on top (a loop over the candidates in fp32)."""
+    import torch
+    import torch.nn.functional as F
+
+    s = student_temperature
+    z, v = z.float(), v.float()
+    C = v.shape[1]
+    on_y = _label_mask(v, y)
+    with torch.no_grad():
+        v_y = v.gather(1, y[:, None]).squeeze(1)
+        wrong_max = v.masked_fill(on_y, float("-inf")).amax(1)
+        best_var = torch.full_like(v_y, float("-inf"))
+        best_tau = torch.full_like(v_y, float(max(candidates)))
+        for t in candidates:
+            q = torch.where(on_y, v / tau_target, v / t).softmax(-1).masked_fill(on_y, 0.0)
+            mean = q.sum(1, keepdim=True) / (C - 1)
+            var = (q - mean).square().masked_fill(on_y, 0.0).sum(1) / (C - 1)
+            better = (v_y / tau_target >= wrong_max / t) & (var > best_var)
+            best_var = torch.where(better, var, best_var)
+            best_tau = torch.where(better, torch.full_like(best_tau, t), best_tau)
+    log_q = F.log_softmax(torch.where(on_y, v / tau_target, v / best_tau[:, None]), -1)
+    kl = F.kl_div(F.log_softmax(z / s, -1), log_q, reduction="batchmean", log_target=True)
+    return ce_weight * _ce(z, y) + kd_weight * kl * (s * s)
+
+
+def plain_dkd(z, v, y, *, alpha, beta, temperature, ce_weight, kd_weight):
+    """DKD as its authors' code (mdistiller) writes it, in fp32."""
+    import torch
+    import torch.nn.functional as F
+
+    T = temperature
+    z, v = z.float(), v.float()
+    gt = _label_mask(z, y)
+    p_s, p_t = F.softmax(z / T, -1), F.softmax(v / T, -1)
+    b_s = torch.stack([(p_s * gt).sum(1), (p_s * ~gt).sum(1)], 1)
+    b_t = torch.stack([(p_t * gt).sum(1), (p_t * ~gt).sum(1)], 1)
+    tckd = F.kl_div(torch.log(b_s), b_t, reduction="batchmean") * (T * T)
+    log_hat_s = F.log_softmax(z / T - 1000.0 * gt, -1)
+    hat_t = F.softmax(v / T - 1000.0 * gt, -1)
+    nckd = F.kl_div(log_hat_s, hat_t, reduction="batchmean") * (T * T)
+    return ce_weight * _ce(z, y) + kd_weight * (alpha * tckd + beta * nckd)
+
+
+def plain_dist(z, v, y, *, beta, gamma, temperature, ce_weight, kd_weight):
+    """DIST as its authors' code writes it (Pearson correlations of the softmaxes), in fp32."""
+    import torch.nn.functional as F
+
+    def pearson(a, b, eps=1e-8):
+        a = a - a.mean(1, keepdim=True)
+        b = b - b.mean(1, keepdim=True)
+        return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+    T = temperature
+    z, v = z.float(), v.float()
+    y_s, y_t = F.softmax(z / T, -1), F.softmax(v / T, -1)
+    inter = 1.0 - pearson(y_s, y_t).mean()
+    intra = 1.0 - pearson(y_s.t(), y_t.t()).mean()
+    return ce_weight * _ce(z, y) + kd_weight * (T * T) * (beta * inter + gamma * intra)
+
+
+PLAIN = {"kd": plain_kd, "ats": plain_ats, "isats": plain_isats, "dkd": plain_dkd, "dist": plain_dist}
+
+
+def eager_kd_ce(z, v, y, temperature: float, ce_weight: float, kd_weight: float):
+    """KD + CE the usual way, as autocast runs it (softmax family in fp32)."""
+    return plain_kd(z, v, y, temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight)
+
+
+def build_impls(method: str, temperature, ce_weight: float, kd_weight: float, wanted, *,
+                compile_backend: str = "inductor", skipped=None, config=None) -> dict:
+    """name -> (loss_fn(z, v, y), note) for the implementations available here; the reason each
+    wanted one is not is put into the dict ``skipped`` when given. ``config``: the fused
+    kernel's launch configuration (keyword arguments of LaunchConfig; default the shipped one)."""
+    skipped = {} if skipped is None else skipped
+    import functools
+
     import torch
 
-    from ..kernels import fused_distill
-    from ..losses import DistillLoss
-
-    params = dict(METHOD_DEFAULTS[method])
-    if method in ("kd", "dkd"):
-        params["temperature"] = temperature
-
-    def fastkd_fn(z, v, y):
-        return fused_distill(z, v, y, method=method, ce_weight=ce_weight, kd_weight=kd_weight, label_smoothing=0.0,
-                             ignore_index=-100, reduction="batchmean", **params)[0]
-
-    if method == "kd":
-        def eager_fn(z, v, y):
-            return eager_kd_ce(z, v, y, temperature, ce_weight, kd_weight)
-    else:
-        ref_module = DistillLoss(method, ce_weight=ce_weight, kd_weight=kd_weight, backend="torch", **params)
-
-        def eager_fn(z, v, y):
-            return ref_module(z, v, y)
-
+    params = method_params(method, temperature)
+    plain = functools.partial(PLAIN[method], ce_weight=ce_weight, kd_weight=kd_weight, **params)
+    plain.__name__ = f"plain_{method}"
     impls = {}
     if "fastkd" in wanted:
-        impls["fastkd"] = (fastkd_fn, "fused Triton kernel")
+        if method == "dist":
+            from ..losses import DistillLoss
+
+            module = DistillLoss("dist", ce_weight=ce_weight, kd_weight=kd_weight, backend="triton", **params)
+            impls["fastkd"] = (lambda z, v, y: module(z, v, y),
+                               "no fused kernel for DIST: fastkd's fp32 PyTorch formula + fused CE")
+        else:
+            from ..kernels import fused_distill
+
+            launch = launch_config(config)
+
+            def fastkd_fn(z, v, y):
+                return fused_distill(z, v, y, method=method, ce_weight=ce_weight, kd_weight=kd_weight,
+                                     label_smoothing=0.0, ignore_index=-100, reduction="batchmean", config=launch,
+                                     **params)[0]
+
+            impls["fastkd"] = (fastkd_fn, "fused Triton kernel" + (f", launch configuration {config}" if config
+                                                                   else ""))
     if "eager" in wanted:
-        impls["eager"] = (eager_fn, "log_softmax/kl_div + cross_entropy" if method == "kd" else "fastkd reference")
+        impls["eager"] = (plain, f"plain fp32 PyTorch ({PLAIN[method].__doc__.splitlines()[0]})")
     if "compile" in wanted:
-        impls["compile"] = (torch.compile(eager_fn, dynamic=False), "torch.compile of eager")
-    if "liger" in wanted and method == "kd" and _compat.has_module("liger_kernel"):
-        from liger_kernel.transformers import LigerCrossEntropyLoss, LigerKLDIVLoss
+        note = "torch.compile of the plain fp32 function" + (
+            "" if compile_backend == "inductor" else f" (backend {compile_backend!r})")
+        impls["compile"] = (torch.compile(plain, dynamic=False, backend=compile_backend), note)
+    liger = [w for w in wanted if w.startswith("liger")]
+    if liger and method != "kd":
+        skipped.update({w: "Liger rows are for --method kd only" for w in liger})
+    elif liger and not _compat.has_module("liger_kernel"):
+        skipped.update({w: "liger_kernel is not installed (pip install liger-kernel)" for w in liger})
+    elif liger:
+        impls.update(_liger_impls(params["temperature"], ce_weight, kd_weight, liger, skipped))
+    return impls
 
-        liger_kl = LigerKLDIVLoss(reduction="batchmean", log_target=True)
-        liger_ce = LigerCrossEntropyLoss()
-        T = temperature
 
-        def liger_fn(z, v, y):
-            # Liger's CE writes its gradient into its input's storage: give it its own copy
-            # (counted in its time, as a user would have to).
-            log_ps = torch.log_softmax(z.float() / T, dim=-1)
-            log_pt = torch.log_softmax(v.float() / T, dim=-1)
-            return ce_weight * liger_ce(z.clone(), y) + kd_weight * liger_kl(log_ps, log_pt) * (T * T)
+def _liger_impls(T: float, ce_weight: float, kd_weight: float, wanted, skipped: dict) -> dict:
+    import torch
+    from liger_kernel.transformers import LigerCrossEntropyLoss
 
-        impls["liger"] = (liger_fn, "LigerKLDIVLoss + LigerCrossEntropyLoss")
+    ce = LigerCrossEntropyLoss()
+    impls = {}
+
+    def log_softmaxes(z, v):
+        return torch.log_softmax(z.float() / T, dim=-1), torch.log_softmax(v.float() / T, dim=-1)
+
+    # Liger's CE writes its gradient into its input's storage: it gets its own copy of the
+    # student logits (counted in its time, as a user would have to).
+    if "liger-kl" in wanted:
+        from liger_kernel.transformers import LigerKLDIVLoss
+
+        kl = LigerKLDIVLoss(reduction="batchmean", log_target=True)
+
+        def liger_kl(z, v, y):
+            log_ps, log_pt = log_softmaxes(z, v)
+            return ce_weight * ce(z.clone(), y) + kd_weight * kl(log_ps, log_pt) * (T * T)
+
+        impls["liger-kl"] = (liger_kl, "eager fp32 log_softmax x2 + LigerKLDIVLoss + LigerCrossEntropyLoss (on a copy)")
+    if "liger-jsd" in wanted:
+        from liger_kernel.transformers import LigerJSD
+
+        try:
+            jsd = LigerJSD(beta=0.0)  # beta = 0: forward KL(teacher || student), Hinton's KD term
+        except (AssertionError, ValueError) as exc:  # older releases allowed only 0 < beta < 1
+            skipped["liger-jsd"] = f"this liger_kernel's LigerJSD refuses beta=0 ({exc})"
+            return impls
+
+        def liger_jsd(z, v, y):
+            log_ps, log_pt = log_softmaxes(z, v)
+            return ce_weight * ce(z.clone(), y) + kd_weight * jsd(log_ps, log_pt) * (T * T)
+
+        impls["liger-jsd"] = (liger_jsd, "eager fp32 log_softmax x2 + LigerJSD(beta=0) + LigerCrossEntropyLoss (on a copy)")
     return impls
 
 
@@ -184,51 +371,52 @@ def count_launches(fn) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
+def time_ms(fn, device: str, warmup: int, rep: int) -> float:
+    """Median ms of ``fn``: ``do_bench`` (CUDA events, L2 flushed) on a GPU; on the CPU (dry
+    runs) the wall clock of three calls."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+    fn()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def measure(loss_fn, z, v, y, warmup: int, rep: int) -> dict:
     import torch
-    from triton.testing import do_bench
 
+    device = z.device.type
     one = torch.ones((), device=z.device)
     loss, g = fwd_bwd(loss_fn, z, v, y, one)  # compile / autotune outside the clock
     loss_value = float(loss.detach())
     del loss, g
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    out = fwd_bwd(loss_fn, z, v, y, one)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del out
-    ms = do_bench(lambda: fwd_bwd(loss_fn, z, v, y, one), warmup=warmup, rep=rep, return_mode="median")
-    try:
-        launches_fwd = count_launches(lambda: loss_fn(z, v, y))
-        launches = count_launches(lambda: fwd_bwd(loss_fn, z, v, y, one))
-    except Exception:  # the profiler is unavailable on some machines
-        launches_fwd = launches = -1
-    return {"ms": ms, "peak_mb": peak / 2**20, "loss": loss_value, "launches_fwd": launches_fwd,
-            "launches": launches}
+    peak = None
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fwd_bwd(loss_fn, z, v, y, one)
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        del out
+    ms = time_ms(lambda: fwd_bwd(loss_fn, z, v, y, one), device, warmup, rep)
+    launches_fwd = launches = -1
+    if device == "cuda":
+        try:
+            launches_fwd = count_launches(lambda: loss_fn(z, v, y))
+            launches = count_launches(lambda: fwd_bwd(loss_fn, z, v, y, one))
+        except Exception:  # the profiler is unavailable on some machines
+            pass
+    return {"ms": ms, "peak_mb": peak, "loss": loss_value, "launches_fwd": launches_fwd, "launches": launches}
 
 
-SWEEP = [dict(chunk=ch, warps=w, prefetch=p) for ch, w in ((2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16))
-         for p in (False, True)]
-
-
-def parse_config(text):
-    """'chunk=4096,warps=8,prefetch=1' -> override_blocks keyword arguments."""
-    if not text:
-        return {}
-    out = {}
-    for item in text.split(","):
-        key, _, val = item.partition("=")
-        key = key.strip()
-        if key not in ("chunk", "warps", "prefetch", "max_single") or not val.strip().isdigit():
-            raise ValueError(f"bad --config item {item!r}: expected chunk=N, warps=N, prefetch=0|1 or max_single=N")
-        out[key] = bool(int(val)) if key == "prefetch" else int(val)
-    return out
-
-
-def graph_ms(loss_fn, z, v, y, warmup: int, rep: int):
-    """fwd+bwd replayed from a CUDA graph (ms), or None where capture is not possible."""
+def graph_ms(loss_fn, z, v, y, warmup: int, rep: int) -> tuple:
+    """(ms, None): fwd+bwd replayed from a CUDA graph; (None, why) where it cannot be captured."""
     import torch
     from triton.testing import do_bench
 
@@ -244,166 +432,193 @@ def graph_ms(loss_fn, z, v, y, warmup: int, rep: int):
         with torch.cuda.graph(graph):
             fwd_bwd(loss_fn, z, v, y, one)
         torch.cuda.synchronize()
-        return do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median")
-    except Exception:  # e.g. a host synchronisation inside the implementation
+        return do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median"), None
+    except Exception as exc:  # e.g. a host synchronisation inside the implementation
         torch.cuda.synchronize()
+        return None, f"{type(exc).__name__}: {exc}"[:160]
+
+
+# The sweep (tuning aid): the chunked path (each row read twice) and the split path (a row
+# over several programs that combine their statistics, each element read once).
+SWEEP = ([dict(split=False, chunk=ch, warps=w, prefetch=p) for ch, w in ((2048, 4), (4096, 8), (8192, 16))
+          for p in (False, True)]
+         + [dict(split=True, slice=sl, slice_warps=w) for sl, w in ((2048, 4), (2048, 8), (4096, 8), (4096, 16),
+                                                                     (8192, 16))])
+CONFIG_KEYS = {"max_single": int, "chunk": int, "warps": int, "prefetch": bool, "split": bool, "slice": int,
+               "slice_warps": int, "lag": int}
+
+
+def parse_config(text):
+    """'chunk=4096,warps=8,prefetch=1' -> LaunchConfig keyword arguments (the fused kernel's
+    launch configuration; checked by LaunchConfig itself)."""
+    if not text:
+        return {}
+    out = {}
+    for item in text.split(","):
+        key, _, val = item.partition("=")
+        key = key.strip()
+        if key not in CONFIG_KEYS or not val.strip().isdigit():
+            raise ValueError(f"bad --config item {item!r}: expected one of " +
+                             ", ".join(f"{k}=N" if t is int else f"{k}=0|1" for k, t in CONFIG_KEYS.items()))
+        out[key] = bool(int(val)) if CONFIG_KEYS[key] is bool else int(val)
+    return out
+
+
+def launch_config(config: dict):
+    """The fused kernel's :class:`LaunchConfig` for ``config`` (None: the shipped one)."""
+    if not config:
         return None
+    from ..kernels.kd_softmax_kl import LaunchConfig
+
+    return LaunchConfig(**config)
 
 
-def sweep_configs(loss_fn, z, v, y, warmup: int, rep: int) -> list[dict]:
-    """Time the fused kernel's chunked path under the SWEEP configurations."""
+def sweep_configs(fn_for, z, v, y, warmup: int, rep: int) -> list[dict]:
+    """Time the fused kernel under the SWEEP configurations (rows longer than one block only);
+    ``fn_for(config)`` is the fastkd loss function with that launch configuration."""
     import torch
-    from triton.testing import do_bench
 
-    from ..kernels import kd_softmax_kl as K
+    from ..kernels import _launch
 
     one = torch.ones((), device=z.device)
-    configs = SWEEP if z.shape[1] > K.MAX_SINGLE else []
+    configs = SWEEP if z.shape[1] > _launch.MAX_SINGLE else []
     rows = []
     for cfg in configs:
-        K.override_blocks(**cfg)
         try:
-            fwd_bwd(loss_fn, z, v, y, one)
-            ms = do_bench(lambda: fwd_bwd(loss_fn, z, v, y, one), warmup=warmup, rep=rep, return_mode="median")
+            fn = fn_for(cfg)
+            fwd_bwd(fn, z, v, y, one)
+            ms = time_ms(lambda: fwd_bwd(fn, z, v, y, one), z.device.type, warmup, rep)
             rows.append({**cfg, "ms": ms})
         except Exception as exc:  # a config the compiler rejects is reported, not fatal
             rows.append({**cfg, "error": f"{type(exc).__name__}: {exc}"[:200]})
-        finally:
-            K.override_blocks()
     return rows
 
 
-def environment() -> dict:
-    import torch
-    import triton
-
-    from .. import __version__
-
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "triton": triton.__version__,
-        "fastkd": __version__,
-        "liger_kernel": _version("liger_kernel") or _version("liger-kernel"),
-        "python": platform.python_version(),
-    }
-
-
-def _version(name):
-    try:
-        from importlib.metadata import version
-
-        return version(name)
-    except Exception:
-        return None
-
-
 # ---- output ---------------------------------------------------------------------------------
-HEADER = ("| N x C | impl | fwd+bwd ms | GB/s | % copy | vs eager | graph ms | peak MB | launches fwd / all | loss |\n"
-          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+HEADER = ("| N x C | impl | fwd+bwd ms | graph ms | GB/s | % copy | vs eager | vs compile | peak MB | "
+          "launches fwd / all | loss |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def _fmt(value, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
 def format_row(r: dict) -> str:
-    speed = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
-    graph = f"{r['graph_ms']:.4f}" if r.get("graph_ms") else "-"
-    return (f"| {r['N']} x {r['C']} | {r['impl']} | {r['ms']:.4f} | {r['gbs']:.0f} | {r['pct_copy']:.0f} % | "
-            f"{speed} | {graph} | {r['peak_mb']:.0f} | {r['launches_fwd']} / {r['launches']} | {r['loss']:.5g} |")
+    launches = "-" if r.get("launches", -1) < 0 else f"{r['launches_fwd']} / {r['launches']}"
+    return (f"| {r['N']} x {r['C']} | {r['impl']} | {r['ms']:.4f} | {_fmt(r.get('graph_ms'), '.4f')} | "
+            f"{_fmt(r.get('gbs'), '.0f')} | {_fmt(r.get('pct_copy'), '.0f', ' %')} | "
+            f"{_fmt(r.get('vs_eager'), '.2f', 'x')} | {_fmt(r.get('vs_compile'), '.2f', 'x')} | "
+            f"{_fmt(r.get('peak_mb'), '.0f')} | {launches} | {r['loss']:.5g} |")
 
 
 def main(args) -> int:
     import torch
 
+    from ..errors import UsageError  # fastkd.cli reports it: one line on stderr, exit code 2
+
     try:
-        shapes = parse_shapes(args.shapes)
+        shapes = parse_shapes(args.shapes or (DRY_RUN_SHAPES if args.dry_run else DEFAULT_SHAPES))
         config = parse_config(args.config)
-    except ValueError as exc:  # fastkd.cli reports it: one line on stderr, exit code 2
-        from ..errors import UsageError
-
+        wanted = parse_impls(args.impls)
+        if config:
+            launch_config(config)  # LaunchConfig checks the values (powers of two...)
+    except ValueError as exc:
         raise UsageError(str(exc)) from None
-    wanted = [w.strip() for w in args.impls.split(",") if w.strip()]
-    unknown = sorted(set(wanted) - set(IMPLS))
-    if unknown:
-        print(f"fastkd bench kernels: unknown implementation(s) {', '.join(unknown)}; choose from {', '.join(IMPLS)}")
-        return 2
-    if not torch.cuda.is_available():
-        print("fastkd bench kernels: needs a CUDA GPU (the kernels run on CPU only in Triton's interpreter, "
-              "which is for tests, not timing)")
-        return 2
-    if "liger" in wanted and not _compat.has_module("liger_kernel"):
-        print("note: liger_kernel is not installed (pip install liger-kernel): no liger rows")
-
-    from ..kernels import kd_softmax_kl as K
-
-    try:
-        return _run(args, shapes, config, wanted)
-    finally:
-        K.override_blocks()
+    if args.dry_run:
+        # Tiny shapes on the CPU: the kernels run in Triton's interpreter, which must be chosen
+        # before fastkd.kernels is first imported.
+        if "fastkd.kernels" not in sys.modules:
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise UsageError("--dry-run needs TRITON_INTERPRET=1 before fastkd.kernels is imported")
+    elif not torch.cuda.is_available():
+        raise UsageError("needs a CUDA GPU (the kernels run on CPU only in Triton's interpreter, which is for "
+                         "tests, not timing; --dry-run checks the benchmark itself on the CPU)")
+    return _run(args, shapes, config, wanted, device="cpu" if args.dry_run else "cuda")
 
 
-def _run(args, shapes, config, wanted) -> int:
+def _run(args, shapes, config, wanted, device: str) -> int:
     import torch
 
-    from ..kernels import kd_softmax_kl as K
-
     dtype = getattr(torch, DTYPES[args.dtype])
-    env = environment()
-    copy_gbs = copy_bandwidth()
+    env = machine(device, args.commit)
+    copy_gbs = copy_bandwidth() if device == "cuda" else None
+    params = method_params(args.method, args.temperature)
     print(f"{env['gpu']} | torch {env['torch']} (CUDA {env['cuda']}) | triton {env['triton']} | "
-          f"liger {env['liger_kernel'] or 'not installed'} | {env['date']}")
-    print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write); method {args.method}, {args.dtype}, "
-          f"T={args.temperature}, CE weight {args.ce_weight}, KD weight {args.kd_weight}\n")
+          f"liger {env['liger_kernel'] or 'not installed'} | commit {env['commit']} | {env['date']}"
+          + (" | DRY RUN (CPU, Triton interpreter: the times mean nothing)" if device == "cpu" else ""))
+    print(f"device-to-device copy: {_fmt(copy_gbs, '.0f')} GB/s (read + write); method {args.method} "
+          f"{params}, {args.dtype}, CE weight {args.ce_weight}, KD weight {args.kd_weight}")
     if config:
-        K.override_blocks(**config)
         print(f"fused kernel configuration: {config}")
-    impls = build_impls(args.method, args.temperature, args.ce_weight, args.kd_weight, wanted)
+    skipped = {}
+    impls = build_impls(args.method, args.temperature, args.ce_weight, args.kd_weight, wanted,
+                        compile_backend="inductor" if device == "cuda" else "eager", skipped=skipped, config=config)
+
+    def fastkd_for(cfg):
+        return build_impls(args.method, args.temperature, args.ce_weight, args.kd_weight, ["fastkd"], config=cfg)[
+            "fastkd"][0]
+
+    for name, why in skipped.items():
+        print(f"note: no {name} rows: {why}")
+    print()
+    for name, (_, note) in impls.items():
+        print(f"  {name}: {note}")
+    graphs = args.graphs and device == "cuda"
     rows, sweeps = [], []
-    print(HEADER)
+    print("\n" + HEADER)
     for n, c in shapes:
-        z, v, y = make_inputs(n, c, dtype)
-        nbytes = n * c * (2 * z.element_size() + z.element_size())  # read z, read v, write grad
+        z, v, y = make_inputs(n, c, dtype, device=device)
+        nbytes = n * c * 3 * z.element_size()  # read z, read v, write grad
         shape_rows = []
         for name, (fn, note) in impls.items():
             try:
                 m = measure(fn, z, v, y, args.warmup, args.rep)
-                m["graph_ms"] = graph_ms(fn, z, v, y, args.warmup, args.rep) if args.graphs else None
+                m["graph_ms"], m["graph_error"] = graph_ms(fn, z, v, y, args.warmup, args.rep) if graphs \
+                    else (None, None if device == "cuda" else "no CUDA graphs on the CPU")
             except Exception as exc:  # out of memory, a compiler failure...: report the row, go on
-                torch.cuda.empty_cache()
-                print(f"| {n} x {c} | {name} | failed: {type(exc).__name__}: {str(exc)[:120]} | | | | | | | |")
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                print(f"| {n} x {c} | {name} | failed: {type(exc).__name__}: {str(exc)[:120]} | | | | | | | | |")
                 continue
             gbs = nbytes / (m["ms"] * 1e-3) / 1e9
-            row = {"N": n, "C": c, "dtype": args.dtype, "method": args.method, "temperature": args.temperature,
-                   "impl": name, "note": note, **m, "gbs": gbs, "pct_copy": 100 * gbs / copy_gbs,
-                   "copy_gbs": copy_gbs, **env}
-            shape_rows.append(row)
-        eager = next((r["ms"] for r in shape_rows if r["impl"] == "eager"), None)
+            shape_rows.append({"N": n, "C": c, "dtype": args.dtype, "method": args.method, "params": params,
+                               "temperature": params.get("temperature"), "ce_weight": args.ce_weight,
+                               "kd_weight": args.kd_weight, "impl": name, "note": note, **m, "gbs": gbs,
+                               "pct_copy": 100 * gbs / copy_gbs if copy_gbs else None, "copy_gbs": copy_gbs,
+                               "config": config or "shipped", "dry_run": device == "cpu", **env})
+        base = {k: next((r["ms"] for r in shape_rows if r["impl"] == k), None) for k in ("eager", "compile")}
         for r in shape_rows:
-            r["speedup"] = eager / r["ms"] if eager else None
+            r["vs_eager"] = base["eager"] / r["ms"] if base["eager"] else None
+            r["vs_compile"] = base["compile"] / r["ms"] if base["compile"] else None
+            r["speedup"] = r["vs_eager"]  # the first table's name for it
             print(format_row(r), flush=True)
         rows += shape_rows
         if args.sweep and "fastkd" in impls:
-            for s in sweep_configs(impls["fastkd"][0], z, v, y, args.warmup, args.rep):
+            for s in sweep_configs(fastkd_for, z, v, y, args.warmup, args.rep):
                 s.update(N=n, C=c)
                 sweeps.append(s)
-            if config:
-                K.override_blocks(**config)  # the sweep restored the defaults
         del z, v, y
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    for r in rows:
+        if r.get("graph_error") and device == "cuda":
+            print(f"note: {r['impl']} at {r['N']} x {r['C']} cannot be replayed from a CUDA graph: {r['graph_error']}")
     if sweeps:
         print("\nblock-configuration sweep (fused kernel, fwd+bwd ms):")
         for s in sweeps:
-            cfg = ", ".join(f"{k}={s[k]}" for k in ("max_single", "chunk", "warps", "prefetch") if k in s)
+            cfg = ", ".join(f"{k}={s[k]}" for k in CONFIG_KEYS if k in s)
             print(f"  {s['N']} x {s['C']}: {cfg}: " + (f"{s['ms']:.4f}" if "ms" in s else s["error"]))
     if args.json:
-        Path(args.json).write_text(json.dumps({"env": env, "copy_gbs": copy_gbs, "rows": rows, "sweep": sweeps},
-                                              indent=1))
+        Path(args.json).write_text(json.dumps({"env": env, "copy_gbs": copy_gbs, "rows": rows, "sweep": sweeps,
+                                               "skipped": skipped}, indent=1))
     if args.save:
-        save(rows, env, copy_gbs, Path(args.results_dir))
+        save(rows, env, copy_gbs, Path(args.results_dir), skipped=skipped)
     return 0
 
 
-def save(rows, env, copy_gbs, results_dir: Path) -> None:
+def save(rows, env, copy_gbs, results_dir: Path, skipped=None) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", env["gpu"]).strip("-").lower()
     with open(results_dir / f"kernels-{slug}.jsonl", "a") as f:
@@ -411,12 +626,16 @@ def save(rows, env, copy_gbs, results_dir: Path) -> None:
             f.write(json.dumps(r) + "\n")
     with open(results_dir / f"kernels-{slug}.md", "a") as f:
         r0 = rows[0] if rows else {}
-        f.write(f"\n## {env['gpu']}, {env['date']}: {r0.get('method', '?')} + CE, {r0.get('dtype', '?')}, "
-                f"T={r0.get('temperature', '?')}\n\n")
+        f.write(f"\n## {env['gpu']}, {env['date']}, commit {env.get('commit', 'unknown')}: "
+                f"{r0.get('method', '?')} + CE, {r0.get('dtype', '?')}, {r0.get('params', {})}\n\n")
         f.write(f"torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, "
                 f"liger-kernel {env['liger_kernel'] or 'not installed'}, fastkd {env['fastkd']}; "
-                f"device-to-device copy {copy_gbs:.0f} GB/s.\n\n")
-        f.write(HEADER + "\n")
+                f"device-to-device copy {_fmt(copy_gbs, '.0f')} GB/s.\n\n")
+        for name, note in dict((r["impl"], r.get("note", "")) for r in rows).items():
+            f.write(f"* {name}: {note}\n")
+        for name, why in (skipped or {}).items():
+            f.write(f"* {name}: not measured: {why}\n")
+        f.write("\n" + HEADER + "\n")
         for r in rows:
             f.write(format_row(r) + "\n")
     print(f"\nappended {len(rows)} rows to {results_dir}/kernels-{slug}.jsonl and .md")
