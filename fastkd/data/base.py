@@ -21,6 +21,10 @@ logger = logging.getLogger("fastkd")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+#: The 0..255 value of every pixel of a row that stands in for a skipped corrupt file (flagged
+#: ``valid=False``), so a batch keeps its size and every shard its number of batches.
+PLACEHOLDER_GREY = 128
+
 
 # What a state_dict must match to be resumed by a loader: anything else would read other samples.
 _FINGERPRINT_FIELDS = ("train", "num_samples_total", "num_shards", "shard_id", "seed", "batch_size")
@@ -39,7 +43,9 @@ class Batch:
     teacher_images: (N, 3, Ht, Wt) teacher view cut from the same crop window and flip, or None
         when no teacher view was asked for (the same tensor as ``images`` when the teacher asked
         for exactly the student's size and normalisation).
-    valid: (N,) bool, False for wrap-around padding of a shard; None when the batch holds none.
+    valid: (N,) bool, False for wrap-around padding of a shard and for rows standing in for
+        corrupt files skipped with ``skip_corrupt`` (a uniform grey image, ``PLACEHOLDER_GREY``);
+        None when the batch holds none.
     indices: (N,) int64 dataset index of every sample (on the CPU); None for synthetic data.
     """
 
@@ -146,6 +152,7 @@ class BaseLoader:
         self._resume: Optional[dict] = None  # pending start point set by load_state_dict
         self._live: Optional[dict] = None  # progress of the pass being iterated
         self._skipped: dict[int, str] = {}  # dataset index -> why it was skipped
+        self._epoch_skipped: set[int] = set()  # files stood in for in the pass being read (or the last)
         # The distinct model inputs a decoding backend produces: the student view, then the
         # teacher's unless it is the same. One resize per distinct size (a teacher may share the
         # student's pixels and differ only in normalisation): view i is resized to
@@ -182,7 +189,19 @@ class BaseLoader:
 
     @property
     def skipped_files(self) -> list[str]:
+        """Paths of the distinct corrupt files skipped so far, in every epoch."""
         return [self.index.paths[i] for i in self._skipped] if self.index is not None else []
+
+    @property
+    def skipped_in_epoch(self) -> int:
+        """Distinct corrupt files skipped in the epoch being read, or in the last one read (a file
+        known to be corrupt is skipped again, and counted, in every epoch that reads it)."""
+        return len(self._epoch_skipped)
+
+    @property
+    def skipped_files_in_epoch(self) -> list[str]:
+        """Paths of the files counted by :attr:`skipped_in_epoch`."""
+        return [self.index.paths[i] for i in sorted(self._epoch_skipped)] if self.index is not None else []
 
     def __len__(self) -> int:
         """Batches per epoch of this shard (the last one may be partial)."""
@@ -204,14 +223,15 @@ class BaseLoader:
         """Where reading stands: ``{"epoch", "batch", "position", ...}`` (JSON-serialisable)."""
         if self._live is not None:
             epoch, batch, position = self._live["epoch"], self._live["batch"], self._live["position"]
-            extra = self._extra_state()
+            extra, in_epoch = self._extra_state(), sorted(self._epoch_skipped)
         elif self._resume is not None:
             epoch, batch, position = self._resume["epoch"], self._resume["batch"], self._resume["position"]
-            extra = dict(self._resume.get("extra") or {})
+            extra, in_epoch = dict(self._resume.get("extra") or {}), list(self._resume.get("epoch_skipped", []))
         else:
-            epoch, batch, position, extra = self._epoch, 0, 0, {}
+            epoch, batch, position, extra, in_epoch = self._epoch, 0, 0, {}, []
         state = {"epoch": epoch, "batch": batch, "position": position, "backend": self.backend,
-                 "skipped_indices": sorted(self._skipped), **self._fingerprint()}
+                 "skipped_indices": sorted(self._skipped), "epoch_skipped_indices": in_epoch,
+                 **self._fingerprint()}
         state.update(extra)
         return state
 
@@ -239,7 +259,8 @@ class BaseLoader:
         extra = {k: v for k, v in state.items() if k.startswith(self.backend + "_")}
         self._epoch = epoch
         self._live = None
-        self._resume = {"epoch": epoch, "batch": batch, "position": position, "extra": extra}
+        self._resume = {"epoch": epoch, "batch": batch, "position": position, "extra": extra,
+                        "epoch_skipped": [int(i) for i in state.get("epoch_skipped_indices", ())]}
 
     def __iter__(self) -> Iterator[Batch]:
         epoch = self._epoch
@@ -248,6 +269,7 @@ class BaseLoader:
             resume = None
         start = resume["position"] if resume else 0
         live = {"epoch": epoch, "batch": resume["batch"] if resume else 0, "position": start}
+        self._epoch_skipped = set(resume["epoch_skipped"]) if resume else set()
         self._live = live
         plan = self._plan(epoch)
         for batch, position in self._run(plan, start, resume.get("extra") if resume else None):
@@ -270,14 +292,6 @@ class BaseLoader:
         return {"train": s.train, "num_samples_total": self._num_total, "num_shards": s.num_shards,
                 "shard_id": s.shard_id, "seed": s.seed, "batch_size": s.batch_size}
 
-    def _readable_entries(self, plan: ShardPlan, start: int) -> np.ndarray:
-        """Entries ``start..`` of the plan, without files already known to be corrupt."""
-        entries = np.arange(start, len(plan), dtype=np.int64)
-        if self._skipped:
-            bad = np.fromiter(self._skipped, dtype=np.int64)
-            entries = entries[~np.isin(plan.indices[entries], bad)]
-        return entries
-
     def _skip_or_raise(self, index: int, error: str) -> None:
         """A file failed to decode: raise naming it, or (skip_corrupt) count it and warn once."""
         path = self.index.paths[index]
@@ -290,10 +304,19 @@ class BaseLoader:
                            path, error, len(self._skipped))
 
     def _labels_valid_indices(self, plan: ShardPlan, entries: np.ndarray):
-        """(labels int64, valid bool or None, indices int64) CPU tensors for plan entries."""
+        """(labels int64, valid bool or None, indices int64) CPU tensors for plan entries.
+
+        Rows of files known to be corrupt (their pixels are the placeholder) are not valid, and
+        are counted in :attr:`skipped_in_epoch`.
+        """
         idx = plan.indices[entries]
         labels = torch.from_numpy(self.index.labels[idx])
         valid = plan.valid[entries]
+        if self._skipped:
+            bad = np.isin(idx, np.fromiter(self._skipped, dtype=np.int64))
+            if bad.any():
+                valid = valid & ~bad
+                self._epoch_skipped.update(int(i) for i in idx[bad])
         return labels, (None if valid.all() else torch.from_numpy(valid)), torch.from_numpy(idx)
 
     def _batch(self, images: list, labels, valid, indices) -> Batch:

@@ -27,7 +27,8 @@ at the same remaining samples with fresh augmentation draws.
 
 Corrupt files: a decoding error stops a DALI pipeline, so the files of the failing batches are
 re-checked with PIL to name the culprit; with ``skip_corrupt`` the pass continues from there
-with a new pipeline that leaves the file out (the following batches re-align to full size).
+with a new pipeline that reads a placeholder file (uniform grey) in the corrupt file's place, its
+row flagged ``valid=False``: batches keep their size and every shard its number of batches.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 
 from .._compat import log_once
-from .base import Batch, BaseLoader
+from .base import PLACEHOLDER_GREY, Batch, BaseLoader
 from .decode import decode_error
 from .index import TRAIN_RATIO, TRAIN_SCALE, ShardPlan, derive_seed, val_resize_size
 
@@ -118,20 +119,40 @@ class DaliLoader(BaseLoader):
         self._names = [f"view{i}" for i in range(len(self._views))] + ["pos"]
         # Identifies the pipeline graph: a checkpoint only restores into an identical one.
         self._config_id = hashlib.sha1(json.dumps(
-            [spec.train, self._sizes, self._norms, self._decoder_device, self._out_dtype, self._layout],
+            ["v2", spec.train, self._sizes, self._norms, self._decoder_device, self._out_dtype, self._layout],
             default=str).encode()).hexdigest()[:16]
-        self._active = None  # the running pass: {"it", "start", "excluded", "consumed"}
-        self._ahead = None  # (epoch, start, excluded, future) of a pipeline built in the background
+        self._active = None  # the running pass: {"it", "entries", "start", "substituted", "consumed"}
+        self._ahead = None  # (epoch, start, substituted, future) of a pipeline built in the background
         self._builder = None  # a one-thread executor for those builds, made on first use
+        self._placeholder = None  # path of the grey image read in place of corrupt files, made on first use
+
+    def _placeholder_path(self) -> str:
+        """A small uniform-grey PNG that stands in for corrupt files (removed with the loader)."""
+        if self._placeholder is None:
+            import os
+            import shutil
+            import tempfile
+            import weakref
+
+            from PIL import Image
+
+            folder = tempfile.mkdtemp(prefix="fastkd-placeholder-")
+            path = os.path.join(folder, "placeholder.png")
+            Image.new("RGB", (32, 32), (PLACEHOLDER_GREY,) * 3).save(path)
+            weakref.finalize(self, shutil.rmtree, folder, True)
+            self._placeholder = path
+        return self._placeholder
 
     # ---- one pass ------------------------------------------------------------------------------
-    def _build(self, plan: ShardPlan, start: int, excluded: list, checkpoint: Optional[str] = None):
+    def _build(self, plan: ShardPlan, start: int, substituted: list, checkpoint: Optional[str] = None):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         s = self.spec
-        entries = self._entries(plan, start, excluded)
+        entries = np.arange(start, len(plan), dtype=np.int64)
+        bad = set(substituted)
+        files = [self._placeholder_path() if i in bad else self.index.paths[i] for i in plan.indices[entries].tolist()]
         pipe = _make_pipeline(
-            [self.index.paths[i] for i in plan.indices[entries]], train=s.train, sizes=self._sizes,
+            files, train=s.train, sizes=self._sizes,
             norms=self._norms, decoder_device=self._decoder_device, on_gpu=self._on_gpu,
             out_dtype=self._out_dtype, layout=self._layout, batch_size=s.batch_size, num_threads=s.num_threads,
             device_id=s.device.index if self._on_gpu else None,
@@ -141,23 +162,16 @@ class DaliLoader(BaseLoader):
         # decode error would escape the recovery in _run.
         it = DALIGenericIterator([pipe], self._names, reader_name="Reader", last_batch_policy=LastBatchPolicy.PARTIAL,
                                  auto_reset=False, prepare_first_batch=False)
-        return {"it": it, "entries": entries, "start": start, "excluded": excluded, "consumed": 0}
-
-    def _entries(self, plan: ShardPlan, start: int, excluded: list) -> np.ndarray:
-        entries = np.arange(start, len(plan), dtype=np.int64)
-        if excluded:
-            entries = entries[~np.isin(plan.indices[entries], np.asarray(excluded, dtype=np.int64))]
-        return entries
+        return {"it": it, "entries": entries, "start": start, "substituted": substituted, "consumed": 0}
 
     def _run(self, plan: ShardPlan, start: int, resume_extra: Optional[dict]) -> Iterator[tuple[Batch, int]]:
         active = self._restore(plan, start, resume_extra)
         if active is None:
-            entries = self._readable_entries(plan, start)
-            if len(entries) == 0:
+            if start >= len(plan):
                 return
-            active = self._take_ahead(plan.epoch, int(entries[0]))
+            active = self._take_ahead(plan.epoch, start)
             if active is None:
-                active = self._build(plan, int(entries[0]), sorted(self._skipped))
+                active = self._build(plan, start, sorted(self._skipped))
         self._active = active
         finished = False
         try:
@@ -197,14 +211,10 @@ class DaliLoader(BaseLoader):
         from concurrent.futures import ThreadPoolExecutor
 
         plan = self._plan(epoch)
-        entries = self._readable_entries(plan, 0)
-        if len(entries) == 0:
-            return
         if self._builder is None:
             self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastkd-dali-build")
-        excluded = sorted(self._skipped)
-        start = int(entries[0])
-        self._ahead = (epoch, start, excluded, self._builder.submit(self._build, plan, start, excluded))
+        substituted = sorted(self._skipped)
+        self._ahead = (epoch, 0, substituted, self._builder.submit(self._build, plan, 0, substituted))
 
     def _take_ahead(self, epoch: int, start: int) -> Optional[dict]:
         """The pipeline built ahead, if it is the one this pass needs (else it is dropped)."""
@@ -221,7 +231,8 @@ class DaliLoader(BaseLoader):
         return x
 
     def _recover(self, plan: ShardPlan, active: dict, exc: RuntimeError) -> dict:
-        """A decode error: name the file (and raise), or skip it and rebuild from the failed batch."""
+        """A decode error: name the file (and raise), or skip it and rebuild from the failed batch
+        with a placeholder in its place."""
         left = active["entries"][active["consumed"]:]
         suspects = left[: _SUSPECT_BATCHES * self.spec.batch_size]
         bad = []
@@ -237,10 +248,7 @@ class DaliLoader(BaseLoader):
         for index, error in bad:
             self._skip_or_raise(index, error)  # raises CorruptImageError unless skip_corrupt
         active["it"] = None  # the failed pipeline is unusable; drop it before building the next
-        entries = self._readable_entries(plan, int(left[0]))
-        if len(entries) == 0:
-            return {"it": iter(()), "entries": entries, "start": len(plan), "excluded": [], "consumed": 0}
-        return self._build(plan, int(entries[0]), sorted(self._skipped))
+        return self._build(plan, int(left[0]), sorted(self._skipped))
 
     # ---- resume --------------------------------------------------------------------------------
     def _extra_state(self) -> dict:
@@ -251,7 +259,7 @@ class DaliLoader(BaseLoader):
         if isinstance(checkpoint, bytes):
             checkpoint = "b64:" + base64.b64encode(checkpoint).decode("ascii")
         return {"dali_checkpoint": checkpoint, "dali_config": self._config_id, "dali_start": active["start"],
-                "dali_excluded": list(active["excluded"]), "dali_consumed": active["consumed"]}
+                "dali_substituted": list(active["substituted"]), "dali_consumed": active["consumed"]}
 
     def _restore(self, plan: ShardPlan, start: int, extra: Optional[dict]) -> Optional[dict]:
         if not extra or "dali_checkpoint" not in extra:
@@ -263,7 +271,7 @@ class DaliLoader(BaseLoader):
         checkpoint = extra["dali_checkpoint"]
         if isinstance(checkpoint, str) and checkpoint.startswith("b64:"):
             checkpoint = base64.b64decode(checkpoint[4:])
-        active = self._build(plan, int(extra["dali_start"]), [int(i) for i in extra["dali_excluded"]],
+        active = self._build(plan, int(extra["dali_start"]), [int(i) for i in extra["dali_substituted"]],
                              checkpoint=checkpoint)
         active["consumed"] = int(extra["dali_consumed"])
         left = active["entries"][active["consumed"]:]

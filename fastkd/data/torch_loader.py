@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .._compat import log_once
-from .base import Batch, BaseLoader, Normalizer
+from .base import PLACEHOLDER_GREY, Batch, BaseLoader, Normalizer
 from .decode import EXIF_ORIENTATION_TAG, crop_window, open_rgb, orient
 from .index import ShardPlan, center_crop_offset, shorter_side_size, val_resize_size
 
@@ -52,21 +52,33 @@ class _PlanDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, key):
-        index, entry, order_pos, epoch = key
+        index, entry, order_pos, epoch, known_bad = key
         path = self.paths[index]
         if self.raw_bytes:
+            if known_bad:
+                return entry, index, (None, 1), None
             return self._read_bytes(entry, index, path)
-        try:
-            img = open_rgb(path)
-        except Exception as exc:  # any decoder failure is reported, with the file, to the main process
-            return entry, index, None, f"{type(exc).__name__}: {exc}"
-        views = self._views(img, epoch, order_pos)
+        error = None
+        if known_bad:  # skipped before (skip_corrupt): not read again
+            views = self._placeholder()
+        else:
+            try:
+                views = self._views(open_rgb(path), epoch, order_pos)
+            except Exception as exc:  # any decoder failure is reported, with the file, to the main process
+                error = f"{type(exc).__name__}: {exc}"
+                views = self._placeholder()  # the row stays; the main process flags it invalid (or raises)
         if self.normalizers is None:  # uint8 HWC arrays; the main process normalises on the GPU
-            return entry, index, [np.asarray(v) for v in views], None
+            return entry, index, [np.asarray(v) for v in views], error
         # straight from PIL to a (writable) float32 array, then the Normalizer's arithmetic
         # (several normalisations may read one view: a teacher that differs only in mean / std)
         floats = [torch.from_numpy(np.asarray(v, dtype=np.float32)) for v in views]
-        return entry, index, [norm.sample(floats[v]) for norm, v in self.normalizers], None
+        return entry, index, [norm.sample(floats[v]) for norm, v in self.normalizers], error
+
+    def _placeholder(self) -> list:
+        """The views of a row standing in for a corrupt file: uniform grey."""
+        from PIL import Image
+
+        return [Image.new("RGB", (size, size), (PLACEHOLDER_GREY,) * 3) for size in self.sizes]
 
     def _views(self, img, epoch: int, order_pos: int) -> list:
         import torchvision.transforms.functional as F
@@ -100,7 +112,7 @@ class _PlanDataset(torch.utils.data.Dataset):
             except Exception:
                 pass  # an unparsable header is the decoder's problem, reported there
         except OSError as exc:
-            return entry, index, None, f"{type(exc).__name__}: {exc}"
+            return entry, index, (None, 1), f"{type(exc).__name__}: {exc}"
         return entry, index, (torch.frombuffer(bytearray(data), dtype=torch.uint8), orientation), None
 
 
@@ -113,17 +125,18 @@ class _Collate:
         self.channels_last = channels_last
 
     def __call__(self, items):
-        ok = [it for it in items if it[3] is None]
-        batch = {"entries": torch.tensor([it[0] for it in ok], dtype=torch.int64),
+        # Every item has a payload (a failed file's is the placeholder), so batches keep their size.
+        batch = {"entries": torch.tensor([it[0] for it in items], dtype=torch.int64),
                  "bad": [(it[0], it[1], it[3]) for it in items if it[3] is not None]}
-        if ok and isinstance(ok[0][2], tuple):  # raw bytes for GPU decoding
-            batch["data"] = [it[2][0] for it in ok]
-            batch["orientation"] = [it[2][1] for it in ok]
-        elif ok and self.normalized:
-            batch["images"] = [Normalizer.stack([it[2][v] for it in ok], self.channels_last)
-                               for v in range(len(ok[0][2]))]
-        elif ok:
-            batch["views"] = [torch.from_numpy(np.stack([it[2][v] for it in ok])) for v in range(len(ok[0][2]))]
+        if isinstance(items[0][2], tuple):  # raw bytes for GPU decoding (None: unreadable or known bad)
+            batch["data"] = [it[2][0] for it in items]
+            batch["orientation"] = [it[2][1] for it in items]
+        elif self.normalized:
+            batch["images"] = [Normalizer.stack([it[2][v] for it in items], self.channels_last)
+                               for v in range(len(items[0][2]))]
+        else:
+            batch["views"] = [torch.from_numpy(np.stack([it[2][v] for it in items]))
+                              for v in range(len(items[0][2]))]
         return batch
 
 
@@ -174,60 +187,68 @@ class TorchLoader(BaseLoader):
 
     def _run(self, plan: ShardPlan, start: int, resume_extra) -> Iterator[tuple[Batch, int]]:
         bs = self.spec.batch_size
-        entries = self._readable_entries(plan, start)
+        entries = np.arange(start, len(plan), dtype=np.int64)
         chunks = [entries[i:i + bs] for i in range(0, len(entries), bs)]
-        self._sampler.batches = [[(int(plan.indices[k]), int(k), int(plan.keys[k]), plan.epoch) for k in chunk]
-                                 for chunk in chunks]
+        known_bad = set(self._skipped)  # not read again: their rows are placeholders from the start
+        self._sampler.batches = [[(int(plan.indices[k]), int(k), int(plan.keys[k]), plan.epoch,
+                                   int(plan.indices[k]) in known_bad) for k in chunk] for chunk in chunks]
         # The DataLoader keeps the order of the batch sampler (in_order=True), so chunk i <-> batch i.
+        # A corrupt file keeps its row (a placeholder flagged invalid), so every pass yields
+        # len(self) batches and every shard the same number: DDP ranks stay in step.
         for chunk, out in zip(chunks, self._dataloader):
             for _entry, index, error in out["bad"]:
                 self._skip_or_raise(index, error)
-            if self.gpu_decode and out["entries"].numel():
-                views, ok = self._decode_on_gpu(plan, out)
-                out["entries"] = out["entries"][ok]
+            if self.gpu_decode:
+                views = self._decode_on_gpu(plan, out)
                 out["images"] = [norm(views[v], "NCHW") for norm, v in zip(self._norms, self._view_of)]
             elif "views" in out:  # uint8 batch for the device
                 out["images"] = [norm(out["views"][v], "NHWC") for norm, v in zip(self._norms, self._view_of)]
-            ok_entries = out["entries"].numpy()
-            if len(ok_entries) == 0:  # every file of this batch was corrupt and skipped
-                continue
-            yield self._batch(out["images"], *self._labels_valid_indices(plan, ok_entries)), int(chunk[-1]) + 1
+            yield self._batch(out["images"], *self._labels_valid_indices(plan, chunk)), int(chunk[-1]) + 1
 
     # ---- GPU decoding ------------------------------------------------------------------------
-    def _decode_on_gpu(self, plan: ShardPlan, out: dict):
-        """Decode a batch of JPEG bytes with nvJPEG; returns (list of float views, kept mask)."""
+    def _decode_on_gpu(self, plan: ShardPlan, out: dict) -> list:
+        """Decode a batch of JPEG bytes with nvJPEG; returns one float (N, 3, S, S) batch per size.
+
+        Rows without bytes (an unreadable file, or one known to be corrupt) and files no decoder
+        takes (skip_corrupt) become placeholders, so the batch keeps its size.
+        """
         from torchvision.io import ImageReadMode, decode_jpeg
 
         dev = self.spec.device
         data = out["data"]
-        try:
-            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=dev)
-        except RuntimeError:
-            decoded = [None] * len(data)  # find the files nvJPEG cannot take, one by one
-            for i, d in enumerate(data):
-                try:
-                    decoded[i] = decode_jpeg(d, mode=ImageReadMode.RGB, device=dev)
-                except RuntimeError:
-                    pass
+        present = [i for i, d in enumerate(data) if d is not None]
+        decoded = [None] * len(data)
+        if present:
+            try:
+                for i, img in zip(present, decode_jpeg([data[i] for i in present], mode=ImageReadMode.RGB,
+                                                       device=dev)):
+                    decoded[i] = img
+            except RuntimeError:
+                for i in present:  # find the files nvJPEG cannot take, one by one
+                    try:
+                        decoded[i] = decode_jpeg(data[i], mode=ImageReadMode.RGB, device=dev)
+                    except RuntimeError:
+                        pass
         entries = out["entries"].numpy()
-        keep = np.ones(len(data), dtype=bool)
         per_view = [[] for _ in self._sizes]
         for i, img in enumerate(decoded):
-            if img is None:
+            if img is None and data[i] is not None:
                 try:  # nvJPEG declines CMYK JPEGs and non-JPEG files: PIL decodes those
                     img = torch.from_numpy(np.array(open_rgb(io.BytesIO(data[i].numpy().tobytes()))))
                     img = img.permute(2, 0, 1).to(dev, non_blocking=True)
                     log_once("fastkd.data: some files are not nvJPEG-decodable (CMYK or non-JPEG); "
                              "decoding those with PIL on the CPU")
                 except Exception as exc:
-                    keep[i] = False
                     self._skip_or_raise(int(plan.indices[entries[i]]), f"{type(exc).__name__}: {exc}")
-                    continue
-            else:
+            elif img is not None:
                 img = orient(img, out["orientation"][i])
-            for v, view in enumerate(self._gpu_views(img, plan.epoch, int(plan.keys[entries[i]]))):
+            if img is None:  # a placeholder row, flagged invalid by _labels_valid_indices
+                views = [torch.full((3, s, s), float(PLACEHOLDER_GREY), device=dev) for s in self._sizes]
+            else:
+                views = self._gpu_views(img, plan.epoch, int(plan.keys[entries[i]]))
+            for v, view in enumerate(views):
                 per_view[v].append(view)
-        return [torch.stack(v) if v else None for v in per_view], torch.from_numpy(keep)
+        return [torch.stack(v) for v in per_view]
 
     def _gpu_views(self, img: torch.Tensor, epoch: int, order_pos: int) -> list:
         """Crop / resize one (3, H, W) uint8 CUDA image into float views in [0, 255]."""

@@ -176,6 +176,15 @@ def test_teacher_view_with_only_another_normalisation(image_folder, backend, cha
         assert not torch.allclose(b["teacher"], b["images"])
 
 
+def _valid_rows(b):
+    return torch.ones(len(b["labels"]), dtype=torch.bool) if b["valid"] is None else b["valid"]
+
+
+def _placeholder_pixels(x):
+    """True where a row is the uniform grey placeholder (every pixel 128, within fp32 rounding)."""
+    return (pixels(x) - 128.0).abs().amax(dim=(1, 2, 3)) < 1e-3
+
+
 def test_corrupt_file_is_named_or_skipped_and_counted(corrupt_folder, backend, caplog):
     with pytest.raises(CorruptImageError, match=r"garbage\.jpg"):
         run(make(corrupt_folder, backend, train=False))
@@ -183,15 +192,70 @@ def test_corrupt_file_is_named_or_skipped_and_counted(corrupt_folder, backend, c
     with caplog.at_level(logging.WARNING, logger="fastkd"):
         batches = run(loader)
     index = build_index(corrupt_folder, train=True)
-    got = torch.cat([b["indices"] for b in batches]).tolist()
     bad = {i for i, p in enumerate(index.paths) if Path(p).name in ("garbage.jpg", "truncated.jpg")}
+    # the corrupt files keep their rows, flagged invalid and grey: every batch is full, and the
+    # pass yields len(loader) batches (DDP ranks stay in step)
+    assert len(batches) == len(loader) == 4 and [len(b["labels"]) for b in batches] == [3, 3, 3, 1]
+    for b in batches:
+        is_bad = torch.tensor([i in bad for i in b["indices"].tolist()])
+        assert torch.equal(_valid_rows(b), ~is_bad)
+        assert torch.equal(_placeholder_pixels(b["images"]), is_bad)
+    got = torch.cat([b["indices"][_valid_rows(b)] for b in batches]).tolist()
     assert sorted(got) == sorted(set(range(len(index))) - bad)  # every good image exactly once
-    assert loader.skipped == 2
+    assert loader.skipped == 2 and loader.skipped_in_epoch == 2
     assert sorted(Path(p).name for p in loader.skipped_files) == ["garbage.jpg", "truncated.jpg"]
+    assert sorted(Path(p).name for p in loader.skipped_files_in_epoch) == ["garbage.jpg", "truncated.jpg"]
     assert "garbage.jpg" in caplog.text and "truncated.jpg" in caplog.text and "2 file(s) skipped" in caplog.text
-    # later epochs leave the known-bad files out up front
-    assert sorted(torch.cat([b["indices"] for b in run(loader)]).tolist()) == sorted(got)
-    assert loader.skipped == 2
+    # later epochs skip the known-bad files again (not read, still counted per epoch), same shape
+    again = run(loader)
+    assert len(again) == 4 and loader.skipped == 2 and loader.skipped_in_epoch == 2
+    assert sorted(torch.cat([b["indices"][_valid_rows(b)] for b in again]).tolist()) == sorted(got)
+
+
+def test_skipped_files_keep_shards_equal_and_resume_counts(corrupt_folder, backend):
+    """Two shards with corrupt files: both yield len(loader) batches; a resumed pass still counts
+    the files skipped before the interruption."""
+    lengths = []
+    for shard in range(2):
+        loader = make(corrupt_folder, backend, train=True, skip_corrupt=True, batch_size=2, seed=3,
+                      shard_id=shard, num_shards=2)
+        batches = run(loader)
+        lengths.append((len(loader), len(batches)))
+    assert lengths[0] == lengths[1] == (3, 3)  # 10 files -> 5 per shard -> 3 batches each
+    # seed 0: one corrupt file is read before the interruption (after 3 batches), one after it
+    opts = dict(train=True, skip_corrupt=True, batch_size=2, seed=0)
+    full = make(corrupt_folder, backend, **opts)
+    it = iter(full)
+    for _ in range(3):
+        next(it)
+    assert full.skipped_in_epoch == 1
+    state = json.loads(json.dumps(full.state_dict()))
+    del it, full
+    resumed = make(corrupt_folder, backend, **opts)
+    resumed.load_state_dict(state)
+    rest = run(resumed)
+    assert len(rest) == len(resumed) - 3 == 2
+    assert resumed.skipped_in_epoch == 2  # the one before the resume and the one after
+
+
+def test_all_corrupt_batch_is_a_batch_of_placeholders(tmp_path, backend):
+    """skip_corrupt and a batch whose every file is corrupt: no error (the normaliser used to get
+    an empty batch), a full batch of invalid placeholder rows."""
+    from PIL import Image
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    for j in range(2):
+        (tmp_path / "a" / f"bad{j}.jpg").write_bytes(b"not a JPEG at all\n" * 10)
+        Image.fromarray(np.full((20, 24, 3), 40 * j + 5, np.uint8)).save(tmp_path / "b" / f"{j}.jpg", quality=90)
+    loader = make(tmp_path, backend, train=False, skip_corrupt=True, batch_size=2, teacher_image_size=20)
+    batches = run(loader)
+    assert len(batches) == len(loader) == 2
+    first, second = batches
+    assert first["valid"].tolist() == [False, False] and second["valid"] is None
+    assert _placeholder_pixels(first["images"]).all() and _placeholder_pixels(first["teacher"]).all()
+    assert first["images"].shape == (2, 3, 16, 16) and first["teacher"].shape == (2, 3, 20, 20)
+    assert loader.skipped_in_epoch == 2
 
 
 @pytest.mark.parametrize("device", DEVICES)
