@@ -87,8 +87,19 @@ class CachedTeacher(TeacherSource):
         """The source for a :class:`~fastkd.engine.trainer.Trainer` whose config has ``teacher_cache``
         (pass it as ``Trainer(cfg, teacher_source=CachedTeacher.for_trainer)``)."""
         cfg = trainer.cfg
-        return cls(cfg.teacher_cache, trainer.device, expect=run_fields(cfg, trainer.train_loader),
-                   epochs=epochs_needed(cfg), teacher=cfg.teacher, teacher_checkpoint=cfg.teacher_checkpoint)
+        src = cls(cfg.teacher_cache, trainer.device, expect=run_fields(cfg, trainer.train_loader),
+                  epochs=epochs_needed(cfg), teacher=cfg.teacher, teacher_checkpoint=cfg.teacher_checkpoint)
+        build = src.reader.manifest.get("build", {})
+        here = {"amp": getattr(trainer, "amp", None), "channels_last": cfg.channels_last,
+                "device": trainer.device.type}
+        differ = [f"{k} {build.get(k)!r} (cache) vs {v!r} (run)" for k, v in here.items()
+                  if v is not None and k in build and build[k] != v]
+        if differ:
+            # Same views, same teacher; only how its forward was computed differs (rounding).
+            logger.warning("fastkd: the teacher cache was computed with other numerics than this run would use "
+                           "(%s): the logits may differ from the online teacher's in the last bits",
+                           "; ".join(differ))
+        return src
 
     @property
     def format(self) -> str:

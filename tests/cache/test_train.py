@@ -265,3 +265,14 @@ def test_dali_cpu_cache_trains_bit_identical_weights(tiny_jpegs, teacher_ckpt, t
     a, b = weights(online), weights(cached)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_other_build_numerics_are_warned_about(full_cache, tiny_jpegs, tmp_path, caplog):
+    cache = _copy_tree(full_cache, tmp_path / "cache")
+    m = json.loads((cache / "manifest.json").read_text())
+    m["build"]["amp"] = "bf16"
+    (cache / "manifest.json").write_text(json.dumps(m))
+    args = [str(a) for a in [*TRAIN, "--data", tiny_jpegs, "--teacher-cache", cache, "--output", tmp_path / "r"]]
+    args[args.index("--epochs") + 1] = "1"
+    assert cli.main(args) == 0
+    assert "other numerics than this run would use (amp 'bf16' (cache) vs 'none' (run))" in caplog.text
