@@ -211,23 +211,37 @@ def load(path) -> dict:
 
 
 def candidates(output_dir) -> list[Path]:
-    """Checkpoint files in ``output_dir``, newest first (temporary files excluded)."""
+    """Checkpoint files in ``output_dir``: ``last.pt`` first, then ``epoch_N.pt`` (highest N first),
+    then ``best.pt`` (temporary files excluded). Names, not modification times, give the order:
+    a copied run folder (``cp -r``) has fresh times in copy order."""
     d = Path(output_dir)
     if not d.is_dir():
         return []
     files = [p for p in d.iterdir() if p.is_file() and (p.name in (LAST, BEST) or _EPOCH_RE.match(p.name))]
-    return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name == LAST), reverse=True)
+
+    def rank(p: Path):
+        if p.name == LAST:
+            return (0, 0)
+        m = _EPOCH_RE.match(p.name)
+        return (1, -int(m.group(1))) if m else (2, 0)
+
+    return sorted(files, key=rank)
+
+
+def _progress(state: dict) -> tuple:
+    return (int(state.get("global_step", 0)), int(state.get("epoch", 0)), int(state.get("step_in_epoch", 0)))
 
 
 def find_latest(output_dir) -> Optional[tuple[Path, dict]]:
     """The newest checkpoint in ``output_dir`` that loads, with its state; ``None`` if there is none.
 
-    ``last.pt`` is rewritten at every save, so it is the newest; an older ``epoch_N.pt`` or
-    ``best.pt`` is used only when a newer file fails to load or fails its checksum (skipped
-    with a warning naming it). When checkpoint files exist but none of them loads, a
-    ``ValueError`` says so and what to do (never a silent fresh start over a damaged run).
+    ``last.pt`` is rewritten at every save, so it is the newest. Only when it is missing, fails
+    to load or fails its checksum (skipped with a warning naming it) are the others read, and the
+    one furthest into training (global step) is used: ``epoch_N.pt`` or ``best.pt``. When
+    checkpoint files exist but none of them loads, a ``ValueError`` says so and what to do
+    (never a silent fresh start over a damaged run).
     """
-    problems = []
+    problems, good = [], []
     for path in candidates(output_dir):
         try:
             state = load(path)
@@ -235,8 +249,13 @@ def find_latest(output_dir) -> Optional[tuple[Path, dict]]:
             logger.warning("fastkd: skipping checkpoint %s: %s", path.name, exc)
             problems.append(f"{path.name}: {exc}")
             continue
+        if path.name == LAST:
+            return path, state
+        good.append((path, state))
+    if good:
+        path, state = max(good, key=lambda ps: _progress(ps[1]))
         if problems:
-            logger.warning("fastkd: resuming from the older %s instead", path.name)
+            logger.warning("fastkd: resuming from %s (global step %d) instead", path.name, _progress(state)[0])
         return path, state
     if problems:
         raise ValueError(f"--resume auto: {output_dir} holds checkpoint file(s) but none can be used ("

@@ -288,3 +288,20 @@ def test_disk_full_while_linking_best_or_writing_the_config_leaves_no_temp_file(
     with pytest.raises(OSError):
         C.save_yaml(C.make_config(data="/d", student="fastkd:resnet8", method="ce"), tmp_path / "config.yaml")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_resume_auto_picks_by_name_and_progress_not_file_times(tmp_path):
+    # a copied run folder (cp -r) gets fresh modification times in copy order: best.pt may look newest
+    import os
+
+    ckpt.save_atomic({"model": {}, "epoch": 2, "global_step": 8}, tmp_path / "last.pt")
+    ckpt.save_atomic({"model": {}, "epoch": 1, "global_step": 4}, tmp_path / "best.pt")
+    ckpt.save_atomic({"model": {}, "epoch": 2, "global_step": 8}, tmp_path / "epoch_2.pt")
+    ckpt.save_atomic({"model": {}, "epoch": 1, "global_step": 4}, tmp_path / "epoch_1.pt")
+    os.utime(tmp_path / "last.pt", ns=(1, 1))
+    path, state = ckpt.find_latest(tmp_path)
+    assert path.name == "last.pt" and state["global_step"] == 8
+    (tmp_path / "last.pt").write_bytes(b"torn")
+    os.utime(tmp_path / "epoch_2.pt", ns=(1, 1))
+    path, state = ckpt.find_latest(tmp_path)
+    assert path.name == "epoch_2.pt" and state["global_step"] == 8
