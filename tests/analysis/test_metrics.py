@@ -204,3 +204,55 @@ def test_metrics_on_cuda_match_cpu():
     for sl in soft:
         assert res["settings"][sl.name]["wrong_std"] == pytest.approx(
             M.wrong_class_stats(v, y, sl)["wrong_std"].mean().item(), rel=1e-9)
+
+
+# --------------------------------------------------------------------------------------------
+# ATS regime diagnostic
+# --------------------------------------------------------------------------------------------
+def test_ats_label_on_top_matches_a_brute_force_count_over_the_grid():
+    from fastkd.losses import reference as ref
+
+    g = torch.Generator().manual_seed(3)
+    # raw logits with an offset (ATS is not shift-invariant: the diagnostic must use them as they are)
+    v = torch.randn(300, 7, generator=g) * 2.5 + 0.7
+    y = torch.randint(0, 7, (300,), generator=g)
+    meter = M.LabelOnTopMeter()
+    meter.update(v[:120], y[:120])
+    meter.update(v[120:], y[120:])
+    got = meter.result()["ats_label_on_top"]
+    assert len(got) == 30 and set(got) == {f"{a},{b}" for a in range(1, 7) for b in range(1, 6)}
+    for a in range(1, 7):
+        for b in range(1, 6):
+            count = 0
+            for i in range(300):  # one row at a time: the soft label's arg-max is the label
+                q = ref.ats_teacher_log_probs(v[i:i + 1].double(), y[i:i + 1], float(a), float(b))
+                count += int(q.argmax(1).item() == y[i].item())
+            assert got[f"{a},{b}"] == count / 300
+    assert max(got.values()) - min(got.values()) > 0.2  # the grid points differ on this data
+
+
+def test_wrong_to_target_ratio_is_the_regime_condition_for_centred_logits():
+    g = torch.Generator().manual_seed(4)
+    v = torch.randn(400, 9, generator=g) * 3
+    v = v - v.mean(1, keepdim=True)
+    y = torch.randint(0, 9, (400,), generator=g)
+    ratio = M.wrong_to_target_ratio(v, y)
+    positive = v.gather(1, y[:, None]).squeeze(1) > 0
+    for a, b in ((4.0, 2.0), (3.0, 1.0), (5.0, 4.0)):
+        on_top = M.ats_label_on_top(v, y, a, b)
+        assert torch.equal(on_top[positive], ratio[positive] < b / a)
+    meter = M.LabelOnTopMeter((4.0,), (2.0,))
+    meter.update(v, y)
+    r = meter.result()["wrong_target_ratio"]
+    want = torch.quantile(ratio[positive], torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)).tolist()
+    assert [r["q05"], r["q50"], r["q95"]] == pytest.approx(want)
+    assert r["nonpositive_target"] == pytest.approx((~positive).double().mean().item())
+
+
+def test_parse_ats_grid():
+    assert M.parse_ats_grid("1,2:3") == ((1.0, 2.0), (3.0,))
+    assert M.parse_ats_grid("none") is None
+    with pytest.raises(ValueError, match="TAU_TARGETS:TAU_OTHERS"):
+        M.parse_ats_grid("1,2,3")
+    with pytest.raises(ValueError, match="positive"):
+        M.parse_ats_grid("1,-2:3")
