@@ -20,7 +20,11 @@ student and teacher views are cut from the same window with the same flip.
 """
 from __future__ import annotations
 
+import functools
 import io
+import os
+import sys
+import threading
 from typing import Iterator, Optional
 
 import numpy as np
@@ -30,6 +34,59 @@ from .._compat import log_once
 from .base import PLACEHOLDER_GREY, Batch, BaseLoader, Normalizer
 from .decode import EXIF_ORIENTATION_TAG, crop_window, open_rgb, orient
 from .index import ShardPlan, center_crop_offset, shorter_side_size, val_resize_size
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_WATCHDOG_INTERVAL_S = 0.1
+
+
+def _parent_gone(parent_pid: int, forked: bool) -> bool:
+    """True when the training process ``parent_pid`` has exited (gone, re-parented us, or a zombie
+    nobody has reaped yet)."""
+    if forked and os.getppid() != parent_pid:
+        return True
+    try:
+        os.kill(parent_pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        with open(f"/proc/{parent_pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
+
+
+def _worker_init(parent_pid: int, worker_id: int) -> None:
+    """Make a DataLoader worker exit with the training process, even after a SIGKILL of it.
+
+    PyTorch's own check runs only every 5 s, and only while a worker waits for work. Here: on
+    Linux, when the worker was forked by the training process's main thread, the kernel kills
+    it the moment that process dies (``PR_SET_PDEATHSIG``; the signal follows the forking
+    *thread*, hence the main-thread condition); in every case a watchdog thread polls the
+    training process every 0.1 s and ends the worker once it is gone.
+    """
+    forked = os.getppid() == parent_pid  # the "fork" start method (not spawn / forkserver)
+    info = torch.utils.data.get_worker_info()
+    from_main_thread = bool(getattr(info.dataset, "iterated_from_main_thread", False)) if info else False
+    if forked and from_main_thread and sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the watchdog below still ends the worker
+    if _parent_gone(parent_pid, forked):  # it died before the prctl took effect
+        os._exit(1)
+
+    def watch():
+        while not _parent_gone(parent_pid, forked):
+            threading.Event().wait(_WATCHDOG_INTERVAL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="fastkd-parent-watchdog", daemon=True).start()
 
 
 class _PlanDataset(torch.utils.data.Dataset):
@@ -47,6 +104,7 @@ class _PlanDataset(torch.utils.data.Dataset):
         self.raw_bytes = raw_bytes
         # CPU target: [(Normalizer, index into sizes)] applied here, per sample, in the workers
         self.normalizers = normalizers
+        self.iterated_from_main_thread = True  # set before workers start (see _worker_init)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -181,6 +239,7 @@ class TorchLoader(BaseLoader):
         self._dataloader = torch.utils.data.DataLoader(
             self._dataset, batch_sampler=self._sampler, num_workers=workers, collate_fn=collate,
             pin_memory=spec.device.type == "cuda", persistent_workers=workers > 0,
+            worker_init_fn=functools.partial(_worker_init, os.getpid()) if workers > 0 else None,
             prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(spec.seed))
         if self.gpu_decode:
             log_once("fastkd.data: torch backend decodes JPEGs on the GPU (nvJPEG via torchvision)")
@@ -192,6 +251,7 @@ class TorchLoader(BaseLoader):
         known_bad = set(self._skipped)  # not read again: their rows are placeholders from the start
         self._sampler.batches = [[(int(plan.indices[k]), int(k), int(plan.keys[k]), plan.epoch,
                                    int(plan.indices[k]) in known_bad) for k in chunk] for chunk in chunks]
+        self._dataset.iterated_from_main_thread = threading.current_thread() is threading.main_thread()
         # The DataLoader keeps the order of the batch sampler (in_order=True), so chunk i <-> batch i.
         # A corrupt file keeps its row (a placeholder flagged invalid), so every pass yields
         # len(self) batches and every shard the same number: DDP ranks stay in step.

@@ -4,6 +4,7 @@ Every test runs once per backend (``backend`` fixture); the DALI runs skip where
 References are computed here, independently of the loader, with PIL.
 """
 import json
+import os
 import logging
 import re
 from pathlib import Path
@@ -400,3 +401,61 @@ def test_every_pil_mode_decodes_as_dali_does(modes_folder, backend):
         # exact up to fp32 normalisation, but PIL reads a 16-bit RGB PNG by its high byte (one level)
         tol = 1.01 if "rgb16" in path else 1e-3
         assert np.abs(got[k] - want).max() <= tol, (Path(path).name, np.abs(got[k] - want).max())
+
+
+def _children(pid):
+    """Pids of the live (not zombie) child processes of ``pid``, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_bytes().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] not in (b"Z", b"X"):
+            found.append(int(entry.name))
+    return found
+
+
+def _alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in (b"Z", b"X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_torch_workers_exit_when_the_training_process_is_killed(image_folder):
+    """SIGKILL the process that iterates a loader with 2 workers: the workers are gone within
+    about a second (PyTorch's own check waits 5 s, and only while a worker is idle)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys, time\n"
+        "from fastkd.data import create_loader\n"
+        f"loader = create_loader({str(image_folder)!r}, train=True, batch_size=2, image_size=16, backend='torch',\n"
+        "                       device='cpu', num_threads=2)\n"
+        "it = iter(loader); next(it)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == b"ready", proc.stderr.read().decode()[-2000:]
+        workers = _children(proc.pid)
+        assert len(workers) >= 2, workers
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 1.0
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    left = [w for w in workers if _alive(w)]
+    for w in left:  # do not leave them behind if the test fails
+        os.kill(w, signal.SIGKILL)
+    assert not left, f"workers {left} outlived the killed training process by more than 1 s"
