@@ -77,8 +77,9 @@ def cross_entropy(z: Tensor, target: Tensor, label_smoothing: float = 0.0, ignor
     ce = lse - z_y
     if label_smoothing:
         eps = float(label_smoothing)
-        # (1-eps)(LSE - z_y) + eps * (LSE - mean(z)): the smoothed target's CE.
-        ce = (1.0 - eps) * ce + eps * (lse - z.sum(-1) / C)
+        # (1-eps)(LSE - z_y) + eps * (LSE - mean(z)): the smoothed target's CE. The mean as a sum
+        # of z/C: its partial sums never exceed max|z|, so rows near fp32's maximum cannot overflow.
+        ce = (1.0 - eps) * ce + eps * (lse - (z / C).sum(-1))
     return torch.where(valid, ce, torch.zeros_like(ce))
 
 

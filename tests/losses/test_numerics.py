@@ -143,3 +143,11 @@ def test_temperatures_at_the_edges_of_the_normal_range_are_accepted(backend):
         fastkd.kd_loss(Z, V, temperature=T, backend=backend)
         fastkd.dkd_loss(Z, V, Y, temperature=T, backend=backend)
     assert fastkd.kd_loss(Z, V, temperature=torch.tensor(2.0)).isfinite()
+
+
+def test_label_smoothing_mean_does_not_overflow_near_fp32_max():
+    z = torch.tensor([[3e38, 3e38, 3e38, 2e38, -1e38]])
+    y = torch.tensor([0])
+    truth = fastkd.cross_entropy(z.double(), y, label_smoothing=0.1)
+    assert 0.99e37 < truth.item() < 1.01e37
+    torch.testing.assert_close(fastkd.cross_entropy(z, y, label_smoothing=0.1).double(), truth, rtol=1e-6, atol=0)
