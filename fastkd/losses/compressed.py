@@ -17,7 +17,9 @@ it is densified on the tensors' device (no host round trip, no host synchronisat
 ``(N, C)`` fp32 row block, and the normal path runs on it. That is cheap next to the loss at
 C <= 8192; above that the densified block costs ``4 N C`` bytes of device memory and one
 extra write and read of it per call (at C = 128256 and N = 8192 about 4 GiB), so large-vocabulary
-users should densify in chunks of rows themselves.
+users should densify in chunks of rows themselves. Measured on CPU (one thread, N = 256, K = 10):
+densifying takes 0.1 ms at C = 1000, 2 ms at C = 8192 and 4 ms at C = 32000, against 17, 61 and
+263 ms for the torch-backend KD loss on the dense rows; not yet measured on a GPU.
 """
 from __future__ import annotations
 
