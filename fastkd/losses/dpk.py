@@ -154,6 +154,16 @@ def mix_features(student: Tensor, teacher: Tensor, teacher_prob,
     return mask * teacher + (1 - mask) * student, mask
 
 
+def _valid_rows_at_mean(mats: Sequence[Tensor], valid: Optional[Tensor]) -> list[Tensor]:
+    """Padding rows replaced by the mean of the valid rows (fp32): the column means are then the
+    valid rows' and centring zeroes the padding rows, so a linear CKA counts the valid rows only."""
+    if valid is None:
+        return list(mats)
+    keep = valid[:, None]
+    count = valid.sum().clamp_min(1)
+    return [torch.where(keep, m.float(), (m.float() * keep).sum(0) / count) for m in mats]
+
+
 class _EncoderDecoder(nn.Sequential):
     """The small generator: 3x3 conv + ReLU in the student's width, 3x3 conv to the teacher's."""
 
@@ -241,7 +251,7 @@ class DPKLoss(nn.Module):
     def forward(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor],
                 valid: Optional[Tensor] = None) -> Tensor:
         """``valid``: optional (B,) bool row mask; rows with False (shard padding) are left out
-        of the reconstruction error (they still enter the CKA ratio, as duplicates of real rows)."""
+        of the CKA ratio and the reconstruction error (no host sync)."""
         n = len(self.proj)
         if len(student_feats) != n or len(teacher_feats) != n:
             raise ValueError(f"DPKLoss has {n} stages, got {len(student_feats)} student and "
@@ -260,7 +270,7 @@ class DPKLoss(nn.Module):
                 # CKA in fp32 even under autocast (whose matmuls would run in bf16/fp16 and move
                 # r visibly: 0.96875 against 0.96538); linear_cka upcasts its inputs itself.
                 with torch.no_grad(), torch.autocast(f_s.device.type, enabled=False):
-                    cka = ref.linear_cka(f_s.detach().flatten(1), f_t.flatten(1))
+                    cka = ref.linear_cka(*_valid_rows_at_mean([f_s.detach().flatten(1), f_t.flatten(1)], valid))
                     self.r[i] = self.momentum * self.r[i] + (1 - self.momentum) * cka.to(self.r.dtype)
             # 1 - r stays on the device: the mask compares against a tensor, no host sync.
             teacher_prob = (1 - self.r[i]).to(f_s.dtype)

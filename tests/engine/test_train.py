@@ -207,3 +207,18 @@ def test_dpk_reconstruction_error_leaves_padding_rows_out():
     padded = DPKLoss([4], [8], seed=1).eval()
     padded.load_state_dict(loss.state_dict())
     torch.testing.assert_close(padded(junk_s, junk_t, valid=valid), plain, rtol=1e-6, atol=0)
+
+
+def test_dpk_ratio_leaves_padding_rows_out():
+    from fastkd.losses.dpk import DPKLoss
+
+    torch.manual_seed(0)
+    f_s, f_t = [torch.randn(6, 4, 3, 3)], [torch.randn(6, 8, 3, 3)]
+    junk_s, junk_t = [torch.cat([f_s[0], 9 * torch.randn(2, 4, 3, 3)])], [torch.cat([f_t[0], torch.randn(2, 8, 3, 3)])]
+    valid = torch.tensor([True] * 6 + [False] * 2)
+    plain, padded = DPKLoss([4], [8], seed=1), DPKLoss([4], [8], seed=1)  # training mode: r moves with the CKA
+    padded.load_state_dict(plain.state_dict())
+    a, b = plain(f_s, f_t), padded(junk_s, junk_t, valid=valid)
+    torch.testing.assert_close(padded.r, plain.r, rtol=1e-6, atol=0)
+    assert padded.ratios != [0.5]
+    torch.testing.assert_close(b, a, rtol=1e-6, atol=0)
