@@ -2,7 +2,7 @@
 and the ``fastkd study capacity`` mini-study.
 
 :mod:`fastkd.analysis.metrics` holds the metrics (torch only); plotting needs matplotlib
-(``pip install fastkd[analysis]``), imported only when a plot is drawn.
+(a base dependency), imported only when a plot is drawn.
 """
 from .metrics import METRICS, PairMeter, SoftLabel, TeacherMeter, wrong_class_spearman, wrong_class_stats
 

@@ -26,7 +26,7 @@ METRIC_LABELS = {
 def require_matplotlib() -> None:
     """Raise a clear ImportError when matplotlib is missing (call before long computations)."""
     if not _compat.has_module("matplotlib"):
-        raise ImportError("plots need matplotlib: pip install 'fastkd[analysis]' (or pip install matplotlib)")
+        raise ImportError("plots need matplotlib, a dependency of fastkd: pip install matplotlib (or reinstall fastkd)")
 
 
 def _figure(width: float, height: float):

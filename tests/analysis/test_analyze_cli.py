@@ -14,6 +14,15 @@ from fastkd.analysis.cli import format_report, parse_teacher, write_outputs
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small convolutions: one OpenMP thread (two threads on a busy 2-core machine wait on each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     from fastkd.data import make_digits_imagefolder
@@ -60,7 +69,8 @@ def test_analyze_writes_every_file_with_the_right_numbers(digits, checkpoints, t
                    "--device", "cpu", "--output", str(out)])
     assert rc == 0
     names = {p.name for p in out.iterdir()}
-    assert names == {"metrics.json", "metrics.csv", "pairs.csv", "report.md", "affinity.png"} | {
+    assert names == {"metrics.json", "metrics.csv", "pairs.csv", "report.md", "affinity.png",
+                     "ats_label_on_top_resnet8_early.png", "ats_label_on_top_resnet8_init.png"} | {
         f"temperature_{m}.png" for m in M.METRICS}
     for name in names:
         if name.endswith(".png"):
@@ -114,7 +124,67 @@ def test_analyze_writes_every_file_with_the_right_numbers(digits, checkpoints, t
     report = (out / "report.md").read_text()
     assert "resnet8@early" in report and "ATS(4,2)" in report
     printed = capsys.readouterr().out
-    assert "wrong-class Spearman" in printed and "wrote 10 files" in printed
+    assert "wrong-class Spearman" in printed and "wrote 12 files" in printed
+    # the ATS regime diagnostic: per teacher, the label-on-top fraction over the default grid
+    for k in labels:
+        got = res["teachers"][k]["ats_label_on_top"]
+        assert len(got) == 30
+        for key in ("4,2", "1,1", "6,1"):
+            a, b = (float(t) for t in key.split(","))
+            assert got[key] == pytest.approx(M.ats_label_on_top(logits[k], y, a, b).double().mean().item())
+        assert set(res["teachers"][k]["wrong_target_ratio"]) == {"q05", "q25", "q50", "q75", "q95", "mean",
+                                                                 "nonpositive_target"}
+    assert "ATS regime" in report and "tau1 \\ tau2" in report
+
+
+@pytest.fixture(scope="module")
+def trained_run(digits, tmp_path_factory):
+    """A 1-epoch ``fastkd train`` run at 16 px: its checkpoint records image size and classes."""
+    from fastkd.engine.config import make_config
+    from fastkd.engine.trainer import train
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path_factory.mktemp("run") / "t"
+        result = train(make_config(data=str(digits), student="fastkd:resnet8", method="ce", epochs=1, batch_size=64,
+                                   image_size=16, lr=0.1, workers=0, device="cpu", data_backend="torch",
+                                   output=str(out)))
+    finally:
+        torch.set_num_threads(before)
+    return out, result["final"]
+
+
+def test_analyze_reads_the_image_size_from_the_checkpoint(digits, trained_run, tmp_path, caplog):
+    run, final = trained_run
+    base = ["analyze", "--data", str(digits), "--teacher", f"fastkd:resnet8:{run / 'last.pt'}", "--device", "cpu",
+            "--no-plots", "--data-backend", "torch", "--workers", "0", "--ats-grid", "4:2"]
+    assert cli.main(base + ["--output", str(tmp_path / "a")]) == 0  # no --image-size
+    res = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert res["config"]["image_size"] == 16
+    # the same accuracy as training's own validation of that checkpoint
+    assert 100 * res["teachers"]["resnet8"]["accuracy"] == pytest.approx(final["val_top1"], abs=1e-9)
+    assert list(res["teachers"]["resnet8"]["ats_label_on_top"]) == ["4,2"]
+    with caplog.at_level("WARNING", logger="fastkd"):
+        assert cli.main(base + ["--image-size", "24", "--output", str(tmp_path / "b")]) == 0
+    assert "--image-size 24 differs from the 16" in caplog.text
+
+
+def test_analyze_refuses_data_of_another_class_count(digits, trained_run, tmp_path):
+    import shutil
+
+    run, _ = trained_run
+    three = tmp_path / "three"
+    for c in sorted(p.name for p in (digits / "val").iterdir())[:3]:
+        shutil.copytree(digits / "val" / c, three / c)
+    base = ["analyze", "--teacher", f"fastkd:resnet8:{run / 'last.pt'}", "--device", "cpu", "--no-plots",
+            "--data-backend", "torch", "--workers", "0", "--output", str(tmp_path / "o"), "--debug"]
+    with pytest.raises(ValueError, match="trained on 10 classes, --data .* holds 3"):
+        cli.main(base + ["--data", str(three)])
+    with pytest.raises(FileNotFoundError, match="no-such-folder"):
+        cli.main(base + ["--data", str(tmp_path / "no-such-folder")])
+    # without --debug: one line and exit code 2
+    assert cli.main([a for a in base if a != "--debug"] + ["--data", str(three)]) == 2
 
 
 def test_analyze_names_bad_input(digits, checkpoints, tmp_path):
