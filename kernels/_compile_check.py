@@ -36,10 +36,10 @@ VARIANTS = [
     ("ce only, reduction none", dict(METHOD=0, REUSE_CE=False, REDUCE=0, KD_GRAD=False)),
     ("kd without labels chunked, T != 1", dict(HAS_TARGET=False, REUSE_CE=False, CE_GRAD=False, COUNT_MODE=0,
                                                BLOCK=2048, SINGLE=False, PREFETCH=True, S_UNIT=False, T_UNIT=False)),
-    ("kd+ce split (128256)", dict(SPLIT=True, BLOCK=4096, COUNT_MODE=2)),
-    ("isats 16 candidates split", dict(SPLIT=True, METHOD=3, NUM_CAND=16, CAND_P2=16, BLOCK=2048, COUNT_MODE=2,
+    ("kd+ce split (128256)", dict(SPLIT=True, BLOCK=4096, S_P2=32, COUNT_MODE=2)),
+    ("isats 16 candidates split", dict(SPLIT=True, METHOD=3, NUM_CAND=16, CAND_P2=16, BLOCK=2048, S_P2=64, COUNT_MODE=2,
                                        T_UNIT=False)),
-    ("dkd split, T != 1", dict(SPLIT=True, METHOD=4, REUSE_CE=False, BLOCK=4096, COUNT_MODE=2, S_UNIT=False,
+    ("dkd split, T != 1", dict(SPLIT=True, METHOD=4, REUSE_CE=False, BLOCK=4096, S_P2=32, COUNT_MODE=2, S_UNIT=False,
                                T_UNIT=False)),
 ]
 BASE = dict(METHOD=1, HAS_TARGET=True, SMOOTH=False, REUSE_CE=True, CE_GRAD=True, KD_GRAD=True, WRITE_GRAD=True,

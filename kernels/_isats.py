@@ -42,15 +42,15 @@ def _isats_update(M, S1, S2, vm, cand_ptr, NUM_CAND: tl.constexpr, CAND_P2: tl.c
 
 
 @triton.jit
-def _isats_combine(M, S1, S2, M2, S1b, S2b, cand_ptr, NUM_CAND: tl.constexpr, CAND_P2: tl.constexpr):
-    """Combine two (M, S1, S2) states (the split-row path's per-slice statistics)."""
+def _isats_reduce(M, S1, S2, cand_ptr, NUM_CAND: tl.constexpr, CAND_P2: tl.constexpr):
+    """Combine partial states (M: [K], S1, S2: [K, CAND_P2]; -inf, 0 = empty) into one
+    (the split-row path's per-slice statistics)."""
     ci = tl.arange(0, CAND_P2)
     inv_t = 1.0 / tl.load(cand_ptr + ci, mask=ci < NUM_CAND, other=1.0)
-    M_new = tl.maximum(M, M2)
-    M_ref = tl.where(M_new == float("-inf"), 0.0, M_new)
-    r = tl.exp((M - M_ref) * inv_t)
-    r2 = tl.exp((M2 - M_ref) * inv_t)
-    return M_new, S1 * r + S1b * r2, S2 * (r * r) + S2b * (r2 * r2)
+    M_all = tl.max(M, axis=0)
+    M_ref = tl.where(M_all == float("-inf"), 0.0, M_all)
+    r = tl.exp((M[:, None] - M_ref) * inv_t[None, :])
+    return M_all, tl.sum(S1 * r, axis=0), tl.sum(S2 * (r * r), axis=0)
 
 
 @triton.jit

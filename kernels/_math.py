@@ -17,11 +17,11 @@ def _lse_update(m, s, x):
 
 
 @triton.jit
-def _lse_combine(m, s, m2, s2):
-    """Combine two (max, shifted sum) log-sum-exp states (the split-row path's per-slice stats)."""
-    m_new = tl.maximum(m, m2)
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    return m_new, s * tl.exp(m - m_ref) + s2 * tl.exp(m2 - m_ref)
+def _lse_reduce(m, s):
+    """Combine a vector of partial (max, shifted sum) states (-inf, 0 = empty) into one."""
+    m_all = tl.max(m, axis=0)
+    m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)
+    return m_all, tl.sum(s * tl.exp(m - m_ref), axis=0)
 
 
 @triton.jit

@@ -7,8 +7,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._isats import _isats_combine, _isats_select, _isats_update
-from ._math import _div, _log_or_zero, _lse_combine, _lse_merge, _lse_update
+from ._isats import _isats_reduce, _isats_select, _isats_update
+from ._math import _div, _log_or_zero, _lse_merge, _lse_reduce, _lse_update
 from ._modes import (COUNT_FIXED, COUNT_IN_KERNEL, METHOD_ATS, METHOD_CE, METHOD_DKD, METHOD_ISATS, METHOD_KD,
                      REDUCE_BATCHMEAN, REDUCE_NONE)
 
@@ -262,16 +262,38 @@ def _stats_store(p, stats, CAND_P2: tl.constexpr):
 
 
 @triton.jit
-def _stats_load_combine(stats, p, cand_ptr, METHOD: tl.constexpr, NUM_CAND: tl.constexpr, CAND_P2: tl.constexpr):
-    """Combine ``stats`` with the statistics another program stored at ``p`` (read from L2)."""
-    mz, sz, zsum, ms, ss, mt, st, M, S1, S2 = stats
-    mz, sz = _lse_combine(mz, sz, tl.load(p, cache_modifier=".cg"), tl.load(p + 1, cache_modifier=".cg"))
-    zsum += tl.load(p + 2, cache_modifier=".cg")
-    ms, ss = _lse_combine(ms, ss, tl.load(p + 3, cache_modifier=".cg"), tl.load(p + 4, cache_modifier=".cg"))
-    mt, st = _lse_combine(mt, st, tl.load(p + 5, cache_modifier=".cg"), tl.load(p + 6, cache_modifier=".cg"))
+def _stats_load(p, CAND_P2: tl.constexpr):
+    """Row statistics stored by another program at ``p`` (read from L2, never a stale L1 line)."""
+    ci = tl.arange(0, CAND_P2)
+    return (tl.load(p, cache_modifier=".cg"), tl.load(p + 1, cache_modifier=".cg"),
+            tl.load(p + 2, cache_modifier=".cg"), tl.load(p + 3, cache_modifier=".cg"),
+            tl.load(p + 4, cache_modifier=".cg"), tl.load(p + 5, cache_modifier=".cg"),
+            tl.load(p + 6, cache_modifier=".cg"), tl.load(p + 7, cache_modifier=".cg"),
+            tl.load(p + 8 + ci, cache_modifier=".cg"), tl.load(p + 8 + CAND_P2 + ci, cache_modifier=".cg"))
+
+
+@triton.jit
+def _stats_merge(p, S, cand_ptr, METHOD: tl.constexpr, NUM_CAND: tl.constexpr, CAND_P2: tl.constexpr,
+                 S_P2: tl.constexpr):
+    """Merge the S slices' statistics stored at ``p`` (S rows of 8 + 2 CAND_P2 floats) in one
+    vectorised, fixed-order reduction (deterministic)."""
+    KS: tl.constexpr = 8 + 2 * CAND_P2
+    k = tl.arange(0, S_P2)
+    on = k < S
+    q = p + k * KS
+    NEG_INF: tl.constexpr = float("-inf")
+    mz, sz = _lse_reduce(tl.load(q, on, NEG_INF, cache_modifier=".cg"), tl.load(q + 1, on, 0.0, cache_modifier=".cg"))
+    zsum = tl.sum(tl.load(q + 2, on, 0.0, cache_modifier=".cg"), axis=0)
+    ms, ss = _lse_reduce(tl.load(q + 3, on, NEG_INF, cache_modifier=".cg"),
+                         tl.load(q + 4, on, 0.0, cache_modifier=".cg"))
+    mt, st = _lse_reduce(tl.load(q + 5, on, NEG_INF, cache_modifier=".cg"),
+                         tl.load(q + 6, on, 0.0, cache_modifier=".cg"))
+    M, S1, S2 = _stats_init(CAND_P2)[7:]
     if METHOD == METHOD_ISATS:
         ci = tl.arange(0, CAND_P2)
-        M, S1, S2 = _isats_combine(M, S1, S2, tl.load(p + 7, cache_modifier=".cg"),
-                                   tl.load(p + 8 + ci, cache_modifier=".cg"),
-                                   tl.load(p + 8 + CAND_P2 + ci, cache_modifier=".cg"), cand_ptr, NUM_CAND, CAND_P2)
+        q2 = q[:, None] + 8 + ci[None, :]
+        M, S1, S2 = _isats_reduce(tl.load(q + 7, on, NEG_INF, cache_modifier=".cg"),
+                                  tl.load(q2, on[:, None], 0.0, cache_modifier=".cg"),
+                                  tl.load(q2 + CAND_P2, on[:, None], 0.0, cache_modifier=".cg"),
+                                  cand_ptr, NUM_CAND, CAND_P2)
     return mz, sz, zsum, ms, ss, mt, st, M, S1, S2

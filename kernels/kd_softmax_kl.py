@@ -37,20 +37,21 @@ been seen. Three paths (:mod:`._launch` chooses; an explicit ``LaunchConfig`` fo
   (z, v) row pair, hundreds of rows in flight) the re-read comes from DRAM: 5 units (measured
   on an H100: 55 % of copy bandwidth at 8192 x 128256).
 * ``split`` (default for ``C > 8192``; its speed is NOT yet measured on a GPU): the row is cut
-  into ``S`` slices of at most one register block. Work items are *statistics* items (read a
-  slice, store its partial max/sum statistics: a few floats) and *gradient* items (merge the
-  row's S partial statistics, re-read the slice, write its gradient and partial KL). Both read
-  each logit, so DRAM traffic is 3 units only if the re-read hits L2. Two separate kernels
-  cannot achieve that (all of phase 1 would finish before phase 2 starts: the re-read misses
-  just like the chunked path, 5 units). So one launch interleaves them: programs take work
-  items from an atomic ticket in order, the statistics items of row ``r`` come ``LAG`` rows
-  before its gradient items, so a row's slices are re-read about ``LAG x S`` slices (default
-  512 x 4096 columns, 8 MB in bf16) after their first read: well inside the H100's 50 MB L2.
-  A gradient item waits (spins) until its row's S statistics items are done; those hold
-  lower tickets, so they are running or finished (the decoupled look-back argument): no
-  deadlock whatever the scheduler. Under the interpreter the items run in ticket order and
-  never wait. The row's outputs are written by its last gradient item (fixed-order sum of
-  the partial KLs), so the numbers do not depend on scheduling.
+  into ``S`` slices of one register block. Work items are *statistics* items (read a slice,
+  store its partial max/sum statistics: a few floats; the row's last one merges the S partial
+  states in a fixed order and publishes them) and *gradient* items (read the published
+  statistics, re-read the slice, write its gradient and partial KL). Every logit is read twice,
+  so DRAM traffic is the minimal 3 units only if the re-read hits L2. Two separate kernels
+  cannot achieve that (all of phase 1 finishes before phase 2 starts, so at 8192 x 128256 the
+  re-read misses as in the chunked path: 5 units; their only gain is N x S programs instead of
+  N). So one launch interleaves them: programs take work items from an atomic ticket in order,
+  and the statistics items of row ``r`` come about ``lag`` items (default 512 slices of 4096
+  columns: 8 MB of bf16 z and v) before its gradient items, well inside an H100's 50 MB L2:
+  about 3 units from DRAM plus 2 from L2. A gradient item spins until its row's statistics
+  are published; the items it waits for hold lower tickets, so they are running or done (the
+  decoupled look-back argument): no deadlock whatever the scheduler. Under the interpreter
+  the items run in ticket order and never wait. The row's outputs are written by its last
+  gradient item (fixed-order sum of the partial KLs): numbers do not depend on scheduling.
 
 Besides the gradient there are only O(N) buffers (per-row CE, KD, weighted loss; the split
 path adds O(N S) statistics). The scalar loss is reduced in the same launch, deterministically:
@@ -87,7 +88,7 @@ from . import _launch as L
 from ._launch import LaunchConfig
 from ._modes import COUNT_FIXED, COUNT_FROM_BUFFER, COUNT_IN_KERNEL, METHOD_IDS, REDUCE_BATCHMEAN, REDUCE_IDS
 from ._row import (_batch_count, _load_chunk, _reduce_rows, _row_label, _row_outputs, _row_scalars, _stats_init,
-                   _stats_load_combine, _stats_store, _stats_update, _terms_and_grad)
+                   _stats_load, _stats_merge, _stats_store, _stats_update, _terms_and_grad)
 
 __all__ = ["fused_distill", "KDSoftmaxKLFunction", "LaunchConfig", "METHOD_IDS", "REDUCE_IDS"]
 
@@ -215,7 +216,7 @@ def _kd_split_kernel(
     grad_ptr, ce_ptr, kd_ptr, rows_ptr, loss_ptr,           # as _kd_fused_kernel
     sync_ptr,       # (2 + 2N,) int32, zero before the launch: [work ticket, loss ticket,
                     #   N statistics items done per row, N gradient items done per row]
-    stats_ptr,      # (N, S, 8 + 2 CAND_P2) fp32 scratch: each slice's partial statistics
+    stats_ptr,      # (N, S + 1, 8 + 2 CAND_P2) fp32 scratch: each slice's statistics, then the row's
     klp_ptr,        # (N, S) fp32 scratch: each slice's partial KL
     count_ptr, cand_ptr,                                    # as _kd_fused_kernel
     N, C, ignore_index, fixed_count, ce_w, kd_w, eps,       # as _kd_fused_kernel
@@ -227,6 +228,7 @@ def _kd_split_kernel(
     WRITE_GRAD: tl.constexpr, REDUCE: tl.constexpr, COUNT_MODE: tl.constexpr, NUM_CAND: tl.constexpr,
     CAND_P2: tl.constexpr, BLOCK_N: tl.constexpr,           # as _kd_fused_kernel
     BLOCK: tl.constexpr,        # columns per slice (one register block)
+    S_P2: tl.constexpr,         # next power of two >= S
 ):
     """The split-row path (module docstring): grid (N + LAG) * 2S; work step t holds the S
     statistics items of row t, then the S gradient items of row t - LAG."""
@@ -247,22 +249,24 @@ def _kd_split_kernel(
         y, bad, row_on, z_y, v_y = _row_label(z_row, v_row, y_ptr, row, stride_y, ignore_index, C, METHOD,
                                               HAS_TARGET)
         z, v = _load_chunk(z_row, v_row, cols, in_row, METHOD)
+        row_stats = stats_ptr + row * (S + 1) * KS  # S slices' statistics, then the merged row's
         if is_stats:
             stats = _stats_update(z, v, cols, y, in_row, _stats_init(CAND_P2), temps, cand_ptr, METHOD, HAS_TARGET,
                                   SMOOTH, REUSE_CE, S_UNIT, T_UNIT, NUM_CAND, CAND_P2)
-            _stats_store(stats_ptr + (row * S + sl) * KS, stats, CAND_P2)
+            _stats_store(row_stats + sl * KS, stats, CAND_P2)
             tl.debug_barrier()  # every thread's stores happen before the release below
-            tl.atomic_add(sync_ptr + 2 + row, 1, sem="release")
+            if tl.atomic_add(sync_ptr + 2 + row, 1, sem="acq_rel") == S - 1:  # the row's last: merge, publish
+                stats = _stats_merge(row_stats, S, cand_ptr, METHOD, NUM_CAND, CAND_P2, S_P2)
+                _stats_store(row_stats + S * KS, stats, CAND_P2)
+                tl.debug_barrier()
+                tl.atomic_add(sync_ptr + 2 + row, 1, sem="release")  # S + 1: the row's statistics are ready
         else:
-            # Wait for the row's S statistics items: they hold lower tickets, so they are running or done.
+            # Wait for the row's statistics (its statistics items hold lower tickets: running or done).
             done = tl.atomic_add(sync_ptr + 2 + row, 0, sem="acquire")
-            while done < S:
+            while done <= S:
                 done = tl.atomic_add(sync_ptr + 2 + row, 0, sem="acquire")
             tl.debug_barrier()
-            stats = _stats_init(CAND_P2)
-            for k in range(0, S):  # the same fixed order in every item of the row: identical normalisers
-                stats = _stats_load_combine(stats, stats_ptr + (row * S + k) * KS, cand_ptr, METHOD, NUM_CAND,
-                                            CAND_P2)
+            stats = _stats_load(row_stats + S * KS, CAND_P2)
             count = _batch_count(y_ptr, stride_y, count_ptr, N, ignore_index, fixed_count, REDUCE, COUNT_MODE,
                                  BLOCK_N)
             inv_count = tl.math.div_rn(1.0, count)
@@ -278,10 +282,8 @@ def _kd_split_kernel(
             tl.store(klp_ptr + row * S + sl, kl)
             tl.debug_barrier()
             if tl.atomic_add(sync_ptr + 2 + N + row, 1, sem="acq_rel") == S - 1:  # the row's last item
-                kl = 0.0
-                for start in range(0, S, BLOCK_N):
-                    idx = start + tl.arange(0, BLOCK_N)
-                    kl += tl.sum(tl.load(klp_ptr + row * S + idx, mask=idx < S, other=0.0, cache_modifier=".cg"))
+                k = tl.arange(0, S_P2)
+                kl = tl.sum(tl.load(klp_ptr + row * S + k, mask=k < S, other=0.0, cache_modifier=".cg"), axis=0)
                 _row_outputs(row, ce, kl, kd_extra, s, beta, bad, row_on, ce_w, kd_w, ce_ptr, kd_ptr, rows_ptr,
                              METHOD, HAS_TARGET)
                 _reduce_rows(rows_ptr, loss_ptr, sync_ptr + 1, N, count, REDUCE, BLOCK_N)
@@ -389,9 +391,10 @@ def _launch(z: torch.Tensor, v: Optional[torch.Tensor], y: Optional[torch.Tensor
     if plan.path == "split":
         S, lag = plan.slices, plan.lag_rows
         sync = torch.zeros(2 + 2 * N, dtype=torch.int32, device=dev)
-        stats = torch.empty(N * S * (8 + 2 * cand_p2), dtype=torch.float32, device=dev)
+        stats = torch.empty(N * (S + 1) * (8 + 2 * cand_p2), dtype=torch.float32, device=dev)
         klp = torch.empty(N * S, dtype=torch.float32, device=dev)
-        _kd_split_kernel[((N + lag) * 2 * S,)](*tensors, sync, stats, klp, count_buf, cands, *scalars, S, lag, **modes)
+        _kd_split_kernel[((N + lag) * 2 * S,)](*tensors, sync, stats, klp, count_buf, cands, *scalars, S, lag,
+                                                   S_P2=triton.next_power_of_2(S), **modes)
     else:
         _kd_fused_kernel[(N,)](*tensors, L.ticket_counter(dev), count_buf, cands, *scalars,
                                SINGLE=plan.path == "single", PREFETCH=plan.prefetch, **modes)

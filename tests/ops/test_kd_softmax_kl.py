@@ -211,11 +211,11 @@ def test_split_path_reductions_lags_and_masked_slices(method, device):
 
 
 def test_split_path_kd_without_labels_isats_default_grid_and_determinism(device):
-    z = rand((6, 600), torch.float16, 77, device=device)
-    v = rand((6, 600), torch.float16, 78, device=device)
+    z = rand((4, 530), torch.float16, 77, device=device)
+    v = rand((4, 530), torch.float16, 78, device=device)
     run_case("kd", z, v, None, dtype=torch.float16, ce_w=0.0, kd_w=1.0, params=dict(temperature=3.0), config=split())
-    y = labels(6, 600, 79, device)
-    y[:3] = v[:3].argmax(-1)  # rows where some candidate keeps the label on top, and rows where none does
+    y = labels(4, 530, 79, device)
+    y[:2] = v[:2].argmax(-1)  # rows where some candidate keeps the label on top, and rows where none does
     params = dict(tau_target=4.0, candidates=None, student_temperature=1.0)  # the 16-candidate grid
     run_case("isats", z.float(), v.float(), y, dtype=torch.float32, params=params, config=split())
     kw = dict(method="dkd", ce_weight=0.5, kd_weight=0.5, label_smoothing=0.0, ignore_index=II,
