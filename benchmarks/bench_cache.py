@@ -245,7 +245,7 @@ def accuracy_cost(args) -> int:
     teacher_top1 = S._top1(S._logits(teacher, x_te), y_te)
     print(f"teacher {args.accuracy_teacher}: test top-1 {teacher_top1:.4f} ({time.perf_counter() - t_start:.0f} s)",
           flush=True)
-    variants = {"full": None, **{f"top-{k}": k for k in args.accuracy_ks}}
+    variants = {"full": None, **{f"top-{k}": k for k in args.accuracy_ks}, "labels only (CE, no teacher)": 0}
     rows = {name: [] for name in variants}
     for seed in args.accuracy_seeds:
         torch.manual_seed(seed)
@@ -257,6 +257,8 @@ def accuracy_cost(args) -> int:
             loss = DistillLoss("kd", **cfg.kd)
 
             def loss_fn(out, idx, view, e, loss=loss, k=k):
+                if k == 0:  # the reference without a teacher
+                    return F.cross_entropy(out, y_tr[idx])
                 v = logits[view, idx]
                 teacher_rows = v if k is None else compress_topk(v, y_tr[idx], k)
                 return loss(out, teacher_rows, y_tr[idx])
