@@ -305,3 +305,18 @@ def test_resume_auto_picks_by_name_and_progress_not_file_times(tmp_path):
     os.utime(tmp_path / "epoch_2.pt", ns=(1, 1))
     path, state = ckpt.find_latest(tmp_path)
     assert path.name == "epoch_2.pt" and state["global_step"] == 8
+
+
+def test_resume_warns_only_about_settings_that_really_changed(tmp_path, caplog):
+    # the resolved config.yaml makes defaults explicit (lr, amp, weights): not a change on resume
+    out = tmp_path / "run"
+    args = [a for a in SMALL if a not in ("--lr", "0.1")]
+    assert cli.main([*args, "--output", str(out)]) == 0
+    with caplog.at_level("WARNING", logger="fastkd"):
+        assert cli.main(["train", "--config", str(out / "config.yaml"), "--output", str(out), "--epochs", "2",
+                         "--resume", "auto"]) == 0
+    assert "differ" not in caplog.text
+    with caplog.at_level("WARNING", logger="fastkd"):
+        assert cli.main([*args, "--output", str(out), "--epochs", "3", "--weight-decay", "0.001",
+                         "--resume", "auto"]) == 0
+    assert "differ from the checkpoint's run: weight_decay: 0.0001 -> 0.001" in caplog.text
