@@ -424,6 +424,7 @@ class Trainer:
             "loader": loaders,
             "world_size": self.dist.world_size,
             "config": dataclasses.asdict(cfg),
+            "resolved_config": dataclasses.asdict(self._resolved_config()),  # defaults made explicit
         }
 
     def _save(self, state: dict, *, best: bool = False, epoch_file: Optional[int] = None) -> None:
@@ -470,11 +471,19 @@ class Trainer:
                              f"and this run has {self.dist.world_size}: a position inside an epoch's shards cannot "
                              f"move to other shards; resume with {saved_world} process(es), or from an epoch-end "
                              f"checkpoint (epoch_N.pt, kept with --save-every)")
-        changed = sorted(k for k, v in dataclasses.asdict(cfg).items()
-                         if k not in _RESUME_FREE_KEYS and k in saved and saved[k] != v)
+        # Compare what each run resolved (a default such as lr or amp made explicit is no change);
+        # a checkpoint from before resolved configs: compare the given values, a saved default aside.
+        now = dataclasses.asdict(self._resolved_config())
+        was = state.get("resolved_config")
+        if was is None:
+            was = {k: v for k, v in saved.items() if v is not None}
+            changed = sorted(k for k in was if k in now and k not in _RESUME_FREE_KEYS
+                             and was[k] != now[k] and was[k] != getattr(cfg, k, None))
+        else:
+            changed = sorted(k for k in was if k in now and k not in _RESUME_FREE_KEYS and was[k] != now[k])
         if changed:
             logger.warning("fastkd: resuming with settings that differ from the checkpoint's run: %s",
-                           ", ".join(f"{k}: {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed))
+                           ", ".join(f"{k}: {was[k]!r} -> {now[k]!r}" for k in changed))
         if state.get("classes") is not None and list(state["classes"]) != list(self.classes):
             raise ValueError(f"checkpoint {path} was trained on other classes than the data set in --data")
         self.student.load_state_dict(state["model"])
