@@ -21,7 +21,6 @@ __all__ = [
     "DistillLoss",
     "TopKTeacher",
     "compress_topk",
-    "set_label_checks",
     "__version__",
 ]
 

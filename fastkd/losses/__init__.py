@@ -7,7 +7,6 @@ from .functional import (
     dkd_loss,
     isats_loss,
     kd_loss,
-    set_label_checks,
 )
 from .methods import METHOD_TABLE, loss_kwargs, params_for
 from .module import METHOD_PARAMS, METHODS, DistillLoss
@@ -28,5 +27,4 @@ __all__ = [
     "TopKTeacher",
     "compress_topk",
     "densify",
-    "set_label_checks",
 ]

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -54,31 +53,11 @@ MAX_CLASSES = 262_144
 FP32_TINY = float(torch.finfo(torch.float32).tiny)  # smallest normal fp32, 1.18e-38
 FP32_MAX = float(torch.finfo(torch.float32).max)    # 3.40e+38
 
-_label_checks = True  # the deprecated process-wide default (see set_label_checks)
-
-
-def set_label_checks(enabled: bool) -> None:
-    """Deprecated: pass ``check_labels=`` to the loss instead.
-
-    Sets the process-wide default used by calls that leave ``check_labels=None``. Kept only for
-    callers written against the old API; no library code calls it.
-    """
-    warnings.warn("fastkd.set_label_checks is deprecated: pass check_labels=False to DistillLoss or the "
-                  "functional losses instead", DeprecationWarning, stacklevel=2)
-    global _label_checks
-    _label_checks = bool(enabled)
-
-
-def label_checks_enabled() -> bool:
-    """The deprecated process-wide default of ``check_labels`` (True unless set_label_checks(False))."""
-    return _label_checks
 
 
 def _resolve_checks(check_labels) -> bool:
-    if check_labels is None:
-        return _label_checks
     if not isinstance(check_labels, bool):
-        raise TypeError(f"check_labels must be True, False or None, got {check_labels!r}")
+        raise TypeError(f"check_labels must be True or False, got {check_labels!r}")
     return check_labels
 
 
@@ -379,7 +358,7 @@ def _kd_term(method, student_logits, teacher_logits, target, valid, reduction, i
 
 
 def kd_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmean", backend="auto", *,
-            valid=None, target=None, check_labels=None):
+            valid=None, target=None, check_labels=True):
     """Hinton KD: ``T^2 * KL(softmax(teacher/T) || softmax(student/T))`` per row, reduced.
 
     Args:
@@ -396,7 +375,8 @@ def kd_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmea
         target: only to densify a ``TopKTeacher`` (KD itself reads no label: every row with
             ``valid`` True counts, whatever its label).
         check_labels: check that ``target`` holds classes in ``[0, C)`` (one host sync on CUDA);
-            ``None`` follows the deprecated process default (on).
+            ``False`` skips it (an out-of-range label then gives that row NaN on the Triton
+            backend and an index error on the torch backend).
 
     Returns:
         An fp32 (fp64 for fp64 inputs on the torch backend) scalar, or per-row values.
@@ -419,7 +399,7 @@ def kd_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmea
 
 
 def ats_loss(student_logits, teacher_logits, target, tau_target=4.0, tau_other=2.0, student_temperature=1.0,
-             reduction="batchmean", ignore_index=-100, backend="auto", *, valid=None, check_labels=None):
+             reduction="batchmean", ignore_index=-100, backend="auto", *, valid=None, check_labels=True):
     """Asymmetric temperature scaling (Li et al. 2022), methods.md section 3.
 
     The teacher's label logit is divided by ``tau_target``, every other logit by
@@ -454,7 +434,7 @@ def ats_loss(student_logits, teacher_logits, target, tau_target=4.0, tau_other=2
 
 
 def isats_loss(student_logits, teacher_logits, target, tau_target=4.0, candidates=None, student_temperature=1.0,
-               reduction="batchmean", ignore_index=-100, backend="auto", *, valid=None, check_labels=None):
+               reduction="batchmean", ignore_index=-100, backend="auto", *, valid=None, check_labels=True):
     """Instance-specific ATS (methods.md section 3): ATS with a per-row ``tau_other``.
 
     Per row, ``tau_other`` is the candidate that maximises the variance of the teacher's
@@ -483,7 +463,7 @@ def isats_loss(student_logits, teacher_logits, target, tau_target=4.0, candidate
 
 
 def dkd_loss(student_logits, teacher_logits, target, alpha=1.0, beta=8.0, temperature=4.0,
-             reduction="batchmean", ignore_index=-100, backend="auto", *, valid=None, check_labels=None):
+             reduction="batchmean", ignore_index=-100, backend="auto", *, valid=None, check_labels=True):
     """Decoupled KD (Zhao et al. 2022), methods.md section 4: ``T^2 (alpha TCKD + beta NCKD)``.
 
     Computed through log-sum-exp forms on max-shifted logits (shift invariant, no log of a
@@ -512,7 +492,7 @@ def dkd_loss(student_logits, teacher_logits, target, alpha=1.0, beta=8.0, temper
 
 
 def dist_loss(student_logits, teacher_logits, beta=1.0, gamma=1.0, temperature=1.0, backend="auto", *,
-              valid=None, target=None, check_labels=None):
+              valid=None, target=None, check_labels=True):
     """DIST (Huang et al. 2022), methods.md section 5: ``tau^2 (beta * inter + gamma * intra)``.
 
     A scalar over the batch: the inter-class term averages row-wise Pearson correlations of the
@@ -552,7 +532,7 @@ def dist_loss(student_logits, teacher_logits, beta=1.0, gamma=1.0, temperature=1
 
 
 def cross_entropy(logits, target, label_smoothing=0.0, reduction="batchmean", ignore_index=-100, *,
-                  valid=None, check_labels=None):
+                  valid=None, check_labels=True):
     """Hard-label cross-entropy with the fastkd conventions (PyTorch reference).
 
     ``CE = LSE(z) - sum_i t_i z_i`` with the smoothed target ``(1 - eps) e_y + eps / C``.

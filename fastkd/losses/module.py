@@ -45,8 +45,7 @@ class DistillLoss(nn.Module):
             elsewhere, said once in the log), ``"torch"`` or ``"triton"``.
         check_labels: check that labels are in ``[0, C)`` (one device-to-host sync per call on
             CUDA). ``False`` skips it: then an out-of-range label gives that row a NaN loss on
-            the Triton backend and an index error on the torch backend. ``None`` (default)
-            follows the deprecated process default of ``set_label_checks`` (on).
+            the Triton backend and an index error on the torch backend.
         **method_params: the method's parameters (temperature, tau_target, tau_other,
             student_temperature, candidates, alpha, beta, gamma, warmup_epochs); unknown
             names for the method are an error.
@@ -95,7 +94,7 @@ class DistillLoss(nn.Module):
     """
 
     def __init__(self, method="kd", ce_weight=0.5, kd_weight=0.5, label_smoothing=0.0, ignore_index=-100,
-                 backend="auto", check_labels: Optional[bool] = None, **method_params):
+                 backend="auto", check_labels: bool = True, **method_params):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")

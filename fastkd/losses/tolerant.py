@@ -32,7 +32,7 @@ class TolerantTeacherLoss(nn.Module):
     needs_teacher = False
 
     def __init__(self, ce_weight: float, eta: float, k: int = 5, label_smoothing: float = 0.0,
-                 ignore_index: int = -100, check_labels: Optional[bool] = None):
+                 ignore_index: int = -100, check_labels: bool = True):
         super().__init__()
         self.ce_weight = F._check_nonneg("ce_weight", ce_weight)
         self.eta = F._check_nonneg("eta", eta)

@@ -119,13 +119,11 @@ def test_unchecked_label_on_triton_gives_nan_row():
     assert math.isnan(out.item())
 
 
-def test_set_label_checks_is_deprecated_and_unused_by_the_library():
-    with pytest.warns(DeprecationWarning, match="check_labels"):
-        fastkd.set_label_checks(True)
-    import pathlib
-    root = pathlib.Path(fastkd.__file__).parent
-    users = [p for p in root.rglob("*.py") if "set_label_checks(" in p.read_text() and p.name != "functional.py"]
-    assert users == []
+def test_no_process_wide_label_switch():
+    import fastkd.losses.functional as F
+
+    assert not hasattr(fastkd, "set_label_checks") and not hasattr(F, "set_label_checks")
+    assert not hasattr(F, "_label_checks")
 
 
 @pytest.mark.gpu
