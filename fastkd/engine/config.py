@@ -319,6 +319,15 @@ def _unique_key_loader():
         return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
     UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    # YAML 1.1 (PyYAML) reads 1e-3 and 5e-4 as strings (its floats need a dot): read them as numbers,
+    # as YAML 1.2 and every other config tool do.
+    import re
+
+    UniqueKeyLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    UniqueKeyLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"))
     return UniqueKeyLoader
 
 
@@ -359,6 +368,8 @@ def load_yaml(path_or_name, *, drop_resolved_output: bool = True) -> dict:
         name = str(key).replace("-", "_")
         if name not in FIELDS:
             raise ConfigError(f"config file {path}: unknown key {key!r}{suggest(name)}")
+        if name in out:
+            raise ConfigError(f"config file {path}: key {name!r} is given twice (as '-' and '_' spellings); keep one")
         out[name] = _coerce(name, value, f"config file {path}")
     if drop_resolved_output and "output" in out and is_resolved_config(path):
         del out["output"]

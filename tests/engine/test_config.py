@@ -292,3 +292,12 @@ def test_threads_apply_during_the_run_and_are_restored(tmp_path, monkeypatch):
     assert 1 <= trainer._threads() <= 8
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert trainer._threads() is None  # the user's OMP_NUM_THREADS wins
+
+
+def test_yaml_reads_exponent_floats_and_refuses_dash_underscore_twins(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("lr: 1e-3\nweight_decay: 5e-4\nmin_lr: 0.0\nwarmup_epochs: 2\n")
+    assert C.load_yaml(f) == {"lr": 1e-3, "weight_decay": 5e-4, "min_lr": 0.0, "warmup_epochs": 2.0}
+    f.write_text("warmup-epochs: 1\nwarmup_epochs: 2\n")
+    with pytest.raises(C.ConfigError, match="'warmup_epochs' is given twice"):
+        C.load_yaml(f)
