@@ -4,11 +4,12 @@ Nothing heavy is imported here: DALI, torchvision and PIL load inside the backen
 """
 from .digits import make_digits_imagefolder
 from .index import CROP_PCT, DatasetIndex, build_index, shard_plan
-from .base import IMAGENET_MEAN, IMAGENET_STD, Batch, BaseLoader, CorruptImageError
+from .base import AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, Batch, BaseLoader, CorruptImageError
 from .loader import create_loader
 
 __all__ = [
     "create_loader",
+    "AUGMENTATIONS",
     "make_digits_imagefolder",
     "Batch",
     "BaseLoader",

@@ -25,6 +25,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: ``valid=False``), so a batch keeps its size and every shard its number of batches.
 PLACEHOLDER_GREY = 128
 
+#: Training augmentations (``create_loader(augment=...)``):
+#: ``"imagenet"``: RandomResizedCrop (area 0.08-1, aspect 3/4-4/3) + flip; validation resizes the
+#: shorter side to ``image_size / 0.875`` and centre-crops. ``"cifar"`` (CRD / mdistiller's CIFAR
+#: setting): the image at ``image_size`` (as it is when it already has that size; else shorter
+#: side resized to it and centre-cropped), zero-padded by 4 pixels, a random ``image_size`` crop
+#: + flip; validation uses the image at ``image_size`` with no other resize.
+AUGMENTATIONS = ("imagenet", "cifar")
+
 
 # What a state_dict must match to be resumed by a loader: anything else would read other samples.
 _FINGERPRINT_FIELDS = ("train", "num_samples_total", "num_shards", "shard_id", "seed", "batch_size")
@@ -84,6 +92,7 @@ class LoaderSpec:
     dtype: torch.dtype
     channels_last: bool
     skip_corrupt: bool
+    augment: str = "imagenet"  # one of AUGMENTATIONS
 
     @property
     def teacher_is_student(self) -> bool:

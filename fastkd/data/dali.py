@@ -12,6 +12,11 @@ Pipeline (one per pass over a shard plan; built with ``enable_checkpointing=True
   size and one ``fn.crop_mirror_normalize`` per view with a shared ``fn.random.coin_flip``: the
   teacher view is cut from the same window with the same flip, never a second random crop.
 * Validation: decode, resize the shorter side to ``image_size / 0.875``, centre crop.
+* ``augment="cifar"``: decode, the image at ``image_size`` (resize + centre crop, the identity for
+  an image of that size); training then cuts a window of the image zero-padded by 4 pixels
+  (``fn.slice`` with padding) and flips it. The window and flip are drawn in Python per sample,
+  keyed like the torch backend's (so both backends cut the same crops, with or without a DALI
+  checkpoint), and reach the graph through the reader's integer label.
 * Output NCHW, or NHWC memory (channels_last), in fp32/fp16 straight from DALI; DALI has no bf16
   output, so bf16 is produced from its fp32 output on the device (said once in the log).
 
@@ -42,7 +47,7 @@ import torch
 
 from .._compat import log_once
 from .base import PLACEHOLDER_GREY, Batch, BaseLoader
-from .decode import decode_error
+from .decode import CIFAR_PAD, cifar_crop, decode_error
 from .index import TRAIN_RATIO, TRAIN_SCALE, ShardPlan, derive_seed, val_resize_size
 
 # Batches DALI may be working on ahead of the one that failed (pipeline prefetch plus the
@@ -50,10 +55,29 @@ from .index import TRAIN_RATIO, TRAIN_SCALE, ShardPlan, derive_seed, val_resize_
 _SUSPECT_BATCHES = 4
 
 
+# "cifar" training crops are drawn in Python, keyed per sample like the torch backend's, and
+# travel through the reader's integer label: label = position * _CODE_BASE + code, with
+# code = (top * (2 * pad + 1) + left) * 2 + flip.
+_CODE_BASE = 256
+_CIFAR_OFFSETS = 2 * CIFAR_PAD + 1
+assert _CIFAR_OFFSETS * _CIFAR_OFFSETS * 2 <= _CODE_BASE
+
+
+def _cifar_codes(seed: int, epoch: int, keys) -> list:
+    codes = []
+    for key in keys:
+        top, left, flip = cifar_crop(seed, epoch, int(key))
+        codes.append((top * _CIFAR_OFFSETS + left) * 2 + int(flip))
+    return codes
+
+
 def _make_pipeline(files, *, train: bool, sizes: tuple, norms: list, decoder_device: str, on_gpu: bool,
                    out_dtype: str, layout: str, batch_size: int, num_threads: int, device_id, seed: int,
-                   checkpoint: Optional[str]):
-    """Build the DALI pipeline for one pass over ``files`` (see the module docstring)."""
+                   checkpoint: Optional[str], augment: str = "imagenet", codes: Optional[list] = None):
+    """Build the DALI pipeline for one pass over ``files`` (see the module docstring).
+
+    ``codes``: for "cifar" training, the crop code of every file (see ``_cifar_codes``).
+    """
     from nvidia.dali import fn, pipeline_def, types
 
     dtype = {"float32": types.FLOAT, "float16": types.FLOAT16}[out_dtype]
@@ -63,8 +87,35 @@ def _make_pipeline(files, *, train: bool, sizes: tuple, norms: list, decoder_dev
                   enable_checkpointing=True, prefetch_queue_depth=2)
     def pipeline():
         # labels = position in ``files``: Python maps it back to label / validity / dataset index.
-        jpegs, pos = fn.readers.file(files=list(files), labels=list(range(len(files))), random_shuffle=False,
+        labels = list(range(len(files)))
+        if codes is not None:
+            labels = [p * _CODE_BASE + c for p, c in zip(labels, codes)]
+        jpegs, pos = fn.readers.file(files=list(files), labels=labels, random_shuffle=False,
                                      pad_last_batch=True, name="Reader")
+        resize = dict(device=op_device, interp_type=types.INTERP_LINEAR, antialias=True, subpixel_scale=False)
+        if augment == "cifar":
+            images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB,
+                                       jpeg_fancy_upsampling=True)
+            if on_gpu and decoder_device == "cpu":
+                images = images.gpu()
+            side = sizes[0]
+            # the image at the student's size: a resize to the size it has is the identity
+            images = fn.resize(images, resize_shorter=side, **resize)
+            images = fn.crop(images, device=op_device, crop=(side, side), crop_pos_x=0.5, crop_pos_y=0.5)
+            mirror = 0
+            if codes is not None:  # training: decode the crop drawn in Python from the label
+                code = pos - (pos // _CODE_BASE) * _CODE_BASE
+                pos = pos // _CODE_BASE
+                top = code // (2 * _CIFAR_OFFSETS)
+                rest = code - top * (2 * _CIFAR_OFFSETS)
+                left = rest // 2
+                mirror = rest - left * 2
+                images = fn.slice(images, device=op_device, start=fn.cat(top - CIFAR_PAD, left - CIFAR_PAD),
+                                  shape=[side, side], axes=[0, 1], out_of_bounds_policy="pad", fill_values=0)
+            resized = [images if s == side else fn.resize(images, resize_x=s, resize_y=s, **resize) for s in sizes]
+            return (*[fn.crop_mirror_normalize(
+                resized[size_idx], device=op_device, dtype=dtype, output_layout=layout, mirror=mirror,
+                mean=[255.0 * m for m in mean], std=[255.0 * s for s in std]) for size_idx, mean, std in norms], pos)
         # Fancy (smooth) chroma upsampling is what libjpeg, PIL and torchvision do; with it the
         # CPU decoder matches PIL bit for bit. nvJPEG before 13.2 cannot combine it with the
         # region-of-interest decode of the training crop (DALI ignores it there, with a warning
@@ -80,7 +131,6 @@ def _make_pipeline(files, *, train: bool, sizes: tuple, norms: list, decoder_dev
         if on_gpu and decoder_device == "cpu":
             images = images.gpu()
         # subpixel_scale=False: scale = input / rounded output size, as PIL and torchvision resize.
-        resize = dict(device=op_device, interp_type=types.INTERP_LINEAR, antialias=True, subpixel_scale=False)
         if train:  # one flip for all views; each view resizes the one decoded window
             mirror = fn.random.coin_flip(probability=0.5)
             resized = [fn.resize(images, resize_x=s, resize_y=s, **resize) for s in sizes]
@@ -119,7 +169,8 @@ class DaliLoader(BaseLoader):
         self._names = [f"view{i}" for i in range(len(self._views))] + ["pos"]
         # Identifies the pipeline graph: a checkpoint only restores into an identical one.
         self._config_id = hashlib.sha1(json.dumps(
-            ["v2", spec.train, self._sizes, self._norms, self._decoder_device, self._out_dtype, self._layout],
+            ["v2", spec.train, spec.augment, self._sizes, self._norms, self._decoder_device, self._out_dtype,
+             self._layout],
             default=str).encode()).hexdigest()[:16]
         self._active = None  # the running pass: {"it", "entries", "start", "substituted", "consumed"}
         self._ahead = None  # (epoch, start, substituted, future) of a pipeline built in the background
@@ -151,8 +202,14 @@ class DaliLoader(BaseLoader):
         entries = np.arange(start, len(plan), dtype=np.int64)
         bad = set(substituted)
         files = [self._placeholder_path() if i in bad else self.index.paths[i] for i in plan.indices[entries].tolist()]
+        codes = None
+        if s.augment == "cifar" and s.train:
+            if len(files) * _CODE_BASE >= 2**31:
+                raise ValueError(f"augment='cifar' with the DALI backend reads at most {2**31 // _CODE_BASE} files "
+                                 f"per shard and epoch, this shard has {len(files)}; use more shards or backend='torch'")
+            codes = _cifar_codes(s.seed, plan.epoch, plan.keys[entries])
         pipe = _make_pipeline(
-            files, train=s.train, sizes=self._sizes,
+            files, augment=s.augment, codes=codes, train=s.train, sizes=self._sizes,
             norms=self._norms, decoder_device=self._decoder_device, on_gpu=self._on_gpu,
             out_dtype=self._out_dtype, layout=self._layout, batch_size=s.batch_size, num_threads=s.num_threads,
             device_id=s.device.index if self._on_gpu else None,

@@ -53,6 +53,19 @@ def crop_window(height: int, width: int, seed: int, epoch: int, key: int) -> tup
     return top, left, h, w, bool(rng.random() < 0.5)
 
 
+#: Zero padding on each side before the random crop of the "cifar" augmentation.
+CIFAR_PAD = 4
+
+
+def cifar_crop(seed: int, epoch: int, key: int, pad: int = CIFAR_PAD) -> tuple[int, int, bool]:
+    """(top, left, flip) of a "cifar" training crop: an ``image_size`` window of the image
+    zero-padded by ``pad`` on every side (offsets 0..2*pad, as torchvision's ``RandomCrop(size,
+    padding=pad)``), flipped with probability 1/2; drawn from a generator keyed on the sample."""
+    rng = np.random.default_rng(derive_seed(seed, epoch, key))
+    top, left = (int(v) for v in rng.integers(0, 2 * pad + 1, size=2))
+    return top, left, bool(rng.random() < 0.5)
+
+
 def open_rgb(source):
     """Decode a file (path or file object) with PIL to an oriented 8-bit RGB image; errors propagate.
 

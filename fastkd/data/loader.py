@@ -16,6 +16,7 @@ import torch
 from .. import _compat
 # Re-exported: these names have always been importable from here.
 from .base import (  # noqa: F401
+    AUGMENTATIONS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     Batch,
@@ -77,6 +78,7 @@ def create_loader(root, *, train: bool, batch_size: int, image_size: int, backen
                   teacher_mean=None, teacher_std=None, shard_id: int = 0, num_shards: int = 1, seed: int = 0,
                   num_threads: Optional[int] = None, device="auto", dtype: torch.dtype = torch.float32,
                   channels_last: bool = False, skip_corrupt: bool = False, gpu_decode: Optional[bool] = None,
+                  augment: str = "imagenet",
                   synthetic_samples: Optional[int] = None, synthetic_classes: Optional[int] = None) -> BaseLoader:
     """Build the input pipeline of one process (one DDP rank reads shard ``shard_id``).
 
@@ -84,9 +86,8 @@ def create_loader(root, *, train: bool, batch_size: int, image_size: int, backen
         root: an ImageFolder tree (``root/<class>/<image>``, classes sorted by name), a folder
             holding ``train/`` and ``val/`` such trees, or a text file of ``path label`` lines.
             May be None for ``backend="synthetic"``.
-        train: random-resized crop (area 0.08-1, aspect 3/4-4/3) + horizontal flip, order
-            reshuffled every epoch; else shorter side to ``image_size / 0.875`` + centre crop,
-            indexed order.
+        train: augmented views (see ``augment``), order reshuffled every epoch; else the
+            validation view, indexed order.
         backend: ``"dali"`` (NVIDIA DALI; CPU-only pipeline on a CPU device), ``"torch"``
             (DataLoader workers + PIL, or GPU JPEG decoding), ``"synthetic"`` (random tensors
             made on the device), or ``"auto"`` (DALI when installed, else torch; logged).
@@ -106,6 +107,13 @@ def create_loader(root, *, train: bool, batch_size: int, image_size: int, backen
             the hardware JPEG engine), no for the torch backend (its nvJPEG path, through
             torchvision, decodes the Huffman stream on the main process's CPU, so the workers'
             PIL decoding is usually as fast).
+        augment: ``"imagenet"`` (default): training random-resized crop (area 0.08-1, aspect
+            3/4-4/3) + horizontal flip; validation: shorter side to ``image_size / 0.875`` + centre
+            crop. ``"cifar"`` (the CRD / mdistiller CIFAR setting): the image at ``image_size``
+            (unchanged when it has that size, else shorter side resized and centre-cropped); for
+            training zero-padded by 4 pixels, a random ``image_size`` crop and a horizontal flip.
+            A teacher view of another size is the student's crop resized. Both keyed per sample
+            on (seed, epoch, position), so resumed runs draw the same crops.
         synthetic_samples, synthetic_classes: size of a synthetic data set without ``root``
             (default: ImageNet-1k's, 1,281,167 / 50,000 samples and 1000 classes).
     """
@@ -129,12 +137,15 @@ def create_loader(root, *, train: bool, batch_size: int, image_size: int, backen
             student.size if teacher_image_size is None else _positive_int("teacher_image_size", teacher_image_size),
             student.mean if teacher_mean is None else _check_norm("teacher_mean", teacher_mean),
             student.std if teacher_std is None else _check_norm("teacher_std", teacher_std))
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
     dev = resolve_device(device)
     if gpu_decode and dev.type != "cuda":
         raise ValueError("gpu_decode=True needs a CUDA device")
     spec = LoaderSpec(train=bool(train), batch_size=batch_size, student=student, teacher=teacher,
                       shard_id=int(shard_id), num_shards=num_shards, seed=int(seed), num_threads=int(num_threads),
-                      device=dev, dtype=dtype, channels_last=bool(channels_last), skip_corrupt=bool(skip_corrupt))
+                      device=dev, dtype=dtype, channels_last=bool(channels_last), skip_corrupt=bool(skip_corrupt),
+                      augment=augment)
 
     if backend != "synthetic" and (synthetic_samples is not None or synthetic_classes is not None):
         raise ValueError("synthetic_samples / synthetic_classes apply to backend='synthetic' only")

@@ -32,7 +32,7 @@ import torch
 
 from .._compat import log_once
 from .base import PLACEHOLDER_GREY, Batch, BaseLoader, Normalizer
-from .decode import EXIF_ORIENTATION_TAG, crop_window, open_rgb, orient
+from .decode import CIFAR_PAD, EXIF_ORIENTATION_TAG, cifar_crop, crop_window, open_rgb, orient
 from .index import ShardPlan, center_crop_offset, shorter_side_size, val_resize_size
 
 
@@ -96,9 +96,11 @@ class _PlanDataset(torch.utils.data.Dataset):
     could not be read; the main process decides whether that is fatal (workers never drop data).
     """
 
-    def __init__(self, paths, *, train: bool, seed: int, sizes: tuple, raw_bytes: bool, normalizers=None):
+    def __init__(self, paths, *, train: bool, seed: int, sizes: tuple, raw_bytes: bool, normalizers=None,
+                 augment: str = "imagenet"):
         self.paths = paths
         self.train = train
+        self.augment = augment
         self.seed = seed
         self.sizes = sizes  # output sides: (student,) or (student, teacher)
         self.raw_bytes = raw_bytes
@@ -132,6 +134,26 @@ class _PlanDataset(torch.utils.data.Dataset):
         floats = [torch.from_numpy(np.asarray(v, dtype=np.float32)) for v in views]
         return entry, index, [norm.sample(floats[v]) for norm, v in self.normalizers], error
 
+    def _cifar_views(self, img, epoch: int, order_pos: int) -> list:
+        """The "cifar" augmentation: the image at the student's size, then (training) zero-padded,
+        randomly cropped and flipped; a view of another size is that crop resized."""
+        import torchvision.transforms.functional as F
+        from torchvision.transforms import InterpolationMode
+
+        bilinear = InterpolationMode.BILINEAR
+        side = self.sizes[0]
+        width, height = img.size
+        if (height, width) != (side, side):  # shorter side to ``side``, centre crop
+            rh, rw = shorter_side_size(height, width, side)
+            img = F.resize(img, [rh, rw], interpolation=bilinear, antialias=True)
+            img = F.crop(img, center_crop_offset(rh, side), center_crop_offset(rw, side), side, side)
+        if self.train:
+            top, left, flip = cifar_crop(self.seed, epoch, order_pos)
+            img = F.crop(F.pad(img, [CIFAR_PAD] * 4, fill=0), top, left, side, side)
+            img = F.hflip(img) if flip else img
+        return [img if size == side else F.resize(img, [size, size], interpolation=bilinear, antialias=True)
+                for size in self.sizes]
+
     def _placeholder(self) -> list:
         """The views of a row standing in for a corrupt file: uniform grey."""
         from PIL import Image
@@ -143,6 +165,8 @@ class _PlanDataset(torch.utils.data.Dataset):
         from torchvision.transforms import InterpolationMode
 
         bilinear = InterpolationMode.BILINEAR
+        if self.augment == "cifar":
+            return self._cifar_views(img, epoch, order_pos)
         width, height = img.size
         out = []
         if self.train:
@@ -228,7 +252,8 @@ class TorchLoader(BaseLoader):
         on_cpu = spec.device.type == "cpu"
         self._dataset = _PlanDataset(index.paths, train=spec.train, seed=spec.seed, sizes=self._sizes,
                                      raw_bytes=self.gpu_decode,
-                                     normalizers=list(zip(self._norms, self._view_of)) if on_cpu else None)
+                                     normalizers=list(zip(self._norms, self._view_of)) if on_cpu else None,
+                                     augment=spec.augment)
         self._sampler = _PlanBatchSampler()
         workers = spec.num_threads
         collate = _Collate(normalized=on_cpu, channels_last=spec.channels_last)
@@ -316,6 +341,8 @@ class TorchLoader(BaseLoader):
 
         _, height, width = img.shape
         x = img.unsqueeze(0).float()
+        if self.spec.augment == "cifar":
+            return self._gpu_cifar_views(x, epoch, order_pos)
         out = []
         if self.spec.train:
             top, left, h, w, flip = crop_window(height, width, self.spec.seed, epoch, order_pos)
@@ -330,3 +357,21 @@ class TorchLoader(BaseLoader):
                 top, left = center_crop_offset(rh, size), center_crop_offset(rw, size)
                 out.append(view[0, :, top:top + size, left:left + size])
         return out
+
+    def _gpu_cifar_views(self, x: torch.Tensor, epoch: int, order_pos: int) -> list:
+        """:meth:`_PlanDataset._cifar_views` on a (1, 3, H, W) float CUDA image."""
+        import torch.nn.functional as F
+
+        side = self._sizes[0]
+        _, _, height, width = x.shape
+        if (height, width) != (side, side):
+            rh, rw = shorter_side_size(height, width, side)
+            x = F.interpolate(x, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
+            top, left = center_crop_offset(rh, side), center_crop_offset(rw, side)
+            x = x[:, :, top:top + side, left:left + side]
+        if self.spec.train:
+            top, left, flip = cifar_crop(self.spec.seed, epoch, order_pos)
+            x = F.pad(x, [CIFAR_PAD] * 4, value=0.0)[:, :, top:top + side, left:left + side]
+            x = x.flip(-1) if flip else x
+        return [(x if size == side else F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                                      align_corners=False))[0] for size in self._sizes]

@@ -144,3 +144,17 @@ def modes_folder(tmp_path_factory):
     write_png16_rgb(root / "h_rgb16" / "h_rgb16.png", rgb16)
     expected["h_rgb16.png"] = np.floor(rgb16 * (255.0 / 65535.0) + 0.5).astype(np.uint8)
     return root, expected
+
+
+@pytest.fixture(scope="session")
+def cifar_folder(tmp_path_factory):
+    """2 classes x 5 real 32 x 32 JPEGs (position images: R = x, G = y, B = tag)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("cifar")
+    for c in range(2):
+        (root / f"c{c}").mkdir()
+        for j in range(5):
+            tag = 20 * (5 * c + j) + 10
+            Image.fromarray(position_image(32, 32, tag)).save(root / f"c{c}" / f"{j}_t{tag:03d}.jpg", quality=95)
+    return root

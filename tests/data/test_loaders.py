@@ -459,3 +459,66 @@ def test_torch_workers_exit_when_the_training_process_is_killed(image_folder):
     for w in left:  # do not leave them behind if the test fails
         os.kill(w, signal.SIGKILL)
     assert not left, f"workers {left} outlived the killed training process by more than 1 s"
+
+
+def _decoded(path):
+    from fastkd.data.decode import open_rgb
+
+    return np.asarray(open_rgb(path)).astype(np.float64)  # (H, W, 3)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_cifar_augmentation_pads_crops_and_flips(cifar_folder, backend, train):
+    """augment="cifar": validation is the image itself (no resize); training is a 32 x 32 window
+    of the image zero-padded by 4, flipped half the time, keyed on (seed, epoch, position)."""
+    from fastkd.data.decode import CIFAR_PAD, cifar_crop
+
+    index = build_index(cifar_folder, train=train)
+    loader = make(cifar_folder, backend, train=train, batch_size=4, image_size=32, augment="cifar", seed=3,
+                  teacher_image_size=48)
+    loader.set_epoch(2)
+    batches = run(loader)
+    images = torch.cat([b["images"] for b in batches])
+    teacher = torch.cat([b["teacher"] for b in batches])
+    order = torch.cat([b["indices"] for b in batches]).tolist()
+    flips, offsets = 0, set()
+    for key, (i, x) in enumerate(zip(order, pixels(images).permute(0, 2, 3, 1).numpy())):
+        want = _decoded(index.paths[i])
+        if train:
+            top, left, flip = cifar_crop(3, 2, key)  # one shard: the key is the position in the epoch
+            padded = np.pad(want, ((CIFAR_PAD, CIFAR_PAD), (CIFAR_PAD, CIFAR_PAD), (0, 0)))
+            want = padded[top:top + 32, left:left + 32]
+            want = want[:, ::-1] if flip else want
+            flips += flip
+            offsets.add((top, left))
+        # torch: the same PIL decode, exact up to fp32; DALI: libjpeg-turbo, within a level
+        tol = 1e-3 if backend == "torch" else 1.01
+        assert np.abs(x - want).max() <= tol, (key, np.abs(x - want).max())
+    if train:
+        assert 0 < flips < len(order) and len(offsets) > 5  # the draws really vary
+    # the teacher view is the student's crop, resized (bilinear; PIL / DALI round to 8 bits)
+    big = F.interpolate(pixels(images), size=(48, 48), mode="bilinear", antialias=True, align_corners=False)
+    diff = (big - pixels(teacher)).abs()
+    assert diff.max() <= 1.5 and diff.mean() < 0.5, (diff.max(), diff.mean())
+
+
+def test_cifar_augmentation_resumes_exactly_and_rejects_unknown_names(cifar_folder, backend):
+    opts = dict(train=True, batch_size=3, image_size=32, augment="cifar", seed=1)
+    full = run(make(cifar_folder, backend, **opts))
+    resumed = make(cifar_folder, backend, **opts)
+    resumed.load_state_dict({"epoch": 0, "batch": 2})  # no backend state: the crops are keyed per sample
+    rest = run(resumed)
+    assert len(rest) == len(full) - 2
+    for a, b in zip(rest, full[2:]):
+        assert torch.equal(a["indices"], b["indices"]) and torch.equal(a["images"], b["images"])
+    with pytest.raises(ValueError, match="augment must be one of"):
+        make(cifar_folder, backend, train=True, augment="autoaugment")
+
+
+@pytest.mark.dali
+def test_cifar_training_crops_agree_between_backends(cifar_folder):
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    opts = dict(train=True, batch_size=5, image_size=32, augment="cifar", seed=9)
+    for a, b in zip(run(make(cifar_folder, "dali", **opts)), run(make(cifar_folder, "torch", **opts))):
+        assert torch.equal(a["indices"], b["indices"])
+        assert (pixels(a["images"]) - pixels(b["images"])).abs().max() <= 1.01
