@@ -675,9 +675,14 @@ class Trainer:
         return max(1, min(8, cpu_cores() // 2))
 
     def _skipped_files(self) -> dict:
-        """Corrupt files skipped (--skip-corrupt) over all ranks: new this epoch, and in all."""
-        total = int(getattr(self.train_loader, "skipped", 0))
-        counts = torch.tensor([total - self._skipped_before, total], dtype=torch.int64)
+        """Corrupt files skipped (--skip-corrupt) over all ranks: in this epoch (a known corrupt file
+        is skipped again in every epoch that reads it), and distinct files so far."""
+        loader = self.train_loader
+        total = int(getattr(loader, "skipped", 0))
+        in_epoch = getattr(loader, "skipped_in_epoch", None)
+        if in_epoch is None:  # a loader without per-epoch counts: the files new in this epoch
+            in_epoch = total - self._skipped_before
+        counts = torch.tensor([int(in_epoch), total], dtype=torch.int64)
         self._skipped_before = total
         if self.dist.distributed:
             counts = D.all_reduce_sum(counts.to(self.device), self.dist).cpu()
