@@ -209,7 +209,7 @@ class DistillLoss(nn.Module):
         if method == "ce":
             kd = torch.zeros((), device=z.device, dtype=ce.dtype)
         else:
-            kd = _KD_ROWS[method](z, v, y, ii, **kd_params).sum() / count
+            kd = ref.kd_term_rows(method, z, v, y, ii, **kd_params).sum() / count
         self.last_terms = {"ce": ce.detach(), "kd": kd.detach()}
         if method == "ce":
             return self.ce_weight * ce
@@ -223,19 +223,3 @@ class DistillLoss(nn.Module):
             return loss
         count = F._valid_count(y, self.ignore_index).clamp_min(1)
         return ref.cross_entropy(z, y, self.label_smoothing, self.ignore_index).sum() / count
-
-
-def _kd_rows_kd(z, v, y, ignore_index, temperature):
-    rows = ref.kd(z, v, temperature)
-    return torch.where(y != ignore_index, rows, torch.zeros_like(rows))
-
-
-# Per-row KD terms of the row-local methods on the torch backend (keywords: the table's names).
-_KD_ROWS = {
-    "kd": _kd_rows_kd,
-    "ats": lambda z, v, y, ii, tau_target, tau_other, student_temperature:
-        ref.ats(z, v, y, tau_target, tau_other, student_temperature, ii),
-    "isats": lambda z, v, y, ii, tau_target, candidates, student_temperature:
-        ref.isats(z, v, y, tau_target, candidates, student_temperature, ii),
-    "dkd": lambda z, v, y, ii, alpha, beta, temperature: ref.dkd(z, v, y, alpha, beta, temperature, ii),
-}

@@ -34,6 +34,7 @@ __all__ = [
     "dkd_parts",
     "dkd",
     "dkd_warmup_weight",
+    "kd_term_rows",
     "dist",
     "tolerant_gap",
     "tolerant_teacher_loss",
@@ -256,6 +257,24 @@ def dkd_warmup_weight(epoch: float, warmup_epochs: float) -> float:
     if warmup_epochs <= 0:
         return 1.0
     return float(min(max(epoch, 0.0) / warmup_epochs, 1.0))
+
+
+def kd_term_rows(method: str, z: Tensor, v: Tensor, target: Tensor, ignore_index: int = -100, **params) -> Tensor:
+    """Per-row KD term of a row-local method (kd, ats, isats, dkd) with DistillLoss's row
+    convention: rows labelled ``ignore_index`` give 0, also for plain ``kd``. ``params`` are the
+    method's keywords of :data:`fastkd.losses.methods.METHOD_TABLE` (without ``warmup_epochs``)."""
+    if method == "kd":
+        rows = kd(z, v, params["temperature"])
+        return torch.where(_valid_rows(target, ignore_index), rows, torch.zeros_like(rows))
+    if method == "ats":
+        return ats(z, v, target, params["tau_target"], params["tau_other"], params["student_temperature"],
+                   ignore_index)
+    if method == "isats":
+        return isats(z, v, target, params["tau_target"], params.get("candidates"), params["student_temperature"],
+                     ignore_index)
+    if method == "dkd":
+        return dkd(z, v, target, params["alpha"], params["beta"], params["temperature"], ignore_index)
+    raise ValueError(f"no per-row KD term for method {method!r} (row-local methods: kd, ats, isats, dkd)")
 
 
 # --------------------------------------------------------------------------------------------

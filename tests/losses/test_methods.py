@@ -62,3 +62,20 @@ def test_config_fields_and_their_methods_match_the_engine_config():
     assert M.methods_using("tau_other") == ("ats",) and M.methods_using("lr") == ()
     for method, m in M.METHOD_TABLE.items():
         assert C.DEFAULT_WEIGHTS[method] == m.weights
+
+
+def test_every_row_local_method_has_a_reference_row_term_taking_the_table_keywords():
+    import torch
+
+    from fastkd.losses import reference as ref
+
+    g = torch.Generator().manual_seed(0)
+    z, v, y = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g), torch.tensor([0, -100, 5, 2])
+    for name, m in M.METHOD_TABLE.items():
+        if not m.row_local or name == "ce":
+            continue
+        params = {k: val for k, val in M.defaults(name).items() if k != "warmup_epochs"}
+        rows = ref.kd_term_rows(name, z, v, y, **params)
+        assert rows.shape == (4,) and rows[1] == 0 and (rows[[0, 2, 3]] > 0).all(), name
+    with pytest.raises(ValueError, match="no per-row KD term for method 'dist'"):
+        ref.kd_term_rows("dist", z, v, y)
