@@ -1,7 +1,6 @@
 """Defects of the adversarial pass (issue 11) in the loss layer, each with a test that failed on
 the old code: narrow label dtypes, DKD's shift invariance on the torch backend, one upcast for
 bf16/fp16 gradients, temperatures outside fp32's normal range and non-numeric parameters."""
-import math
 
 import pytest
 import torch
