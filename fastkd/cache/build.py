@@ -117,6 +117,9 @@ def first_mismatch(cached: dict, wanted: dict) -> Optional[str]:
                 return f"{name}: the class names differ (e.g. {', '.join(diff) or 'their order'})"
             if key == ("data", "index_sha256"):
                 return f"{name}: the cache was built on another file list (hash {str(a)[:12]}.. vs {str(b)[:12]}..)"
+            if isinstance(a, dict) and isinstance(b, dict):  # name the sub-fields that differ
+                keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+                a, b = {k: a.get(k) for k in keys}, {k: b.get(k) for k in keys}
             return f"{name}: cache has {a!r}, this run has {b!r}"
     return None
 

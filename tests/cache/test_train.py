@@ -154,10 +154,13 @@ def _copy_tree(src: Path, dst: Path) -> Path:
     ("renamed-file", "data index (paths and labels): the cache was built on another file list"),
     ("relabelled", "data index (paths and labels)"),
     ("fewer-classes", "classes: cache has 4, this run has 3"),
-    ("augmentation", "augmentation: cache has"),
+    ("augmentation", "augmentation: cache has {'scale': [0.35, 1.0]}, this run has {'scale': [0.08, 1.0]}"),
+    (["--data-backend", "dali"], "augmentation: cache has {'backend': 'torch'"),
 ])
 def test_a_cache_that_does_not_match_the_run_is_refused(full_cache, tiny_jpegs, teacher_ckpt, tmp_path, caplog,
                                                        change, message):
+    if "dali" in change:
+        pytest.importorskip("nvidia.dali")
     data, cache, extra = tiny_jpegs, full_cache, []
     if change == "other-checkpoint":
         from fastkd.models import create_model
