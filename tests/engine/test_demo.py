@@ -1,7 +1,28 @@
-"""``fastkd demo`` end to end with one epoch per run (the full demo runs 8 per run)."""
+"""``fastkd demo`` end to end with one epoch per run (the full demo runs 8 per teacher, 6 per student),
+and its closing sentences computed from its numbers, whichever way they go."""
 import json
 
 from fastkd import cli
+from fastkd.engine.demo import conclusions
+
+
+def _numbers(**kw):
+    x = {"n_test": 360, "ce": 88.0, "kd": {"resnet20": 89.0, "resnet8x4": 89.5}, "ats_released": 90.0,
+         "ats_selected": 91.0, "ats_selected_point": (6.0, 2.0), "diagonal_selected": 90.5,
+         "diagonal_selected_t": 2.0, "large": "resnet8x4", "small": "resnet20"}
+    x.update(kw)
+    return x
+
+
+def test_conclusions_follow_the_numbers():
+    text = " ".join(conclusions(_numbers()))
+    assert "89.5%, within noise of the 89.0%" in text
+    assert "(6,2) reached 91.0%: within noise of KD" in text
+    up = " ".join(conclusions(_numbers(kd={"resnet20": 70.0, "resnet8x4": 90.0}, ats_selected=99.0, ce=60.0)))
+    assert "90.0%, above the 70.0%" in up and "99.0%: above KD" in up and "(above it)" in up
+    down = " ".join(conclusions(_numbers(kd={"resnet20": 90.0, "resnet8x4": 70.0}, ats_selected=50.0,
+                                         ats_released=40.0)))
+    assert "70.0%, below the 90.0%" in down and "50.0%: below KD" in down and "40.0% (below it)" in down
 
 
 def test_demo_runs_every_stage_and_prints_the_table(tmp_path, capsys):
@@ -10,17 +31,29 @@ def test_demo_runs_every_stage_and_prints_the_table(tmp_path, capsys):
                    "--workers", "0"])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "student top-1" in text and "resnet8 <- resnet8x4 [ats]" in text
+    assert "test top-1" in text and "resnet8 <- resnet8x4 [ats (4,2) s=1]" in text
+    assert "label on top under ATS(4,2)" in text and "KL(t||s) T=1" in text and "1 of 1 for students" in text
     (demo_dir,) = (tmp_path / "runs").iterdir()
     results = json.loads((demo_dir / "demo_results.json").read_text())
     runs = {r["run"]: r for r in results["runs"]}
-    assert len(runs) == 7
+    assert len(runs) == 2 + 1 + 2 + 4 + 3
     teachers = {name.split("-", 1)[1]: r for name, r in runs.items() if name.startswith("teacher-")}
     for name, r in runs.items():
         f = r["final"]
         assert 0 <= f["val_top1"] <= 100 and f["images_per_s"] > 0
-        if "-from-" in name:  # a student reports the accuracy of the best checkpoint of its teacher
+        if "-from-" in name:  # a student reports the accuracy of its teacher's checkpoint
             t = teachers[name.rsplit("-from-", 1)[1]]
-            assert f["teacher_top1"] == t["final"]["best_top1"]
-    # the data set is real JPEG files, cached for the next demo
+            assert f["teacher_top1"] == t["final"]["val_top1"]
+            assert 0 <= r["holdout_top1"] <= 100
+    # one ATS point and one diagonal point are chosen, by the validation (holdout) numbers
+    chosen = [r for r in runs.values() if r.get("selected")]
+    assert len(chosen) == 2
+    ats = [r for r in runs.values() if "-ats" in r["run"]]
+    assert max(r["holdout_top1"] for r in ats) == [r for r in chosen if "-ats" in r["run"]][0]["holdout_top1"]
+    assert results["conclusions"] == conclusions(results["numbers"]) and len(results["conclusions"]) == 3
+    assert all(0 <= d["ats_label_on_top"]["4,2"] <= 1 for d in results["diagnostic"].values())
+    # the data set is real JPEG files, cached for the next demo; the fit split leaves the holdout out
     assert len(list((tmp_path / "cache").rglob("*.jpg"))) == 1797
+    n_fit = len(list((demo_dir / "data" / "fit" / "train").rglob("*.jpg")))
+    n_hold = len(list((demo_dir / "data" / "holdout").rglob("*.jpg")))
+    assert n_fit + n_hold == 1437 and 0.1 < n_hold / 1437 < 0.2
