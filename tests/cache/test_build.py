@@ -12,7 +12,6 @@ import torch
 from fastkd import cli
 from fastkd.cache import CacheMismatchError, CacheReader
 from fastkd.cache import store
-from fastkd.cache.build import compress
 from fastkd.engine import config as C
 from fastkd.engine import distributed as D
 from fastkd.engine.runner import TeacherRunner
