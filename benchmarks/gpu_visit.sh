@@ -3,7 +3,7 @@
 # installing nothing from the network. Run from anywhere inside the repository:
 #
 #     FASTKD_COMMIT=$(git rev-parse --short=7 HEAD) bash benchmarks/gpu_visit.sh   # on the GPU machine
-#     bash benchmarks/gpu_visit.sh --dry-run       # the same steps on the CPU at tiny sizes (~2 min)
+#     bash benchmarks/gpu_visit.sh --dry-run       # the same steps on the CPU at tiny sizes (~5 min on 2 cores)
 #
 # Steps, in this order (each under its own time budget, and all under one deadline, so a hang
 # costs one step, never the visit; a step left without time is recorded as skipped):
@@ -14,17 +14,20 @@
 #   kernels      `fastkd bench kernels`: KD + CE, bf16, 3 shapes, fastkd / eager / compile / Liger
 #                (when carried), shipped configuration, CUDA-graph column
 #   engine       bench_engine.py on synthetic GPU data: fair naive, naive, sequential, concurrent,
-#                CUDA-graph teacher, --compile, student-only, teacher-only
+#                CUDA-graph teacher, student-only, teacher-only
 #   gpu-tests    every other gpu-marked test (the engine's --compile GPU test included)
 #   engine-jpeg  bench_engine.py fed from the JPEG files (DALI when carried, else fastkd's torch
 #                loader; the naive loop with torchvision's ImageFolder DataLoader)
 #   methods      `fastkd bench kernels --method ats|isats|dkd|dist` vs torch.compile of plain fp32
 #   demo         `fastkd demo --device cuda` (the README's first command, on the GPU)
+#   engine-compile  bench_engine.py: concurrent vs concurrent + --compile (synthetic data)
 #   cache        benchmarks/bench_cache.py (the cached teacher), when that file exists
 #   study        `fastkd study capacity --preset full`, when the preset exists
 #   (optional, not in the default list: sweep = the fused kernel's launch-configuration sweep and
 #    the table at its best configuration; data = `fastkd bench data` on the JPEG folder)
-# Choose steps with STEPS="env kernels ..." (env always runs). The last thing printed is a short
+# Choose steps with STEPS="env kernels ..." (env always runs); steps run in the order above. What
+# the deadline leaves out is listed as skipped: run it in a second call at once (the machine stays
+# warm ~30 s), e.g. STEPS="demo engine-compile cache study". The last thing printed is a short
 # table (python -m fastkd.bench.visit). Results: $OUT/summary.md, $OUT/visit.log and
 # $OUT/visit.tar.gz (every log, kernels-*.json/jsonl/md, engine-*.jsonl/md, env.json, the study
 # output): unpack it into benchmarks/results/visit-<date>/ and commit (see results/PENDING.md).
@@ -35,14 +38,14 @@ DRY=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     *) echo "gpu_visit.sh: unknown argument $arg (use --dry-run or --help)"; exit 2 ;;
   esac
 done
 
-DEFAULT_STEPS="env jpegs ops-tests kernels engine gpu-tests engine-jpeg methods demo cache study"
+DEFAULT_STEPS="env jpegs ops-tests kernels engine gpu-tests engine-jpeg methods demo engine-compile cache study"
 STEPS=" env ${STEPS:-$DEFAULT_STEPS} "
-DEADLINE=${VISIT_BUDGET_S:-470}          # seconds for the whole visit (8 minutes less a margin)
+DEADLINE=${VISIT_BUDGET_S:-$(( DRY == 1 ? 1200 : 470 ))}  # seconds for the whole visit (on a GPU: 8 minutes less a margin)
 OUT=${OUT:-/tmp/fastkd-visit-out}
 WORK=$(mktemp -d /tmp/fastkd-visit.XXXXXX)
 RESULTS="$WORK/results"
@@ -106,6 +109,7 @@ env_step() {
       # shellcheck disable=SC2086
       "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $wheels 2>&1 \
         | grep -v "Running pip as" | tail -3
+      export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     fi
   fi
   "$PY" - "$WORK/env.json" "$COMMIT" "$DEVICE" "$DRY" <<'PY'
@@ -144,7 +148,7 @@ step kernels 100 "$PY" -m fastkd bench kernels $KERNELS --commit "$COMMIT" --sav
 # shellcheck disable=SC2086
 step engine 150 "$PY" benchmarks/bench_engine.py $ENGINE --commit "$COMMIT" --results "$WORK/engine-synthetic.jsonl" \
   --markdown "$WORK/engine-synthetic.md" --modes naive-fair naive fastkd-sequential fastkd-concurrent fastkd-graph \
-  fastkd-compile student-only teacher-only
+  student-only teacher-only
 
 # shellcheck disable=SC2086
 step gpu-tests 150 "$PY" -m pytest tests -m gpu --ignore=tests/ops -q $PYTEST_MODE -p no:cacheprovider -rfEs \
@@ -155,17 +159,9 @@ step engine-jpeg 90 "$PY" benchmarks/bench_engine.py $ENGINE --commit "$COMMIT" 
   --results "$WORK/engine-jpeg.jsonl" --markdown "$WORK/engine-jpeg.md" \
   --modes naive-fair fastkd-concurrent student-only
 
-methods() {
-  local m rc=0
-  for m in ats isats dkd dist; do
-    # shellcheck disable=SC2086
-    "$PY" -m fastkd bench kernels $KERNELS --method "$m" --impls fastkd,eager,compile --shapes "$METHOD_SHAPES" \
-      --commit "$COMMIT" --save --results-dir "$RESULTS" --json "$WORK/kernels-$m.json" || rc=1
-  done
-  return $rc
-}
-export -f methods
-step methods 110 methods
+# shellcheck disable=SC2086
+step methods 110 "$PY" -m fastkd bench kernels $KERNELS --method ats,isats,dkd,dist --impls fastkd,eager,compile \
+  --shapes "$METHOD_SHAPES" --commit "$COMMIT" --save --results-dir "$RESULTS" --json "$WORK/kernels-methods.json"
 
 if [ $DRY = 1 ]; then
   step demo 120 "$PY" -m fastkd demo --device cpu --teacher-epochs 1 --student-epochs 1 --cache-dir "$WORK/demo-cache" \
@@ -173,6 +169,11 @@ if [ $DRY = 1 ]; then
 else
   step demo 100 "$PY" -m fastkd demo --device cuda --cache-dir "$WORK/demo-cache" --output "$WORK/demo"
 fi
+
+# torch.compile of both models takes a minute or more: its own step, so a slow compile costs only itself.
+# shellcheck disable=SC2086
+step engine-compile 150 "$PY" benchmarks/bench_engine.py $ENGINE --commit "$COMMIT" \
+  --results "$WORK/engine-compile.jsonl" --markdown "$WORK/engine-compile.md" --modes fastkd-concurrent fastkd-compile
 
 if [ -f benchmarks/bench_cache.py ]; then
   # The cached teacher (benchmarks/bench_cache.py): online KD vs KD from full / top-K caches.
@@ -234,13 +235,13 @@ export -f sweep
 step sweep 100 sweep
 
 data() {  # what benchmarks/gpu_data.sh measured: student view fp32, then the KD setting (teacher view, bf16, NHWC)
-  local common=(--data-dir "$JPEGS/train" --num-images "$N_JPEGS" --results "$WORK/data.jsonl")
+  local common=(--data-dir "$JPEGS/train" --num-images "$N_JPEGS" --results "$WORK/data.jsonl" --commit "$COMMIT")
   if [ $DRY = 1 ]; then
     common+=(--device cpu --batch-size 8 --image-size 64 --threads 1)
   else
     common+=(--device cuda --epoch-images 24576 --batch-size 256 --warmup-batches 16)
   fi
-  "$PY" -m fastkd bench data "${common[@]}" || return 1
+  "$PY" -m fastkd bench data "${common[@]}" || return 1  # fastkd-dali rows: DALI carried (results/PENDING.md)
   "$PY" -m fastkd bench data "${common[@]}" --teacher-image-size $(( DRY == 1 ? 72 : 256 )) --dtype bfloat16 \
     --channels-last --no-step --backends torchvision,fastkd-torch,fastkd-dali
 }

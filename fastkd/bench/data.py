@@ -62,6 +62,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-step", action="store_true", help="skip timing the distillation step")
     parser.add_argument("--results", default=None,
                         help="JSON-lines file the run is appended to (default: print only)")
+    parser.add_argument("--commit", default=None,
+                        help="the commit the measured code is at (default: git rev-parse of this checkout)")
 
 
 # ---- the data set -------------------------------------------------------------------------
@@ -236,10 +238,11 @@ def time_distill_step(device, batch_size: int, image_size: int = 224, steps: int
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def _machine(device) -> dict:
+def _machine(device, commit=None) -> dict:
     from ..envinfo import machine
+    from .common import source_commit
 
-    return machine(device)
+    return {**machine(device), "commit": source_commit(commit)}
 
 
 def main(args) -> int:
@@ -307,7 +310,7 @@ def main(args) -> int:
             line += f" {r['images_per_s'] / step_rate:.2f}x |"
         print(line)
 
-    record = {"machine": _machine(device), "device": str(device), "threads": threads, "batch_size": args.batch_size,
+    record = {"machine": _machine(device, args.commit), "device": str(device), "threads": threads, "batch_size": args.batch_size,
               "image_size": args.image_size, "num_images": args.num_images, "epoch_images": epoch_images,
               "warmup_batches": args.warmup_batches, "between_epochs_s": args.between_epochs,
               "teacher_image_size": args.teacher_image_size,

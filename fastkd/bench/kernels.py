@@ -1,7 +1,7 @@
 """``fastkd bench kernels``: the fused KD kernel against what a competent PyTorch user runs.
 
 Every row times one forward + backward of ``ce_weight * CE + kd_weight * KD`` (vanilla KD by
-default; ``--method`` ats, isats, dkd or dist) on ``N x C`` logits, with
+default; ``--method`` ats, isats, dkd or dist, or several comma-separated) on ``N x C`` logits, with
 ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs, median). Rows:
 
 * ``fastkd``: :func:`fastkd.kernels.fused_distill` (loss and gradient in one launch); for DIST,
@@ -57,7 +57,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--shapes", default=None,
                         help=f"comma-separated NxC shapes (default {DEFAULT_SHAPES}; --dry-run: {DRY_RUN_SHAPES})")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    parser.add_argument("--method", default="kd", choices=METHODS)
+    parser.add_argument("--method", default="kd",
+                        help="loss method, or several comma-separated (one table each): " + ", ".join(METHODS))
     parser.add_argument("--temperature", type=float, default=None,
                         help="KD / DKD / DIST temperature (default: the method's, see fastkd.DistillLoss)")
     parser.add_argument("--ce-weight", type=float, default=0.5)
@@ -253,11 +254,11 @@ def build_impls(method: str, temperature, ce_weight: float, kd_weight: float, wa
     """name -> (loss_fn(z, v, y), note) for the implementations available here; the reason each
     wanted one is not is put into the dict ``skipped`` when given. ``config``: the fused
     kernel's launch configuration (keyword arguments of LaunchConfig; default the shipped one)."""
-    skipped = {} if skipped is None else skipped
     import functools
 
     import torch
 
+    skipped = {} if skipped is None else skipped
     params = method_params(method, temperature)
     plain = functools.partial(PLAIN[method], ce_weight=ce_weight, kd_weight=kd_weight, **params)
     plain.__name__ = f"plain_{method}"
@@ -521,6 +522,7 @@ def main(args) -> int:
         shapes = parse_shapes(args.shapes or (DRY_RUN_SHAPES if args.dry_run else DEFAULT_SHAPES))
         config = parse_config(args.config)
         wanted = parse_impls(args.impls)
+        parse_methods(args.method)
         if config:
             launch_config(config)  # LaunchConfig checks the values (powers of two...)
     except ValueError as exc:
@@ -538,31 +540,61 @@ def main(args) -> int:
     return _run(args, shapes, config, wanted, device="cpu" if args.dry_run else "cuda")
 
 
-def _run(args, shapes, config, wanted, device: str) -> int:
-    import torch
+def parse_methods(text: str) -> list[str]:
+    """'ats, dkd' -> ['ats', 'dkd']; an unknown method raises ValueError."""
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"unknown method(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
+    return methods
 
-    dtype = getattr(torch, DTYPES[args.dtype])
+
+def _run(args, shapes, config, wanted, device: str) -> int:
     env = machine(device, args.commit)
     copy_gbs = copy_bandwidth() if device == "cuda" else None
-    params = method_params(args.method, args.temperature)
     print(f"{env['gpu']} | torch {env['torch']} (CUDA {env['cuda']}) | triton {env['triton']} | "
           f"liger {env['liger_kernel'] or 'not installed'} | commit {env['commit']} | {env['date']}"
           + (" | DRY RUN (CPU, Triton interpreter: the times mean nothing)" if device == "cpu" else ""))
-    print(f"device-to-device copy: {_fmt(copy_gbs, '.0f')} GB/s (read + write); method {args.method} "
-          f"{params}, {args.dtype}, CE weight {args.ce_weight}, KD weight {args.kd_weight}")
+    print(f"device-to-device copy: {_fmt(copy_gbs, '.0f')} GB/s (read + write)")
     if config:
         print(f"fused kernel configuration: {config}")
+    rows, sweeps, skipped = [], [], {}
+    for method in parse_methods(args.method):
+        m_rows, m_sweeps, m_skipped = _run_method(args, method, shapes, config, wanted, device, env, copy_gbs)
+        rows += m_rows
+        sweeps += m_sweeps
+        skipped.update({f"{name} ({method})" if len(parse_methods(args.method)) > 1 else name: why
+                        for name, why in m_skipped.items()})
+        if args.save:
+            save(m_rows, env, copy_gbs, Path(args.results_dir), skipped=m_skipped)
+    if sweeps:
+        print("\nblock-configuration sweep (fused kernel, fwd+bwd ms):")
+        for s in sweeps:
+            cfg = ", ".join(f"{k}={s[k]}" for k in CONFIG_KEYS if k in s)
+            print(f"  {s['method']} {s['N']} x {s['C']}: {cfg}: " + (f"{s['ms']:.4f}" if "ms" in s else s["error"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"env": env, "copy_gbs": copy_gbs, "rows": rows, "sweep": sweeps,
+                                               "skipped": skipped}, indent=1))
+    return 0
+
+
+def _run_method(args, method, shapes, config, wanted, device, env, copy_gbs):
+    """The rows (and sweep rows, and skipped implementations) of one method."""
+    import torch
+
+    dtype = getattr(torch, DTYPES[args.dtype])
+    params = method_params(method, args.temperature)
+    print(f"\nmethod {method} {params}, {args.dtype}, CE weight {args.ce_weight}, KD weight {args.kd_weight}")
     skipped = {}
-    impls = build_impls(args.method, args.temperature, args.ce_weight, args.kd_weight, wanted,
+    impls = build_impls(method, args.temperature, args.ce_weight, args.kd_weight, wanted,
                         compile_backend="inductor" if device == "cuda" else "eager", skipped=skipped, config=config)
 
     def fastkd_for(cfg):
-        return build_impls(args.method, args.temperature, args.ce_weight, args.kd_weight, ["fastkd"], config=cfg)[
+        return build_impls(method, args.temperature, args.ce_weight, args.kd_weight, ["fastkd"], config=cfg)[
             "fastkd"][0]
 
     for name, why in skipped.items():
         print(f"note: no {name} rows: {why}")
-    print()
     for name, (_, note) in impls.items():
         print(f"  {name}: {note}")
     graphs = args.graphs and device == "cuda"
@@ -583,7 +615,7 @@ def _run(args, shapes, config, wanted, device: str) -> int:
                 print(f"| {n} x {c} | {name} | failed: {type(exc).__name__}: {str(exc)[:120]} | | | | | | | | |")
                 continue
             gbs = nbytes / (m["ms"] * 1e-3) / 1e9
-            shape_rows.append({"N": n, "C": c, "dtype": args.dtype, "method": args.method, "params": params,
+            shape_rows.append({"N": n, "C": c, "dtype": args.dtype, "method": method, "params": params,
                                "temperature": params.get("temperature"), "ce_weight": args.ce_weight,
                                "kd_weight": args.kd_weight, "impl": name, "note": note, **m, "gbs": gbs,
                                "pct_copy": 100 * gbs / copy_gbs if copy_gbs else None, "copy_gbs": copy_gbs,
@@ -597,7 +629,7 @@ def _run(args, shapes, config, wanted, device: str) -> int:
         rows += shape_rows
         if args.sweep and "fastkd" in impls:
             for s in sweep_configs(fastkd_for, z, v, y, args.warmup, args.rep):
-                s.update(N=n, C=c)
+                s.update(method=method, N=n, C=c)
                 sweeps.append(s)
         del z, v, y
         if device == "cuda":
@@ -605,17 +637,7 @@ def _run(args, shapes, config, wanted, device: str) -> int:
     for r in rows:
         if r.get("graph_error") and device == "cuda":
             print(f"note: {r['impl']} at {r['N']} x {r['C']} cannot be replayed from a CUDA graph: {r['graph_error']}")
-    if sweeps:
-        print("\nblock-configuration sweep (fused kernel, fwd+bwd ms):")
-        for s in sweeps:
-            cfg = ", ".join(f"{k}={s[k]}" for k in CONFIG_KEYS if k in s)
-            print(f"  {s['N']} x {s['C']}: {cfg}: " + (f"{s['ms']:.4f}" if "ms" in s else s["error"]))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"env": env, "copy_gbs": copy_gbs, "rows": rows, "sweep": sweeps,
-                                               "skipped": skipped}, indent=1))
-    if args.save:
-        save(rows, env, copy_gbs, Path(args.results_dir), skipped=skipped)
-    return 0
+    return rows, sweeps, skipped
 
 
 def save(rows, env, copy_gbs, results_dir: Path, skipped=None) -> None:

@@ -134,6 +134,20 @@ def test_dry_run_measures_every_row_and_records_the_commit(tmp_path, capsys):
     assert "commit abc1234" in md and "liger-jsd: not measured: liger_kernel is not installed" in md
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU check")
+def test_several_methods_in_one_run(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    assert bk.main(_args(dry_run=True, method="ats,dkd", impls="fastkd,eager", shapes="4x50", json=str(out))) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted((r["method"], r["impl"]) for r in rows) == [("ats", "eager"), ("ats", "fastkd"),
+                                                               ("dkd", "eager"), ("dkd", "fastkd")]
+    for m in ("ats", "dkd"):
+        a, b = (r["loss"] for r in rows if r["method"] == m)
+        assert abs(a - b) < 1e-4
+    with pytest.raises(UsageError, match="unknown method"):
+        bk.main(_args(method="ats,kdd"))
+
+
 def test_liger_rows_only_for_kd():
     skipped = {}
     bk.build_impls("dkd", None, 0.5, 0.5, ["eager", "liger-jsd"], skipped=skipped)
