@@ -31,7 +31,7 @@ COMMANDS = {
 SUBCOMMANDS = {
     ("bench", "kernels"): ("fastkd.bench.kernels", "fused KD kernels vs eager / torch.compile / Liger on your GPU"),
     ("bench", "data"): ("fastkd.bench.data", "images/s of each data backend on a JPEG folder"),
-    ("study", "capacity"): ("fastkd.analysis.study", "capacity-mismatch mini-study on a synthetic hierarchical data set"),
+    ("study", "capacity"): ("fastkd.analysis.study", "capacity-mismatch study: CNN teachers on MNIST digit pairs, ATS chosen on validation, verdicts"),
     ("cache", "build"): ("fastkd.cache.cli", "store a teacher's logits for the exact views 'fastkd train' will draw"),
 }
 
