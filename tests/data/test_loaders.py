@@ -467,15 +467,16 @@ def _decoded(path):
     return np.asarray(open_rgb(path)).astype(np.float64)  # (H, W, 3)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("train", [True, False])
-def test_cifar_augmentation_pads_crops_and_flips(cifar_folder, backend, train):
+def test_cifar_augmentation_pads_crops_and_flips(cifar_folder, backend, train, device):
     """augment="cifar": validation is the image itself (no resize); training is a 32 x 32 window
     of the image zero-padded by 4, flipped half the time, keyed on (seed, epoch, position)."""
     from fastkd.data.decode import CIFAR_PAD, cifar_crop
 
     index = build_index(cifar_folder, train=train)
     loader = make(cifar_folder, backend, train=train, batch_size=4, image_size=32, augment="cifar", seed=3,
-                  teacher_image_size=48)
+                  teacher_image_size=48, device=device, gpu_decode=device == "cuda")
     loader.set_epoch(2)
     batches = run(loader)
     images = torch.cat([b["images"] for b in batches])
@@ -491,14 +492,18 @@ def test_cifar_augmentation_pads_crops_and_flips(cifar_folder, backend, train):
             want = want[:, ::-1] if flip else want
             flips += flip
             offsets.add((top, left))
-        # torch: the same PIL decode, exact up to fp32; DALI: libjpeg-turbo, within a level
-        tol = 1e-3 if backend == "torch" else 1.01
-        assert np.abs(x - want).max() <= tol, (key, np.abs(x - want).max())
+        # torch: the same PIL decode, exact up to fp32; DALI: libjpeg-turbo, within a level; nvJPEG
+        # (CUDA) rounds differently, by a few levels, while a crop one pixel off is 8 levels off
+        diff = np.abs(x - want)
+        if device == "cuda":
+            assert diff.mean() < 1.0 and np.quantile(diff, 0.99) < 6.0, (key, diff.mean())
+        else:
+            assert diff.max() <= (1e-3 if backend == "torch" else 1.01), (key, diff.max())
     if train:
         assert 0 < flips < len(order) and len(offsets) > 5  # the draws really vary
     # the teacher view is the student's crop, resized (bilinear; PIL / DALI round to 8 bits)
     big = F.interpolate(pixels(images), size=(48, 48), mode="bilinear", antialias=True, align_corners=False)
-    diff = (big - pixels(teacher)).abs()
+    diff = (big.cpu() - pixels(teacher).cpu()).abs()
     assert diff.max() <= 1.5 and diff.mean() < 0.5, (diff.max(), diff.mean())
 
 
@@ -522,3 +527,28 @@ def test_cifar_training_crops_agree_between_backends(cifar_folder):
     for a, b in zip(run(make(cifar_folder, "dali", **opts)), run(make(cifar_folder, "torch", **opts))):
         assert torch.equal(a["indices"], b["indices"])
         assert (pixels(a["images"]) - pixels(b["images"])).abs().max() <= 1.01
+
+
+@pytest.mark.parametrize("augment", ["imagenet", "cifar"])
+def test_gpu_decode_path_runs_on_cpu_tensors(cifar_folder, corrupt_folder, augment):
+    """The torch backend's GPU-decoding path (raw bytes -> decode_jpeg -> crops as tensor ops ->
+    Normalizer on NCHW), run here with CPU tensors: it cuts the same crops as the PIL path, and an
+    all-corrupt batch with skip_corrupt gives placeholders instead of an empty batch that the
+    normaliser cannot take (issue 11, item 16)."""
+    from fastkd.data.torch_loader import TorchLoader
+
+    opts = dict(train=True, batch_size=4, image_size=32, augment=augment, seed=3, teacher_image_size=40)
+    pil = make(cifar_folder, "torch", **opts)
+    tensor_path = TorchLoader(pil.index, pil.spec, gpu_decode=True)  # create_loader wants CUDA for this
+    for a, b in zip(run(pil), run(tensor_path)):
+        assert torch.equal(a["indices"], b["indices"])
+        for key in ("images", "teacher"):
+            diff = (pixels(a[key]) - pixels(b[key])).abs()
+            # cifar at its own size: pure pixel moves, exact; imagenet: PIL vs torch resampling
+            assert diff.max() <= (1e-3 if augment == "cifar" and key == "images" else 4.0), (key, diff.max())
+            assert diff.mean() < 0.75
+    bad = make(corrupt_folder, "torch", train=False, batch_size=1, image_size=16, skip_corrupt=True)
+    batches = run(TorchLoader(bad.index, bad.spec, gpu_decode=True))  # batch size 1: all-corrupt batches
+    assert len(batches) == 10 and sum(int((~_valid_rows(b)).sum()) for b in batches) == 2
+    for b in batches:
+        assert torch.equal(_placeholder_pixels(b["images"]), ~_valid_rows(b))
