@@ -149,9 +149,11 @@ def _jpeg_batches(args):
             yield x.to(args.device, non_blocking=True), y.to(args.device, non_blocking=True)
 
 
-def _batches(args):
+def _batches(args, memory_format=torch.contiguous_format):
+    """Batches in ``memory_format``: the synthetic pool converted once (as a loader would hand
+    them over), JPEG batches as the DataLoader yields them (converted in the step)."""
     if args.data == "synthetic":
-        pool = _synthetic_batches(args)
+        pool = [(x.contiguous(memory_format=memory_format), y) for x, y in _synthetic_batches(args)]
         return (pool[i % len(pool)] for i in range(10**9))
     return _jpeg_batches(args)
 
@@ -162,8 +164,9 @@ def _loader_name(args) -> str:
         return "synthetic batches on the device"
     from fastkd import _compat
 
-    dali = args.device == "cuda" and _compat.has_module("nvidia.dali")
-    return "fastkd DALI loader" if dali else "fastkd torch loader (PIL decode in workers)"
+    if _compat.has_dali():  # create_loader's 'auto' takes DALI whenever it is installed
+        return "fastkd DALI loader" + (" (nvJPEG GPU decode)" if args.device == "cuda" else " (CPU pipeline)")
+    return "fastkd torch loader (PIL decode in workers)"
 
 
 # ---- the modes ------------------------------------------------------------------------------
@@ -229,7 +232,7 @@ def run_naive(args, fair: bool) -> dict:
     opt = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4,
                           **({"fused": True} if fair else {}))
     amp = AMP[args.amp]
-    batches = _batches(args)
+    batches = _batches(args, fmt)
     T = 1.0
 
     def step():
