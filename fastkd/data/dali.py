@@ -301,7 +301,8 @@ class DaliLoader(BaseLoader):
         if not bad:
             names = ", ".join(repr(self.index.paths[int(plan.indices[k])]) for k in suspects[:8])
             raise RuntimeError(f"DALI failed while reading these files (PIL decodes them all, so the failure "
-                               f"is DALI's): {names} ...\n{exc}") from exc
+                               f"is DALI's; e.g. 32-bit integer or bilevel TIFFs: convert such files to PNG "
+                               f"or JPEG, or use backend='torch'): {names} ...\n{exc}") from exc
         for index, error in bad:
             self._skip_or_raise(index, error)  # raises CorruptImageError unless skip_corrupt
         active["it"] = None  # the failed pipeline is unusable; drop it before building the next

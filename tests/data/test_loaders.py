@@ -552,3 +552,21 @@ def test_gpu_decode_path_runs_on_cpu_tensors(cifar_folder, corrupt_folder, augme
     assert len(batches) == 10 and sum(int((~_valid_rows(b)).sum()) for b in batches) == 2
     for b in batches:
         assert torch.equal(_placeholder_pixels(b["images"]), ~_valid_rows(b))
+
+
+@pytest.mark.dali
+def test_dali_names_a_file_only_pil_decodes(tmp_path):
+    """A format PIL reads but DALI refuses (a bilevel TIFF): a clear error naming the file and the
+    way out, never a silent difference between the backends."""
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    from PIL import Image
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.full((12, 12, 3), 90, np.uint8)).save(tmp_path / name / "ok.jpg", quality=90)
+    Image.fromarray(np.eye(12, dtype=np.uint8) * 255).convert("1").save(tmp_path / "a" / "bits.tif")
+    with pytest.raises(RuntimeError, match="use backend='torch'") as err:
+        run(make(tmp_path, "dali", train=False, batch_size=3, image_size=8))
+    assert "bits.tif" in str(err.value)
+    # the torch backend reads it
+    assert len(run(make(tmp_path, "torch", train=False, batch_size=3, image_size=8))[0]["labels"]) == 3
