@@ -50,18 +50,25 @@ def train_loader(cfg: C.TrainConfig, dist: D.DistInfo, *, teacher_view: bool):
     tis = None
     if teacher_view and cfg.teacher_image_size not in (None, cfg.image_size):
         tis = cfg.teacher_image_size
+    extra = {"augment": cfg.augment} if cfg.augment != "imagenet" else {}
     return create_loader(cfg.data, train=True, batch_size=cfg.batch_size, backend=cfg.data_backend,
                          image_size=cfg.image_size, teacher_image_size=tis, shard_id=dist.rank,
                          num_shards=dist.world_size, seed=cfg.seed, num_threads=cfg.workers, device=dist.device,
-                         channels_last=cfg.channels_last)
+                         channels_last=cfg.channels_last, **extra)
 
 
 def augmentation_settings(loader) -> dict:
-    """The random-resized-crop + flip settings that decide the teacher views (and what keys them)."""
+    """The crop + flip settings that decide the teacher views (and what keys them)."""
     from ..data.index import TRAIN_RATIO, TRAIN_SCALE
 
-    aug = {"backend": loader.backend, "crop": "random-resized", "scale": list(TRAIN_SCALE),
-           "ratio": list(TRAIN_RATIO), "hflip": 0.5}
+    name = getattr(loader.spec, "augment", "imagenet")
+    if name == "imagenet":
+        aug = {"name": name, "backend": loader.backend, "crop": "random-resized", "scale": list(TRAIN_SCALE),
+               "ratio": list(TRAIN_RATIO), "hflip": 0.5}
+    else:
+        from ..data.decode import CIFAR_PAD
+
+        aug = {"name": name, "backend": loader.backend, "crop": "padded", "pad": CIFAR_PAD, "hflip": 0.5}
     if loader.backend == "dali":
         # DALI draws from per-pipeline generators seeded by (seed, epoch, shard, start): its crops
         # depend on the shard layout, so a DALI cache is only valid for the same world size and batch.

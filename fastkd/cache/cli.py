@@ -24,8 +24,8 @@ from . import store
 logger = logging.getLogger("fastkd")
 
 #: TrainConfig fields that decide the teacher views or how the teacher runs.
-TRAIN_FIELDS = ("data", "data_backend", "batch_size", "image_size", "teacher_image_size", "workers", "seed",
-                "teacher", "teacher_checkpoint", "device", "amp", "channels_last", "compile")
+TRAIN_FIELDS = ("data", "data_backend", "augment", "batch_size", "image_size", "teacher_image_size", "workers",
+                "seed", "teacher", "teacher_checkpoint", "device", "amp", "channels_last", "compile")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -40,10 +40,16 @@ def weights(run: Path) -> dict:
     return torch.load(run / "last.pt", map_location="cpu", weights_only=True)["model"]
 
 
-@pytest.mark.parametrize("method", ["kd", "dist"])
-def test_full_fp32_cache_trains_bit_identical_weights(full_cache, tiny_jpegs, teacher_ckpt, tmp_path, method):
+@pytest.mark.parametrize("method, augment", [("kd", "imagenet"), ("dist", "imagenet"), ("kd", "cifar")])
+def test_full_fp32_cache_trains_bit_identical_weights(full_cache, tiny_jpegs, teacher_ckpt, tmp_path, method,
+                                                      augment):
     base = [str(a) for a in [*TRAIN, "--data", tiny_jpegs]]
     base[base.index("kd")] = method
+    if augment != "imagenet":  # pad-4 crops + flip: a cache of its own, refused by an imagenet run
+        base += ["--augment", augment]
+        full_cache = tmp_path / "cache"
+        build(tiny_jpegs, teacher_ckpt, full_cache, "--augment", augment)
+        assert json.loads((full_cache / "manifest.json").read_text())["augmentation"]["name"] == augment
     online, cached = tmp_path / "online", tmp_path / "cached"
     assert cli.main([*base, "--teacher", "fastkd:resnet8", "--teacher-checkpoint", str(teacher_ckpt),
                      "--output", str(online)]) == 0
@@ -156,6 +162,7 @@ def _copy_tree(src: Path, dst: Path) -> Path:
     ("fewer-classes", "classes: cache has 4, this run has 3"),
     ("augmentation", "augmentation: cache has {'scale': [0.35, 1.0]}, this run has {'scale': [0.08, 1.0]}"),
     (["--data-backend", "dali"], "augmentation: cache has {'backend': 'torch'"),
+    (["--augment", "cifar"], "augmentation: cache has {'crop': 'random-resized', 'name': 'imagenet'"),
 ])
 def test_a_cache_that_does_not_match_the_run_is_refused(full_cache, tiny_jpegs, teacher_ckpt, tmp_path, caplog,
                                                        change, message):
