@@ -51,6 +51,7 @@ WORK=$(mktemp -d /tmp/fastkd-visit.XXXXXX)
 RESULTS="$WORK/results"
 mkdir -p "$OUT" "$RESULTS"
 exec > >(tee "$OUT/visit.log") 2>&1
+TEE_PID=$!
 export PYTHONUNBUFFERED=1
 COMMIT=${FASTKD_COMMIT:-$(git rev-parse --short=7 HEAD 2>/dev/null || echo unknown)}
 if [ -z "${FASTKD_COMMIT:-}" ] && [ "$COMMIT" != unknown ] && [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
@@ -128,10 +129,9 @@ print(json.dumps(env, indent=1))
 PY
   "$PY" -m fastkd check-env
 }
-[ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 export -f env_step
 step env 60 env_step
-[ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}  # the carried wheels
 
 step jpegs 60 "$PY" -c "from fastkd.bench.data import make_jpeg_folder as m
 print(m('$JPEGS/train', $N_JPEGS, workers=$JPEG_WORKERS), m('$JPEGS/val', $N_VAL, seed=1, workers=$JPEG_WORKERS))"
@@ -184,7 +184,7 @@ if [ -f benchmarks/bench_cache.py ]; then
     cache_args=(--device cuda --teacher torchvision:resnet50 --student torchvision:resnet18 --image-size 224
                 --batch-size 256 --amp bf16 --channels-last --workers 12 --data-backend $backend)
   fi
-  step cache 75 "$PY" benchmarks/bench_cache.py "${cache_args[@]}" --data "$JPEGS" --commit "$COMMIT" \
+  step cache 100 "$PY" benchmarks/bench_cache.py "${cache_args[@]}" --data "$JPEGS" --commit "$COMMIT" \
     --jsonl "$WORK/cache.jsonl" --markdown "$WORK/cache.md" --workdir "$WORK/cache-work"
 else
   [[ $STEPS == *" cache "* ]] && printf 'cache\tskipped\t-\t0\t-\n' >> "$WORK/steps.tsv"  # no cached teacher yet
@@ -258,3 +258,5 @@ tar -czf "$OUT/visit.tar.gz" -C "$WORK" --exclude="*.pt" --exclude="*.npy" .
 echo; echo "=== visit done in $((SECONDS - T0))s; results: $OUT/summary.md, $OUT/visit.tar.gz (work dir $WORK)"
 echo
 cat "$OUT/summary.md"
+exec 1>&- 2>&-
+wait "$TEE_PID" 2>/dev/null || sleep 1  # visit.log complete before the files are collected
