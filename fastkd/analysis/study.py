@@ -100,7 +100,9 @@ class StudyConfig:
                                                  "student_temperature": 1.0})
     dkd: dict = field(default_factory=lambda: {"ce_weight": 1.0, "kd_weight": 1.0, "alpha": 1.0, "beta": 8.0,
                                                "temperature": 4.0})
-    tolerant: dict = field(default_factory=lambda: {"eta": 0.5, "k": 5})
+    # eta 0.5 gave a 27 % tolerant resnet8x4 (91 % plain) in a first quick run: the gap term
+    # balances CE near p_y = 1 - eta, so 0.1 keeps the teacher usable (our reconstruction, methods.md 6).
+    tolerant: dict = field(default_factory=lambda: {"eta": 0.1, "k": 5})
     analysis_temperatures: tuple = (1.0, 2.0, 4.0, 8.0)
     device: str = "cpu"
     dropped: tuple = ()
@@ -482,6 +484,9 @@ def format_criteria(cfg: dict) -> str:
     lines += ["", VERDICT_RULE, ""]
     if cfg.get("dropped"):
         lines += ["This preset drops, against `--preset full`: " + "; ".join(cfg["dropped"]) + ".", ""]
+    if cfg["preset"] != "full":
+        lines += ["`--preset full` (sized for one H100/H200 in <= 10 minutes: 5 teachers up to resnet32x4, the "
+                  "whole 6 x 5 grid, 5 seeds) is **pending**: it has not run on a GPU yet.", ""]
     return "\n".join(lines)
 
 
