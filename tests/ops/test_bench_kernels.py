@@ -174,3 +174,61 @@ def test_save_appends_rows(tmp_path):
     md = (tmp_path / "kernels-nvidia-h100-80gb-hbm3.md").read_text()
     assert md.count("## NVIDIA H100 80GB HBM3, 2026-01-01 00:00 UTC, commit abc1234: kd + CE, bf16") == 2
     assert "| 4 x 10 | fastkd | 0.0100 | 0.0050 | 12 | 1 % | 3.00x | 1.50x | 0 | 1 / 2 | 1.5 |" in md
+
+
+def _fake_liger(monkeypatch, jsd_accepts_zero=True):
+    """A stand-in for liger_kernel with the documented semantics of the three losses the table
+    uses (Liger is not installed here): checks how the liger rows compose them."""
+    import importlib.machinery
+    import sys
+    import types
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    class LigerCrossEntropyLoss(nn.Module):
+        def forward(self, z, y):
+            return F.cross_entropy(z.float(), y)
+
+    class LigerKLDIVLoss(nn.KLDivLoss):
+        def forward(self, y_pred, y_true):
+            return F.kl_div(y_pred, y_true, reduction=self.reduction, log_target=self.log_target)
+
+    class LigerJSD(nn.Module):
+        def __init__(self, beta=0.5):
+            super().__init__()
+            assert jsd_accepts_zero or 0 < beta < 1, f"beta must be greater than 0 and less than 1. Got: {beta}"
+            self.beta = beta
+
+        def forward(self, log_q, log_p):  # beta = 0: forward KL(P || Q), mean over rows
+            return (log_p.exp() * (log_p - log_q)).sum() / log_q.shape[0]
+
+    root = types.ModuleType("liger_kernel")
+    root.__spec__ = importlib.machinery.ModuleSpec("liger_kernel", None)
+    sub = types.ModuleType("liger_kernel.transformers")
+    sub.LigerCrossEntropyLoss, sub.LigerKLDIVLoss, sub.LigerJSD = LigerCrossEntropyLoss, LigerKLDIVLoss, LigerJSD
+    root.transformers = sub
+    monkeypatch.setitem(sys.modules, "liger_kernel", root)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", sub)
+
+
+@pytest.mark.parametrize("impl", ["liger-kl", "liger-jsd"])
+def test_liger_rows_compute_kd_plus_ce(impl, monkeypatch):
+    _fake_liger(monkeypatch)
+    T = 2.0
+    fn = bk.build_impls("kd", T, 0.5, 0.5, [impl])[impl][0]
+    z, v, y = bk.make_inputs(6, 300, torch.float32, device="cpu")
+    z0 = z.detach().clone()
+    loss, g = bk.fwd_bwd(fn, z, v, y, torch.ones(()))
+    exact_loss, exact_g = _exact("kd", z, v, y, {"temperature": T})
+    torch.testing.assert_close(loss.double(), exact_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g.double(), exact_g, rtol=1e-4, atol=1e-7)
+    assert torch.equal(z.detach(), z0)  # Liger's CE got a copy: the logits are untouched
+
+
+def test_liger_jsd_row_skips_a_release_that_refuses_beta_zero(monkeypatch):
+    _fake_liger(monkeypatch, jsd_accepts_zero=False)
+    skipped = {}
+    impls = bk.build_impls("kd", None, 0.5, 0.5, ["liger-kl", "liger-jsd"], skipped=skipped)
+    assert "liger-kl" in impls and "liger-jsd" not in impls
+    assert "refuses beta=0" in skipped["liger-jsd"]
