@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from .._device import DeviceError  # noqa: F401  (re-exported: a --device this machine cannot provide)
 from .._device import resolve_device as _resolve_device
+from ..errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,16 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
 
 
 DEFAULT_TIMEOUT_S = 600.0
+
+
+class CollectiveTimeout(UsageError):
+    """A collective waited longer than ``--dist-timeout`` for another rank (reported in one line)."""
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """True for the error a gloo / NCCL collective raises when the process group's timeout expires."""
+    text = str(exc).lower()
+    return "timed out" in text or "timeout" in text
 
 
 def init(device_spec: str = "auto", timeout_s: Optional[float] = DEFAULT_TIMEOUT_S) -> DistInfo:

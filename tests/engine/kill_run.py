@@ -1,7 +1,8 @@
-"""Run ``fastkd`` with a fault-injection hook: ``python kill_run.py step:N|save:N fastkd-args...``.
+"""Run ``fastkd`` with a fault-injection hook: ``python kill_run.py step:N|save:N|stop:N fastkd-args...``.
 
 ``step:N`` SIGKILLs the process right after optimizer step N; ``save:N`` inside the N-th
-checkpoint write, with only half of the temporary file on disk (a torn write). The hooks go
+checkpoint write, with only half of the temporary file on disk (a torn write); ``stop:N``
+SIGSTOPs it after step N (a hung DDP rank). The hooks go
 through :func:`fastkd.engine.checkpoint.add_fault_hook`; the library reads no test variable.
 """
 import os
@@ -15,13 +16,13 @@ from fastkd.engine import checkpoint as ckpt
 def main() -> int:
     spec, argv = sys.argv[1], sys.argv[2:]
     kind, _, n = spec.partition(":")
-    if kind not in ("step", "save") or not n.isdigit():
-        raise SystemExit(f"kill_run.py: expected step:N or save:N, got {spec!r}")
+    if kind not in ("step", "save", "stop") or not n.isdigit():
+        raise SystemExit(f"kill_run.py: expected step:N, save:N or stop:N, got {spec!r}")
     n = int(n)
-    if kind == "step":
+    if kind in ("step", "stop"):
         def after_step(step):
             if step == n:
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), signal.SIGKILL if kind == "step" else signal.SIGSTOP)
 
         ckpt.add_fault_hook("after_step", after_step)
     else:

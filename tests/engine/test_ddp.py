@@ -56,3 +56,43 @@ def test_the_collective_timeout_reaches_the_process_group(monkeypatch):
     seen.clear()
     D.init("cpu")
     assert seen["timeout"] == datetime.timedelta(seconds=D.DEFAULT_TIMEOUT_S)
+
+
+def test_a_stopped_rank_ends_the_run_after_the_dist_timeout(tmp_path):
+    # issue 11 item 15, end to end: rank 1 is SIGSTOPped after its first step; rank 0 must fail
+    # after --dist-timeout seconds (gloo's default would block it for 30 minutes)
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    kill_run = str(Path(__file__).with_name("kill_run.py"))
+    args = ["train", "--data-backend", "synthetic", "--synthetic-samples", "256", "--synthetic-classes", "4",
+            "--image-size", "8", "--batch-size", "8", "--student", "fastkd:resnet8", "--method", "ce",
+            "--epochs", "1", "--device", "cpu", "--threads", "1", "--dist-timeout", "3",
+            "--output", str(tmp_path / "run")]
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, kill_run, "stop:1", *args] if rank == 1 else [sys.executable, "-m", "fastkd", *args]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        t0 = time.monotonic()
+        _, err = procs[0].communicate(timeout=120)
+        waited = time.monotonic() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                p.wait()
+    assert procs[0].returncode != 0, err[-3000:]
+    assert "timed out after 3 s (--dist-timeout)" in err and "Traceback" not in err, err[-3000:]
+    assert procs[0].returncode == 2
+    assert waited < 90
