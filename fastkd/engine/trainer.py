@@ -724,6 +724,13 @@ class Trainer:
             failed = False
             return {"output": str(self.out), "epochs": records, "best_top1": self.best_top1,
                     "final": records[-1] if records else None, "global_step": self.global_step}
+        except RuntimeError as exc:
+            if self.dist.distributed and D.is_timeout(exc):
+                raise D.CollectiveTimeout(
+                    f"rank {self.dist.rank}: a collective with the other processes timed out after "
+                    f"{cfg.dist_timeout:g} s (--dist-timeout): another rank stopped, crashed or fell far behind "
+                    f"(resume with --resume auto; raise --dist-timeout if that rank was legitimately busy)") from exc
+            raise
         finally:
             torch.set_num_threads(previous_threads)
             if getattr(self, "metrics", None) is not None:
