@@ -22,12 +22,13 @@
 #   demo         `fastkd demo --device cuda` (the README's first command, on the GPU)
 #   engine-compile  bench_engine.py: concurrent vs concurrent + --compile (synthetic data)
 #   cache        benchmarks/bench_cache.py (the cached teacher), when that file exists
-#   study        `fastkd study capacity --preset full`, when the preset exists
+#   study        `fastkd study capacity --preset full`, when the preset exists (~10 min alone: it
+#                starts only with >= 300 s left, so in practice in a call of its own)
 #   (optional, not in the default list: sweep = the fused kernel's launch-configuration sweep and
 #    the table at its best configuration; data = `fastkd bench data` on the JPEG folder)
 # Choose steps with STEPS="env kernels ..." (env always runs); steps run in the order above. What
 # the deadline leaves out is listed as skipped: run it in a second call at once (the machine stays
-# warm ~30 s), e.g. STEPS="demo engine-compile cache study". The last thing printed is a short
+# warm ~30 s), e.g. STEPS="demo engine-compile cache". The last thing printed is a short
 # table (python -m fastkd.bench.visit). Results: $OUT/summary.md, $OUT/visit.log and
 # $OUT/visit.tar.gz (every log, kernels-*.json/jsonl/md, engine-*.jsonl/md, env.json, the study
 # output): unpack it into benchmarks/results/visit-<date>/ and commit (see results/PENDING.md).
@@ -38,7 +39,7 @@ DRY=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
     *) echo "gpu_visit.sh: unknown argument $arg (use --dry-run or --help)"; exit 2 ;;
   esac
 done
@@ -81,8 +82,10 @@ step() {
   if [[ $STEPS != *" $name "* ]]; then return 0; fi
   local left=$(( DEADLINE - (SECONDS - T0) ))
   local t=$(( budget < left ? budget : left ))
-  if [ $t -lt 15 ]; then
-    echo "=== $name: skipped, ${left}s left of the visit's ${DEADLINE}s"
+  local need=15  # a step that cannot finish in what is left is not started (its output would be lost)
+  [ "$name" = study ] && [ $DRY = 0 ] && need=300
+  if [ $t -lt $need ]; then
+    echo "=== $name: skipped, ${left}s left of the visit's ${DEADLINE}s (needs ${need}s)"
     printf '%s\tskipped\t-\t0\t%s\n' "$name" "$budget" >> "$WORK/steps.tsv"
     return 0
   fi
@@ -194,7 +197,9 @@ if "$PY" -m fastkd study capacity --help 2>/dev/null | grep -q "full"; then
   if [ $DRY = 1 ]; then
     step study 90 "$PY" -m fastkd study capacity --preset tiny --device cpu --no-plots --output "$WORK/study"
   else
-    step study 120 "$PY" -m fastkd study capacity --preset full --device cuda --output "$WORK/study"
+    # The full preset is sized for about 10 minutes alone: it runs only when the deadline leaves it
+    # 300 s or more, i.e. in a call of its own: STEPS=study VISIT_BUDGET_S=580.
+    step study 570 "$PY" -m fastkd study capacity --preset full --device cuda --output "$WORK/study"
   fi
 else
   [[ $STEPS == *" study "* ]] && printf 'study\tskipped\t-\t0\t-\n' >> "$WORK/steps.tsv"  # no --preset full
