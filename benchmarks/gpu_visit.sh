@@ -39,7 +39,7 @@ DRY=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     *) echo "gpu_visit.sh: unknown argument $arg (use --dry-run or --help)"; exit 2 ;;
   esac
 done
