@@ -14,9 +14,14 @@ torchvision runs nvJPEG's Huffman stage on the main process's CPU, so this is ra
 many PIL workers (see benchmarks/results/data.md); DALI is the fast GPU path.
 
 Augmentation randomness is keyed per sample on ``(seed, epoch, position in the epoch order)``
-(a numpy generator per sample, see :func:`crop_window`), so it does not depend on the number of
-workers or shards, and a resumed run draws exactly the crops an uninterrupted one would. The
-student and teacher views are cut from the same window with the same flip.
+(a numpy generator per sample, see :func:`~fastkd.data.decode.crop_window` and
+:func:`~fastkd.data.decode.cifar_crop`), so it does not depend on the number of workers or
+shards, and a resumed run draws exactly the crops an uninterrupted one would. The student and
+teacher views are cut from the same window with the same flip.
+
+Corrupt files (``skip_corrupt``) keep their row as a grey placeholder flagged invalid, so every
+pass yields ``len(loader)`` full batches. Workers exit with the training process, even when it
+is killed (:func:`_worker_init`).
 """
 from __future__ import annotations
 
