@@ -3,7 +3,8 @@
 ``python -m fastkd.bench.visit WORKDIR`` reads ``WORKDIR/steps.tsv`` (one line per step: name,
 status, exit code, seconds, budget), the test logs (``*.log``: pytest's last summary line), the
 kernel rows (``kernels*.json``, written by ``fastkd bench kernels --json``) and the engine rows
-(``engine*.jsonl``, written by ``benchmarks/bench_engine.py --results``), and prints a Markdown
+(``engine*.jsonl``, written by ``benchmarks/bench_engine.py --results``) and the cached-teacher
+table (``cache.md``, from ``benchmarks/bench_cache.py --markdown``), and prints a Markdown
 summary: what ran and how it ended, then the headline numbers. It never fails on a missing or
 broken file (a step that died leaves one behind): it says what is missing instead.
 """
@@ -121,6 +122,11 @@ def summary(work) -> str:
             out.append(f"| sum-of-parts bound | {run['sum_of_parts_bound']:.0f} | |")
         if run.get("stream_gain"):
             out.append(f"\nteacher stream's own gain (concurrent / sequential): {run['stream_gain']:.3f}x")
+    cache_md = work / "cache.md"
+    if cache_md.is_file():
+        out += ["", "Cached teacher (benchmarks/bench_cache.py):", "", cache_md.read_text(errors="replace").strip()]
+    if (work / "study" / "README.md").is_file():
+        out += ["", "Capacity study: study/README.md in the tarball."]
     if not rows and not runs:
         out += ["", "(no kernel or engine results were written)"]
     return "\n".join(out)

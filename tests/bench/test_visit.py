@@ -35,7 +35,9 @@ def test_summary_reads_what_the_steps_left(tmp_path):
                                           "fastkd-concurrent": {"images_per_s": 6500.0},
                                           "fastkd-compile": {"error": "BackendCompilerFailed: x"}},
         "stream_gain": 1.07}) + "\nnot json\n")
+    (tmp_path / "cache.md").write_text("| run | images/s |\n|---|---:|\n| cached KD full fp16 | 7000 |\n")
     text = visit.summary(tmp_path)
+    assert "| cached KD full fp16 | 7000 |" in text
     assert "NVIDIA H200, commit abc1234" in text
     assert "| ops-tests | failed (rc 1) | 80 (150) | 1 failed, 131 passed in 79.2s |" in text
     assert "| engine | timeout (rc 124) | 150 (150) |" in text and "| study | skipped |" in text
