@@ -89,11 +89,17 @@ def index_image_folder(root: Path) -> DatasetIndex:
     if not root.is_dir():
         raise NotADirectoryError(f"data root {str(root)!r} is not a directory (nor a file list)")
     classes, hidden, at_root, not_images = [], 0, 0, 0
+    revisits: list[tuple[str, str]] = []  # (link, the real folder it leads back to)
+    real_root = os.path.realpath(root)
     for e in os.scandir(root):
         if e.name.startswith("."):
             hidden += 1
         elif e.is_dir():
-            classes.append(e.name)
+            real = os.path.realpath(e.path)
+            if real == real_root or real_root.startswith(real.rstrip(os.sep) + os.sep):
+                revisits.append((e.path, real))  # a link to the root or above it: a loop, no class
+            else:
+                classes.append(e.name)
         elif _is_image(e.name):
             at_root += 1
         else:
@@ -106,7 +112,6 @@ def index_image_folder(root: Path) -> DatasetIndex:
         )
     paths: list[str] = []
     labels: list[int] = []
-    revisits: list[tuple[str, str]] = []  # (link, the real folder it leads back to)
     for label, name in enumerate(classes):
         found = []
         seen = {os.path.realpath(root / name)}

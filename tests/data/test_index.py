@@ -122,11 +122,13 @@ def test_symlink_loop_is_indexed_once_and_warned_about(tmp_path, caplog):
     (tmp_path / "b" / "loop").symlink_to(tmp_path / "b")  # ln -s . b/loop (absolute target)
     (tmp_path / "b" / "sub" / "up").symlink_to("..")  # a relative loop one level down
     (tmp_path / "b" / "again").symlink_to(tmp_path / "b" / "sub")  # a second way into sub/
+    (tmp_path / "loop").symlink_to(".")  # a "class folder" that is the root itself
     with caplog.at_level(logging.WARNING, logger="fastkd"):
         index = build_index(tmp_path, train=True)
     names = [str(Path(p).relative_to(tmp_path)) for p in index.paths]
     assert names == ["a/0.jpg", "a/1.jpg", "b/0.jpg", "b/1.jpg", "b/sub/2.jpg"]  # each file once
-    assert "skipped 3 symbolic links" in caplog.text and "loop" in caplog.text
+    assert index.classes == ("a", "b")
+    assert "skipped 4 symbolic links" in caplog.text and "loop" in caplog.text
 
 
 def test_hidden_entries_and_images_at_the_root_are_counted(tmp_path, caplog):
