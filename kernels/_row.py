@@ -65,20 +65,21 @@ def _stats_update(z, v, cols, y, in_row, stats, temps, cand_ptr, METHOD: tl.cons
 
 
 @triton.jit
-def _terms_and_grad(z, v, cols, y, in_row, g_ptrs, norms, d, ce_scale, kd_scale, grad_nan, temps, alpha, beta,
-                    eps, eps_c, METHOD: tl.constexpr, REUSE_CE: tl.constexpr, S_UNIT: tl.constexpr,
+def _terms_and_grad(z, v, cols, y, in_row, g_ptrs, norms, scales, temps, coefs, METHOD: tl.constexpr, REUSE_CE: tl.constexpr, S_UNIT: tl.constexpr,
                     T_UNIT: tl.constexpr, CE_GRAD: tl.constexpr, KD_GRAD: tl.constexpr, WRITE_GRAD: tl.constexpr):
     """The row's KL partial sum over one chunk (NCKD for DKD) and the chunk's gradient.
 
     ``norms`` = (mz, lsz, ms, lss, mt, lst): normalisers as (shift, log shifted sum) of CE's z,
     the student's w = z/s and the teacher's u (both non-target only for DKD); log-probabilities
     are ``(x - m) - ls`` like ``torch.log_softmax`` (``x - (m + ls)`` would round the normaliser
-    at the logits' magnitude). ``d = p^s_y - p^t_y`` (DKD); ``ce_scale``/``kd_scale`` hold the
-    weights, the batchmean 1/count and 0 for skipped rows; ``grad_nan`` marks a bad label;
-    temps = (s, tau_tt, the row's tau_other).
+    at the logits' magnitude). scales = (ce_scale, kd_scale, grad_nan): the weights times the
+    batchmean 1/count (0 for skipped rows), and the bad-label flag; temps = (s, tau_tt, the
+    row's tau_other); coefs = (alpha, beta, eps, eps / C, d = p^s_y - p^t_y for DKD).
     """
     mz, lsz, ms, lss, mt, lst = norms
+    ce_scale, kd_scale, grad_nan = scales
     s, tau_tt, tau_to = temps
+    alpha, beta, eps, eps_c, d = coefs
     is_y = cols == y
     kl = 0.0
     g = tl.zeros_like(z)

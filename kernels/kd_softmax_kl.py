@@ -178,15 +178,14 @@ def _kd_fused_kernel(
 
     ce, norms, row_to, d, kd_extra = _row_scalars(stats, z_y, v_y, C, eps, temps, tau_max, alpha, cand_ptr, METHOD,
                                                   HAS_TARGET, SMOOTH, REUSE_CE, S_UNIT, T_UNIT, NUM_CAND, CAND_P2)
-    ce_scale = tl.where(row_on, ce_w * inv_count, 0.0)
-    kd_scale = tl.where(row_on, kd_w * inv_count, 0.0)
-    eps_c = tl.math.div_rn(eps, C.to(tl.float32))  # label smoothing mass per class
+    scales = (tl.where(row_on, ce_w * inv_count, 0.0), tl.where(row_on, kd_w * inv_count, 0.0), bad)
     temps2 = (s, tau_tt, row_to)
+    coefs = (alpha, beta, eps, tl.math.div_rn(eps, C.to(tl.float32)), d)  # eps / C: smoothing mass per class
 
     # ---- sweep 2: loss terms with the final normalisers, gradient ------------------------
     if SINGLE:
-        kl = _terms_and_grad(z, v, cols0, y, in_row, g_row + cols0, norms, d, ce_scale, kd_scale, bad, temps2,
-                             alpha, beta, eps, eps_c, METHOD, REUSE_CE, S_UNIT, T_UNIT, CE_GRAD, KD_GRAD, WRITE_GRAD)
+        kl = _terms_and_grad(z, v, cols0, y, in_row, g_row + cols0, norms, scales, temps2, coefs, METHOD, REUSE_CE,
+                             S_UNIT, T_UNIT, CE_GRAD, KD_GRAD, WRITE_GRAD)
     else:
         # Backwards: the chunks read last in sweep 1 are the likeliest to still be in L2.
         kl = 0.0
@@ -202,9 +201,8 @@ def _kd_fused_kernel(
                 z_nx, v_nx = _load_chunk(z_row, v_row, nxt, (nxt >= 0) & (nxt < C), METHOD)
             else:
                 z, v = _load_chunk(z_row, v_row, cols, in_row, METHOD)
-            kl += _terms_and_grad(z, v, cols, y, in_row, g_row + cols, norms, d, ce_scale, kd_scale, bad, temps2,
-                                  alpha, beta, eps, eps_c, METHOD, REUSE_CE, S_UNIT, T_UNIT, CE_GRAD, KD_GRAD,
-                                  WRITE_GRAD)
+            kl += _terms_and_grad(z, v, cols, y, in_row, g_row + cols, norms, scales, temps2, coefs, METHOD,
+                                  REUSE_CE, S_UNIT, T_UNIT, CE_GRAD, KD_GRAD, WRITE_GRAD)
 
     _row_outputs(row, ce, kl, kd_extra, s, beta, bad, row_on, ce_w, kd_w, ce_ptr, kd_ptr, rows_ptr, METHOD, HAS_TARGET)
     _reduce_rows(rows_ptr, loss_ptr, counter_ptr, N, count, REDUCE, BLOCK_N)
@@ -276,9 +274,9 @@ def _kd_split_kernel(
             ce_scale = tl.where(row_on, ce_w * inv_count, 0.0)
             kd_scale = tl.where(row_on, kd_w * inv_count, 0.0)
             eps_c = tl.math.div_rn(eps, C.to(tl.float32))
-            kl = _terms_and_grad(z, v, cols, y, in_row, grad_ptr + row * C + cols, norms, d, ce_scale, kd_scale, bad,
-                                 (s, tau_tt, row_to), alpha, beta, eps, eps_c, METHOD, REUSE_CE, S_UNIT, T_UNIT,
-                                 CE_GRAD, KD_GRAD, WRITE_GRAD)
+            kl = _terms_and_grad(z, v, cols, y, in_row, grad_ptr + row * C + cols, norms,
+                                 (ce_scale, kd_scale, bad), (s, tau_tt, row_to), (alpha, beta, eps, eps_c, d), METHOD,
+                                 REUSE_CE, S_UNIT, T_UNIT, CE_GRAD, KD_GRAD, WRITE_GRAD)
             tl.store(klp_ptr + row * S + sl, kl)
             tl.debug_barrier()
             if tl.atomic_add(sync_ptr + 2 + N + row, 1, sem="acq_rel") == S - 1:  # the row's last item
