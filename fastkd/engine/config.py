@@ -469,7 +469,8 @@ def check_teacher_weights(cfg: TrainConfig) -> None:
     (The Python API, :func:`make_config`, allows it with a warning at run time: tests and
     benchmarks build such runs on purpose.)
     """
-    if cfg.teacher is not None and needs_teacher(cfg) and cfg.teacher_checkpoint is None and not cfg.random_teacher:
+    if (cfg.teacher is not None and needs_teacher(cfg) and cfg.teacher_checkpoint is None and not cfg.random_teacher
+            and cfg.teacher_cache is None):  # a cache holds the teacher's outputs: --teacher only names it
         raise ConfigError(f"--method {cfg.method} distils from the teacher {cfg.teacher}, but no --teacher-checkpoint "
                           f"PATH is given: its weights would be random; pass --random-teacher to allow that "
                           f"(benchmarks only)")

@@ -286,3 +286,12 @@ def test_other_build_numerics_are_warned_about(full_cache, tiny_jpegs, tmp_path,
     args[args.index("--epochs") + 1] = "1"
     assert cli.main(args) == 0
     assert "other numerics than this run would use (amp 'bf16' (cache) vs 'none' (run))" in caplog.text
+
+
+def test_a_preset_naming_the_teacher_trains_from_the_cache_without_its_checkpoint(full_cache, tiny_jpegs, tmp_path):
+    """A preset names its teacher; with --teacher-cache the name is checked against the cache and
+    no --teacher-checkpoint (or --random-teacher) is asked for."""
+    args = [str(a) for a in [*TRAIN, "--data", tiny_jpegs, "--teacher", "fastkd:resnet8", "--teacher-cache",
+                             full_cache, "--output", tmp_path / "r"]]
+    args[args.index("--epochs") + 1] = "1"
+    assert cli.main(args) == 0
