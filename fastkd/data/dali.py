@@ -47,7 +47,7 @@ import torch
 
 from .._compat import log_once
 from .base import PLACEHOLDER_GREY, Batch, BaseLoader
-from .decode import CIFAR_PAD, cifar_crop, decode_error
+from .decode import CIFAR_PAD, cifar_crops, decode_error
 from .index import TRAIN_RATIO, TRAIN_SCALE, ShardPlan, derive_seed, val_resize_size
 
 # Batches DALI may be working on ahead of the one that failed (pipeline prefetch plus the
@@ -64,11 +64,8 @@ assert _CIFAR_OFFSETS * _CIFAR_OFFSETS * 2 <= _CODE_BASE
 
 
 def _cifar_codes(seed: int, epoch: int, keys) -> list:
-    codes = []
-    for key in keys:
-        top, left, flip = cifar_crop(seed, epoch, int(key))
-        codes.append((top * _CIFAR_OFFSETS + left) * 2 + int(flip))
-    return codes
+    tops, lefts, flips = cifar_crops(seed, epoch, keys)
+    return ((tops * _CIFAR_OFFSETS + lefts) * 2 + flips).tolist()
 
 
 def _make_pipeline(files, *, train: bool, sizes: tuple, norms: list, decoder_device: str, on_gpu: bool,

@@ -570,3 +570,16 @@ def test_dali_names_a_file_only_pil_decodes(tmp_path):
     assert "bits.tif" in str(err.value)
     # the torch backend reads it
     assert len(run(make(tmp_path, "torch", train=False, batch_size=3, image_size=8))[0]["labels"]) == 3
+
+
+def test_cifar_crop_draws_are_uniform_and_keyed():
+    from fastkd.data.decode import cifar_crop, cifar_crops
+
+    tops, lefts, flips = cifar_crops(0, 1, np.arange(18000))
+    for draws in (tops, lefts):
+        counts = np.bincount(draws, minlength=9)
+        assert len(counts) == 9 and np.abs(counts / 2000 - 1).max() < 0.1  # offsets 0..8, uniform
+    assert abs(flips.mean() - 0.5) < 0.02 and abs(np.corrcoef(tops, lefts)[0, 1]) < 0.05
+    assert cifar_crop(0, 1, 17) == (tops[17], lefts[17], flips[17])  # one key = the vector's entry
+    other_epoch, other_seed = cifar_crops(0, 2, np.arange(18000)), cifar_crops(1, 1, np.arange(18000))
+    assert (other_epoch[0] != tops).mean() > 0.8 and (other_seed[1] != lefts).mean() > 0.8
