@@ -325,6 +325,21 @@ def main(argv=None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     env = machine(args.device, args.commit)
+    data = "synthetic (on the device)" if args.data == "synthetic" else f"JPEG files {args.data}"
+    setting = (f"{args.teacher} -> {args.student}, {args.image_size} px, {args.amp}, batch {args.batch_size}, "
+               f"data {data}; fastkd reads with: {_loader_name(args)}"
+               + ("; naive loops: torchvision ImageFolder + DataLoader" if args.data != "synthetic" else ""))
+    path = None
+    if not args.no_save:
+        slug = re.sub(r"[^a-z0-9]+", "-", env["gpu"].lower()).strip("-")
+        path = Path(args.results) if args.results else RESULTS_DIR / f"engine-{slug}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial") if path else None
+
+    def record(rows):
+        return {**env, "setting": setting, "args": vars(args), "rows": rows, **summarise(rows),
+                "dry_run": args.dry_run}
+
     rows = {}
     for mode in args.modes:
         t0 = time.perf_counter()
@@ -338,25 +353,20 @@ def main(argv=None) -> int:
         if args.device == "cuda":
             torch.cuda.empty_cache()
         print(f"{mode:<18} {shown}   ({time.perf_counter() - t0:.0f} s)", flush=True)
+        if partial:  # the modes so far, in case this process is stopped (a visit step's time budget)
+            partial.write_text(json.dumps({**record(rows), "partial": True}) + "\n")
 
     derived = summarise(rows)
-    data = "synthetic (on the device)" if args.data == "synthetic" else f"JPEG files {args.data}"
-    setting = (f"{args.teacher} -> {args.student}, {args.image_size} px, {args.amp}, batch {args.batch_size}, "
-               f"data {data}; fastkd reads with: {_loader_name(args)}"
-               + ("; naive loops: torchvision ImageFolder + DataLoader" if args.data != "synthetic" else ""))
     header = [f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}, {env['date']}"
               + (" (DRY RUN on the CPU: the numbers mean nothing)" if args.dry_run else ""), setting]
     text = table(rows, derived, header)
     print("\n" + text)
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")
-    if not args.no_save:
-        slug = re.sub(r"[^a-z0-9]+", "-", env["gpu"].lower()).strip("-")
-        path = Path(args.results) if args.results else RESULTS_DIR / f"engine-{slug}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
+    if path:
         with open(path, "a") as fh:
-            fh.write(json.dumps({**env, "setting": setting, "args": vars(args), "rows": rows, **derived,
-                                 "dry_run": args.dry_run}) + "\n")
+            fh.write(json.dumps(record(rows)) + "\n")
+        partial.unlink(missing_ok=True)
     return 1 if any("error" in r for r in rows.values()) else 0
 
 

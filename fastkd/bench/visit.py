@@ -49,8 +49,9 @@ def _kernel_rows(work: Path) -> list[dict]:
 
 
 def _engine_runs(work: Path) -> list[dict]:
+    """Every engine record; a ``.partial`` file is what a stopped bench_engine.py had measured."""
     runs = []
-    for path in sorted(work.glob("engine*.jsonl")):
+    for path in sorted(work.glob("engine*.jsonl")) + sorted(work.glob("engine*.jsonl.partial")):
         for line in path.read_text().splitlines():
             try:
                 runs.append(json.loads(line))
@@ -108,7 +109,8 @@ def summary(work) -> str:
 
     runs = _engine_runs(work)
     for run in runs:
-        out += ["", f"Engine ({run.get('setting', '?')}), images/s:", "",
+        stopped = " (PARTIAL: the step was stopped before its last mode)" if run.get("partial") else ""
+        out += ["", f"Engine ({run.get('setting', '?')}), images/s{stopped}:", "",
                 "| mode | images/s | vs fair naive |", "|---|---:|---:|"]
         rows_ = run.get("rows", {})
         fair = rows_.get("naive-fair", {}).get("images_per_s")

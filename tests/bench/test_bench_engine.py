@@ -30,6 +30,21 @@ def test_derived_numbers(be):
     assert "teacher stream's own gain (fastkd-concurrent / fastkd-sequential): 1.100x" in text
 
 
+def test_a_stopped_run_leaves_the_modes_it_measured(be, tmp_path, monkeypatch):
+    def run_mode(args, mode):
+        if mode == "naive":
+            raise KeyboardInterrupt  # stands for the visit's timeout killing the process
+        return {"images_per_s": 100.0}
+
+    monkeypatch.setattr(be, "run_mode", run_mode)
+    results = tmp_path / "engine.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        be.main(["--dry-run", "--results", str(results), "--modes", "naive-fair", "teacher-only", "naive"])
+    assert not results.exists()
+    rec = json.loads((tmp_path / "engine.jsonl.partial").read_text())
+    assert rec["partial"] and set(rec["rows"]) == {"naive-fair", "teacher-only"}
+
+
 def test_dry_run_measures_each_mode_and_records_the_commit(be, tmp_path, capsys):
     results = tmp_path / "engine.jsonl"
     rc = be.main(["--dry-run", "--commit", "abc1234", "--results", str(results), "--markdown", str(tmp_path / "t.md"),
@@ -40,4 +55,5 @@ def test_dry_run_measures_each_mode_and_records_the_commit(be, tmp_path, capsys)
     rows = rec["rows"]
     assert all(rows[m]["images_per_s"] > 0 for m in ("naive-fair", "naive", "fastkd-sequential", "teacher-only"))
     assert rows["fastkd-graph"] == {"skipped": "dry run: CUDA graphs need a GPU"}
+    assert not (tmp_path / "engine.jsonl.partial").exists()  # written after each mode, removed at the end
     assert "DRY RUN" in (tmp_path / "t.md").read_text()

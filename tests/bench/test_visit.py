@@ -35,6 +35,8 @@ def test_summary_reads_what_the_steps_left(tmp_path):
                                           "fastkd-concurrent": {"images_per_s": 6500.0},
                                           "fastkd-compile": {"error": "BackendCompilerFailed: x"}},
         "stream_gain": 1.07}) + "\nnot json\n")
+    (tmp_path / "engine-jpeg.jsonl.partial").write_text(json.dumps({
+        "setting": "jpeg", "partial": True, "rows": {"naive-fair": {"images_per_s": 3000.0}}}) + "\n")
     (tmp_path / "cache.md").write_text("| run | images/s |\n|---|---:|\n| cached KD full fp16 | 7000 |\n")
     text = visit.summary(tmp_path)
     assert "| cached KD full fp16 | 7000 |" in text
@@ -44,6 +46,7 @@ def test_summary_reads_what_the_steps_left(tmp_path):
     assert "| kd | 256 x 1000 | 0.100 | 0.020 | 0.300 | 0.050 | 0.900 | 3.00x | 10 % |" in text
     assert "| fastkd-concurrent | 6500 | 1.30x |" in text and "failed: BackendCompilerFailed" in text
     assert "concurrent / sequential): 1.070x" in text
+    assert "Engine (jpeg), images/s (PARTIAL: the step was stopped before its last mode)" in text
 
 
 def test_summary_of_an_empty_folder_says_so(tmp_path):
