@@ -529,6 +529,7 @@ def test_cifar_training_crops_agree_between_backends(cifar_folder):
         assert (pixels(a["images"]) - pixels(b["images"])).abs().max() <= 1.01
 
 
+@pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 @pytest.mark.parametrize("augment", ["imagenet", "cifar"])
 def test_gpu_decode_path_runs_on_cpu_tensors(cifar_folder, corrupt_folder, augment):
     """The torch backend's GPU-decoding path (raw bytes -> decode_jpeg -> crops as tensor ops ->
