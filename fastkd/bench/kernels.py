@@ -559,8 +559,15 @@ def _run(args, shapes, config, wanted, device: str) -> int:
     if config:
         print(f"fused kernel configuration: {config}")
     rows, sweeps, skipped = [], [], {}
+
+    def checkpoint(new_rows):  # the rows so far, in case this process is stopped (a visit step's budget)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"env": env, "copy_gbs": copy_gbs, "rows": rows + new_rows,
+                                                   "partial": True}, indent=1))
+
     for method in parse_methods(args.method):
-        m_rows, m_sweeps, m_skipped = _run_method(args, method, shapes, config, wanted, device, env, copy_gbs)
+        m_rows, m_sweeps, m_skipped = _run_method(args, method, shapes, config, wanted, device, env, copy_gbs,
+                                                  checkpoint)
         rows += m_rows
         sweeps += m_sweeps
         skipped.update({f"{name} ({method})" if len(parse_methods(args.method)) > 1 else name: why
@@ -578,7 +585,7 @@ def _run(args, shapes, config, wanted, device: str) -> int:
     return 0
 
 
-def _run_method(args, method, shapes, config, wanted, device, env, copy_gbs):
+def _run_method(args, method, shapes, config, wanted, device, env, copy_gbs, checkpoint=lambda rows: None):
     """The rows (and sweep rows, and skipped implementations) of one method."""
     import torch
 
@@ -627,6 +634,7 @@ def _run_method(args, method, shapes, config, wanted, device, env, copy_gbs):
             r["speedup"] = r["vs_eager"]  # the first table's name for it
             print(format_row(r), flush=True)
         rows += shape_rows
+        checkpoint(rows)
         if args.sweep and "fastkd" in impls:
             for s in sweep_configs(fastkd_for, z, v, y, args.warmup, args.rep):
                 s.update(method=method, N=n, C=c)

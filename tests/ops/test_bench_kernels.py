@@ -123,6 +123,7 @@ def test_dry_run_measures_every_row_and_records_the_commit(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "DRY RUN" in text and "commit abc1234" in text
     data = json.loads(out.read_text())
+    assert "partial" not in data  # the per-shape checkpoints are replaced by the full file at the end
     rows = {r["impl"]: r for r in data["rows"]}
     assert set(rows) == {"fastkd", "eager", "compile"}  # liger is not installed here
     assert set(data["skipped"]) == {"liger-kl", "liger-jsd"} and "not installed" in data["skipped"]["liger-jsd"]
@@ -146,6 +147,23 @@ def test_several_methods_in_one_run(tmp_path, capsys):
         assert abs(a - b) < 1e-4
     with pytest.raises(UsageError, match="unknown method"):
         bk.main(_args(method="ats,kdd"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU check")
+def test_a_stopped_run_leaves_the_rows_it_measured(tmp_path, monkeypatch):
+    measure = bk.measure
+
+    def measure_until_the_second_shape(fn, z, *a):
+        if z.shape[0] == 5:
+            raise KeyboardInterrupt  # stands for the visit's timeout killing the process
+        return measure(fn, z, *a)
+
+    monkeypatch.setattr(bk, "measure", measure_until_the_second_shape)
+    out = tmp_path / "rows.json"
+    with pytest.raises(KeyboardInterrupt):
+        bk.main(_args(dry_run=True, impls="eager", shapes="4x50,5x50", json=str(out)))
+    data = json.loads(out.read_text())
+    assert data["partial"] and [(r["N"], r["impl"]) for r in data["rows"]] == [(4, "eager")]
 
 
 def test_liger_rows_only_for_kd():
