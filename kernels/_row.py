@@ -26,29 +26,30 @@ def _load_chunk(z_row, v_row, cols, mask, METHOD: tl.constexpr):
 
 @triton.jit
 def _stats_init(CAND_P2: tl.constexpr):
-    """Empty row statistics: (mz, sz, zsum, ms, ss, mt, st, M, S1, S2), see _stats_update."""
+    """Empty row statistics: (mz, sz, zmean, ms, ss, mt, st, M, S1, S2), see _stats_update."""
     NEG_INF: tl.constexpr = float("-inf")
     S = tl.zeros([CAND_P2], dtype=tl.float32)
     return NEG_INF, 0.0, 0.0, NEG_INF, 0.0, NEG_INF, 0.0, NEG_INF, S, S
 
 
 @triton.jit
-def _stats_update(z, v, cols, y, in_row, stats, temps, cand_ptr, METHOD: tl.constexpr, HAS_TARGET: tl.constexpr,
+def _stats_update(z, v, cols, y, in_row, C, stats, temps, cand_ptr, METHOD: tl.constexpr, HAS_TARGET: tl.constexpr,
                   SMOOTH: tl.constexpr, REUSE_CE: tl.constexpr, S_UNIT: tl.constexpr, T_UNIT: tl.constexpr,
                   NUM_CAND: tl.constexpr, CAND_P2: tl.constexpr):
     """Fold one chunk (z, v: [BLOCK] fp32, -inf outside the row) into the row statistics.
 
-    (mz, sz, zsum): LSE(z) state and sum(z) for CE.  (ms, ss): LSE state of the student's
+    (mz, sz, zmean): LSE(z) state and mean(z) for CE, the mean as a sum of z/C (its partial sums
+    never exceed max|z|: rows near fp32's maximum do not overflow; as the reference).  (ms, ss): LSE state of the student's
     KD logits w = z/s (non-target classes only for DKD).  (mt, st): LSE state of the teacher's
     u (non-target only for DKD).  (M, S1, S2): ISATS candidate sums.  temps = (s, tau_tt, tau_to).
     """
-    mz, sz, zsum, ms, ss, mt, st, M, S1, S2 = stats
+    mz, sz, zmean, ms, ss, mt, st, M, S1, S2 = stats
     s, tau_tt, tau_to = temps
     is_y = cols == y  # never true for an ignored / out-of-range label or a missing target
     if HAS_TARGET:
         mz, sz = _lse_update(mz, sz, z)
         if SMOOTH:
-            zsum += tl.sum(tl.where(in_row, z, 0.0), axis=0)
+            zmean += tl.sum(tl.where(in_row, tl.math.div_rn(z, C.to(tl.float32)), 0.0), axis=0)
     if METHOD == METHOD_DKD:  # non-target classes at temperature T
         ms, ss = _lse_update(ms, ss, tl.where(is_y, float("-inf"), _div(z, s, S_UNIT)))
         mt, st = _lse_update(mt, st, tl.where(is_y, float("-inf"), _div(v, tau_to, T_UNIT)))
@@ -61,7 +62,7 @@ def _stats_update(z, v, cols, y, in_row, stats, temps, cand_ptr, METHOD: tl.cons
             mt, st = _lse_update(mt, st, _div(v, tl.where(is_y, tau_tt, tau_to), T_UNIT))
         else:
             M, S1, S2 = _isats_update(M, S1, S2, tl.where(is_y, float("-inf"), v), cand_ptr, NUM_CAND, CAND_P2)
-    return mz, sz, zsum, ms, ss, mt, st, M, S1, S2
+    return mz, sz, zmean, ms, ss, mt, st, M, S1, S2
 
 
 @triton.jit
@@ -169,14 +170,14 @@ def _row_scalars(stats, z_y, v_y, C, eps, temps, tau_max, alpha, cand_ptr, METHO
     """From the row statistics: (ce, norms, row_to, d, kd_extra). ``norms`` as _terms_and_grad
     takes them; row_to: the row's tau_other (ISATS: the chosen candidate); d and kd_extra =
     alpha * TCKD for DKD."""
-    mz, sz, zsum, ms, ss, mt, st, M, S1, S2 = stats
+    mz, sz, zmean, ms, ss, mt, st, M, S1, S2 = stats
     s, tau_tt, tau_to = temps
     ce = 0.0
     lsz = _log_or_zero(sz, HAS_TARGET)
     if HAS_TARGET:
         ce = (mz - z_y) + lsz
         if SMOOTH:
-            ce = (1.0 - eps) * ce + eps * ((mz - tl.math.div_rn(zsum, C.to(tl.float32))) + lsz)
+            ce = (1.0 - eps) * ce + eps * ((mz - zmean) + lsz)
     if REUSE_CE:
         ms = mz
         ss = sz
@@ -248,10 +249,10 @@ def _reduce_rows(rows_ptr, loss_ptr, counter_ptr, N, count, REDUCE: tl.constexpr
 @triton.jit
 def _stats_store(p, stats, CAND_P2: tl.constexpr):
     """Store row statistics at ``p``: 8 scalars, then S1 and S2 ([CAND_P2] each)."""
-    mz, sz, zsum, ms, ss, mt, st, M, S1, S2 = stats
+    mz, sz, zmean, ms, ss, mt, st, M, S1, S2 = stats
     tl.store(p, mz)
     tl.store(p + 1, sz)
-    tl.store(p + 2, zsum)
+    tl.store(p + 2, zmean)
     tl.store(p + 3, ms)
     tl.store(p + 4, ss)
     tl.store(p + 5, mt)
@@ -284,7 +285,7 @@ def _stats_merge(p, S, cand_ptr, METHOD: tl.constexpr, NUM_CAND: tl.constexpr, C
     q = p + k * KS
     NEG_INF: tl.constexpr = float("-inf")
     mz, sz = _lse_reduce(tl.load(q, on, NEG_INF, cache_modifier=".cg"), tl.load(q + 1, on, 0.0, cache_modifier=".cg"))
-    zsum = tl.sum(tl.load(q + 2, on, 0.0, cache_modifier=".cg"), axis=0)
+    zmean = tl.sum(tl.load(q + 2, on, 0.0, cache_modifier=".cg"), axis=0)
     ms, ss = _lse_reduce(tl.load(q + 3, on, NEG_INF, cache_modifier=".cg"),
                          tl.load(q + 4, on, 0.0, cache_modifier=".cg"))
     mt, st = _lse_reduce(tl.load(q + 5, on, NEG_INF, cache_modifier=".cg"),
@@ -297,4 +298,4 @@ def _stats_merge(p, S, cand_ptr, METHOD: tl.constexpr, NUM_CAND: tl.constexpr, C
                                   tl.load(q2, on[:, None], 0.0, cache_modifier=".cg"),
                                   tl.load(q2 + CAND_P2, on[:, None], 0.0, cache_modifier=".cg"),
                                   cand_ptr, NUM_CAND, CAND_P2)
-    return mz, sz, zsum, ms, ss, mt, st, M, S1, S2
+    return mz, sz, zmean, ms, ss, mt, st, M, S1, S2

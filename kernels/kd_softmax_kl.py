@@ -158,8 +158,8 @@ def _kd_fused_kernel(
     if SINGLE:
         in_row = cols0 < C
         z, v = _load_chunk(z_row, v_row, cols0, in_row, METHOD)
-        stats = _stats_update(z, v, cols0, y, in_row, stats, temps, cand_ptr, METHOD, HAS_TARGET, SMOOTH, REUSE_CE,
-                              S_UNIT, T_UNIT, NUM_CAND, CAND_P2)
+        stats = _stats_update(z, v, cols0, y, in_row, C, stats, temps, cand_ptr, METHOD, HAS_TARGET, SMOOTH,
+                              REUSE_CE, S_UNIT, T_UNIT, NUM_CAND, CAND_P2)
     else:
         n_chunks = tl.cdiv(C, BLOCK)
         if PREFETCH:
@@ -173,7 +173,7 @@ def _kd_fused_kernel(
                 z_nx, v_nx = _load_chunk(z_row, v_row, nxt, nxt < C, METHOD)
             else:
                 z, v = _load_chunk(z_row, v_row, cols, in_row, METHOD)
-            stats = _stats_update(z, v, cols, y, in_row, stats, temps, cand_ptr, METHOD, HAS_TARGET, SMOOTH,
+            stats = _stats_update(z, v, cols, y, in_row, C, stats, temps, cand_ptr, METHOD, HAS_TARGET, SMOOTH,
                                   REUSE_CE, S_UNIT, T_UNIT, NUM_CAND, CAND_P2)
 
     ce, norms, row_to, d, kd_extra = _row_scalars(stats, z_y, v_y, C, eps, temps, tau_max, alpha, cand_ptr, METHOD,
@@ -249,8 +249,8 @@ def _kd_split_kernel(
         z, v = _load_chunk(z_row, v_row, cols, in_row, METHOD)
         row_stats = stats_ptr + row * (S + 1) * KS  # S slices' statistics, then the merged row's
         if is_stats:
-            stats = _stats_update(z, v, cols, y, in_row, _stats_init(CAND_P2), temps, cand_ptr, METHOD, HAS_TARGET,
-                                  SMOOTH, REUSE_CE, S_UNIT, T_UNIT, NUM_CAND, CAND_P2)
+            stats = _stats_update(z, v, cols, y, in_row, C, _stats_init(CAND_P2), temps, cand_ptr, METHOD,
+                                  HAS_TARGET, SMOOTH, REUSE_CE, S_UNIT, T_UNIT, NUM_CAND, CAND_P2)
             _stats_store(row_stats + sl * KS, stats, CAND_P2)
             tl.debug_barrier()  # every thread's stores happen before the release below
             if tl.atomic_add(sync_ptr + 2 + row, 1, sem="acq_rel") == S - 1:  # the row's last: merge, publish

@@ -284,6 +284,26 @@ def test_large_magnitude_logits(method, dtype, scale, device):
     assert torch.isfinite(loss) and torch.isfinite(g).all()
 
 
+# z - max(z) = -1e38 - 3e38 overflows to -inf, whose exp is the exact 0: a harmless overflow.
+@pytest.mark.filterwarnings("ignore:overflow encountered in subtract:RuntimeWarning")
+@pytest.mark.parametrize("path", ["single", "chunked", "split"])
+def test_label_smoothing_near_fp32_max_does_not_overflow(path, device):
+    """mean(z) of label smoothing accumulated as a sum of z/C (as the reference): a row near
+    fp32's maximum gives its finite CE (~5.6e36), not -inf (a plain sum of z overflowed)."""
+    z = torch.full((2, 40), 2.5e38, device=device)  # a plain fp32 sum of a row overflows
+    z[:, :3] = 3e38
+    z[:, 3] = 2e38
+    z[:, 39] = -1e38
+    y = torch.tensor([0, 3], device=device)
+    config = {"single": None, "chunked": LaunchConfig(max_single=16, chunk=16, split=False),
+              "split": LaunchConfig(max_single=16, slice=16, split=True)}[path]
+    loss, parts = fused_distill(z, None, y, method="ce", ce_weight=1.0, kd_weight=0.0, label_smoothing=0.1,
+                                ignore_index=II, reduction="none", config=config)
+    exact = ref.cross_entropy(z.double(), y, 0.1, II)
+    assert torch.isfinite(loss).all() and 5e36 < loss[0].item() < 6e36
+    torch.testing.assert_close(parts["ce"].double(), exact, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("method", KD_METHODS)
 def test_masked_minus_inf(method, device):
     """-inf where both mask (contributes 0), teacher-only mask, and a student-only mask where
