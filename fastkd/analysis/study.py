@@ -487,7 +487,7 @@ def format_criteria(cfg: dict) -> str:
     if cfg["preset"] != "full":
         lines += ["`--preset full` (sized for one H100/H200 in <= 10 minutes: 5 teachers up to resnet32x4, the "
                   "whole 6 x 5 grid, 5 seeds) is **pending**: it has not run on a GPU yet.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 def format_results(res: dict) -> str:
