@@ -92,6 +92,8 @@ class StudyConfig:
     weight_decay: float = 5e-4
     tau_targets: tuple = (2.0, 4.0, 6.0)
     tau_others: tuple = (1.0, 2.0, 3.0)
+    # explicit ATS points (tau1, tau2) instead of the tau_targets x tau_others grid, when given
+    ats_grid_points: tuple = ((2.0, 1.0), (3.0, 2.0), (4.0, 2.0), (4.0, 3.0), (5.0, 4.0), (6.0, 3.0), (6.0, 5.0))
     diagonal: tuple = (1.0, 2.0, 4.0)
     kd: dict = field(default_factory=lambda: {"ce_weight": 0.1, "kd_weight": 0.9, "temperature": 4.0})
     ats: dict = field(default_factory=lambda: {"ce_weight": 0.5, "kd_weight": 0.5, "student_temperature": 1.0})
@@ -119,6 +121,9 @@ class StudyConfig:
         if self.student_epochs < 2 or self.teacher_epochs < 2:
             raise ValueError("ESKD stops at half the epochs: teacher and student epochs must be >= 2")
         ats_points(self.tau_targets, self.tau_others)
+        if any(len(p) != 2 or not float(p[0]) > float(p[1]) > 0 for p in self.ats_grid_points):
+            raise ValueError(f"ats_grid_points must be (tau1, tau2) pairs with tau1 > tau2 > 0, got "
+                             f"{self.ats_grid_points!r}")
         if not self.diagonal:
             raise ValueError("the s = 1 diagonal needs at least one temperature")
         from ..models import FASTKD_MODELS
@@ -132,7 +137,8 @@ PRESETS = {
     # A test-sized run: seconds, numbers meaningless.
     "tiny": StudyConfig(preset="tiny", train_per_class=2, val_per_class=1, test_per_class=1, digit_size=8,
                         teachers=("resnet8", "resnet20"), teacher_epochs=2, student_epochs=2, seeds=(0, 1),
-                        batch_size=64, tau_targets=(2.0, 4.0), tau_others=(1.0,), diagonal=(1.0, 2.0),
+                        batch_size=64, tau_targets=(2.0, 4.0), tau_others=(1.0,), ats_grid_points=(),
+                        diagonal=(1.0, 2.0),
                         analysis_temperatures=(1.0, 4.0), dropped=("everything but the pipeline: a test size",)),
     # 2 CPU cores, <= 10 minutes.
     "quick": StudyConfig(preset="quick", dropped=(
@@ -140,13 +146,15 @@ PRESETS = {
         "(1.2 M); resnet32x4 trains at about 40 img/s on one CPU core, and resnet56 did not train in the quick "
         "budget's 300 steps (2.7 % test top-1 after 12 epochs at lr 0.1; 4 % after 4 epochs at lr 0.02)",
         "8x8-pixel digits (full: 14x14)", "16 training pairs per class (full: 40)",
-        "ATS grid tau1 in {2,4,6} x tau2 in {1,2,3} (full: {1..6} x {1..5}), diagonal {1,2,4} (full: {1..5})",
+        "ATS grid: 7 of the 15 points tau1 > tau2, (2,1) (3,2) (4,2) (4,3) (5,4) (6,3) (6,5), spanning tau2/tau1 "
+        "0.5-0.83 (full: all 15); diagonal {1,2,4} (full: {1..5})",
         "10 student / 12 teacher epochs (full: 30 / 40)", "3 seeds (full: 5)")),
     # One H100/H200, <= 10 minutes (sized, not yet run: pending).
     "full": StudyConfig(preset="full", train_per_class=40, val_per_class=10, test_per_class=20, digit_size=14,
                         teachers=("resnet8", "resnet20", "resnet56", "resnet8x4", "resnet32x4"), teacher_epochs=40,
                         student_epochs=30, seeds=(0, 1, 2, 3, 4), batch_size=128, lr=0.1,
                         tau_targets=(1.0, 2.0, 3.0, 4.0, 5.0, 6.0), tau_others=(1.0, 2.0, 3.0, 4.0, 5.0),
+                        ats_grid_points=(),
                         diagonal=(1.0, 2.0, 3.0, 4.0, 5.0), device="auto"),
 }
 
@@ -363,7 +371,7 @@ def run_study(cfg: StudyConfig, on_start: Optional[Callable[[], None]] = None) -
     jobs = {"-/ce": {"teacher": "-", "method": "ce", "settings": {"ce_weight": 1.0, "kd_weight": 0.0}}}
     for arch in cfg.teachers:
         jobs[f"{arch}/kd"] = kd_job(arch)
-    ats_grid = ats_points(cfg.tau_targets, cfg.tau_others)
+    ats_grid = _ats_grid(cfg)
     if tuple(cfg.ats_released) not in ats_grid:
         ats_grid.append(tuple(float(t) for t in cfg.ats_released))
     for t1, t2 in ats_grid:
@@ -421,7 +429,7 @@ def run_study(cfg: StudyConfig, on_start: Optional[Callable[[], None]] = None) -
 
     ats_fmt = lambda p: f"{largest}/ats({p[0]:g},{p[1]:g})"  # noqa: E731
     diag_fmt = lambda p: f"{largest}/diagonal({p[0]:g})"  # noqa: E731
-    ats_sel = sel("ats", ats_points(cfg.tau_targets, cfg.tau_others), ats_fmt)
+    ats_sel = sel("ats", _ats_grid(cfg), ats_fmt)
     diag_sel = sel("diagonal", diagonal_points(cfg.diagonal), diag_fmt)
     selected = {"ats": ats_fmt(ats_sel.point), "diagonal": diag_fmt(diag_sel.point)}
     verdict, evidence = verdicts(results, [t for t in teachers if t["name"] in cfg.teachers], obs1_std,
@@ -455,6 +463,12 @@ def run_study(cfg: StudyConfig, on_start: Optional[Callable[[], None]] = None) -
                       "diagonal_detail": diag_sel.as_dict()},
         "analysis": analysis, "seconds": timings, "results": {k: v for k, v in results.items()},
     }
+
+
+def _ats_grid(cfg: StudyConfig) -> list:
+    if cfg.ats_grid_points:
+        return [(float(a), float(b)) for a, b in cfg.ats_grid_points]
+    return ats_points(cfg.tau_targets, cfg.tau_others)
 
 
 def _config_dict(cfg: StudyConfig) -> dict:
