@@ -75,6 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--accuracy-ks", type=int, nargs="+", default=[5, 10, 20])
     p.add_argument("--accuracy-seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--accuracy-teacher", default="resnet56")
+    p.add_argument("--accuracy-temperature", type=float, default=None, help="KD temperature (default: the "
+                   "preset's, 4); top-K rows keep the softmax mass outside the top-K exactly only at T = 1")
     p.add_argument("--accuracy-preset", default="quick", help="fastkd study capacity preset whose data, "
                    "epochs and KD setting are used")
     return p.parse_args(argv)
@@ -232,6 +234,9 @@ def accuracy_cost(args) -> int:
     from fastkd.models import create_model
 
     cfg = S.PRESETS[args.accuracy_preset]
+    kd = dict(cfg.kd)
+    if args.accuracy_temperature is not None:
+        kd["temperature"] = args.accuracy_temperature
     t_start = time.perf_counter()
     data = make_digit_pairs(cfg.train_per_class, cfg.val_per_class, cfg.test_per_class, digit_size=cfg.digit_size)
     views = S._views(data.x_train)
@@ -254,7 +259,7 @@ def accuracy_cost(args) -> int:
         for name, k in variants.items():
             model = create_model("fastkd:resnet8", num_classes=C, in_chans=1)
             model.load_state_dict(init)
-            loss = DistillLoss("kd", **cfg.kd)
+            loss = DistillLoss("kd", **kd)
 
             def loss_fn(out, idx, view, e, loss=loss, k=k):
                 if k == 0:  # the reference without a teacher
@@ -270,7 +275,7 @@ def accuracy_cost(args) -> int:
     lines = [f"Measured {info['date']} at commit {info['commit']} on {info['device']}; torch {info['torch']}.",
              f"Task: fastkd study capacity ({args.accuracy_preset} preset): {data.description}. Teacher "
              f"fastkd:{args.accuracy_teacher} (CE, {cfg.teacher_epochs} epochs, test top-1 {teacher_top1:.4f}); "
-             f"students fastkd:resnet8, KD {cfg.kd}, {cfg.student_epochs} epochs, seeds {args.accuracy_seeds} "
+             f"students fastkd:resnet8, KD {kd}, {cfg.student_epochs} epochs, seeds {args.accuracy_seeds} "
              f"(same initial weights and batches per seed). Top-K rows per methods.md section 10, fp32. "
              f"Wall time {time.perf_counter() - t_start:.0f} s.", "",
              "| teacher rows | student test top-1 (mean +- SE) | paired difference to full (mean +- SE) |",
