@@ -55,6 +55,30 @@ def check_cache(manifest: dict, wanted: dict, epochs: Iterable[int], *, root="",
         raise store.CacheMismatchError(where + "does not match this run: " + problem)
 
 
+def teacher_temperatures(cfg) -> list:
+    """The temperatures the run's logit method applies to the teacher (ISATS: its candidates too)."""
+    from ..engine import config as C
+    from ..losses.methods import defaults, loss_kwargs
+
+    method = C.logit_method(cfg)
+    params = {**defaults(method), **loss_kwargs(method, cfg)}
+    temps = [params.get(k) for k in ("temperature", "tau_target", "tau_other")]
+    temps += list(params.get("candidates") or [])
+    return [float(t) for t in temps if t is not None]
+
+
+def warn_topk_temperature(cfg) -> None:
+    """Top-K rows keep the tail's softmax mass exactly at T = 1 only (methods.md section 10); at
+    T = 4 on a 100-class task they cost tens of points of student top-1 (see
+    benchmarks/results/cache-cpu-topk-accuracy.md). Say so when the run's teacher temperature is not 1."""
+    temps = sorted({t for t in teacher_temperatures(cfg) if t != 1.0})
+    if temps:
+        logger.warning("fastkd: a top-k teacher cache with teacher temperature(s) %s: the fill value keeps the "
+                       "absent classes' mass only at T = 1, so at these temperatures the soft targets over-weight "
+                       "the tail (measured: large accuracy losses at T = 4 for K <= 10); prefer --format full",
+                       ", ".join(f"{t:g}" for t in temps))
+
+
 class CachedTeacher(TeacherSource):
     """Teacher outputs read from a cache built by ``fastkd cache build``.
 
@@ -99,6 +123,8 @@ class CachedTeacher(TeacherSource):
             logger.warning("fastkd: the teacher cache was computed with other numerics than this run would use "
                            "(%s): the logits may differ from the online teacher's in the last bits",
                            "; ".join(differ))
+        if src.format == "topk":
+            warn_topk_temperature(cfg)
         return src
 
     @property

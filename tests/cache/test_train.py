@@ -295,3 +295,20 @@ def test_a_preset_naming_the_teacher_trains_from_the_cache_without_its_checkpoin
                              full_cache, "--output", tmp_path / "r"]]
     args[args.index("--epochs") + 1] = "1"
     assert cli.main(args) == 0
+
+
+def test_topk_cache_warns_at_a_teacher_temperature_other_than_1(tiny_jpegs, teacher_ckpt, tmp_path, caplog):
+    from fastkd.cache.source import teacher_temperatures
+    from fastkd.engine import config as C
+
+    assert teacher_temperatures(C.TrainConfig(method="kd")) == [1.0]
+    assert teacher_temperatures(C.TrainConfig(method="ats")) == [4.0, 2.0]
+    assert teacher_temperatures(C.TrainConfig(method="dkd")) == [4.0]
+    cache = tmp_path / "topk"
+    build(tiny_jpegs, teacher_ckpt, cache, "--format", "topk", "--top-k", "2", epochs=1)
+    args = [str(a) for a in [*TRAIN, "--data", tiny_jpegs, "--teacher-cache", cache]]
+    args[args.index("--epochs") + 1] = "1"
+    assert cli.main([*args, "--output", str(tmp_path / "t1")]) == 0
+    assert "top-k teacher cache with teacher temperature" not in caplog.text  # KD at T = 1: exact mass
+    assert cli.main([*args, "--temperature", "4", "--output", str(tmp_path / "t4")]) == 0
+    assert "top-k teacher cache with teacher temperature(s) 4" in caplog.text
