@@ -312,3 +312,21 @@ def test_topk_cache_warns_at_a_teacher_temperature_other_than_1(tiny_jpegs, teac
     assert "top-k teacher cache with teacher temperature" not in caplog.text  # KD at T = 1: exact mass
     assert cli.main([*args, "--temperature", "4", "--output", str(tmp_path / "t4")]) == 0
     assert "top-k teacher cache with teacher temperature(s) 4" in caplog.text
+
+
+def test_two_gloo_processes_from_the_cache_match_the_online_teacher(full_cache, tiny_jpegs, teacher_ckpt, tmp_path,
+                                                                   run_py):
+    """DDP: each rank reads its shard's rows (45 samples: one padded row, ignored) -> the weights
+    of the online 2-process run, bit for bit."""
+    base = [str(a) for a in ["--standalone", "--nproc_per_node", "2", "-m", "fastkd", *TRAIN, "--data", tiny_jpegs]]
+    base[base.index("--epochs") + 1] = "1"
+    online, cached = tmp_path / "online", tmp_path / "cached"
+    for extra, out in ((["--teacher", "fastkd:resnet8", "--teacher-checkpoint", str(teacher_ckpt)], online),
+                       (["--teacher-cache", str(full_cache)], cached)):
+        proc = run_py([*base, *extra, "--output", out], module=("-m", "torch.distributed.run"))
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "world_size: 2" in (cached / "config.yaml").read_text()
+    a, b = weights(online), weights(cached)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert read_metrics(cached / "metrics.jsonl", "epoch")[-1]["train_samples"] == 45
