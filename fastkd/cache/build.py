@@ -271,7 +271,7 @@ def build_cache(cfg: C.TrainConfig, output, spec: CacheSpec) -> dict:
                     total = total.to(device)
                 D.all_reduce_sum(total, dist)
                 if int(total) != n:
-                    raise RuntimeError(f"epoch {epoch}: {int(total)} rows written for {n} samples (unreadable "
+                    raise ValueError(f"epoch {epoch}: {int(total)} rows written for {n} samples (unreadable "
                                        "files?); the epoch is not marked done")
                 D.barrier(dist)
                 if dist.is_main:
