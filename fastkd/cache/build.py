@@ -272,7 +272,7 @@ def build_cache(cfg: C.TrainConfig, output, spec: CacheSpec) -> dict:
                 D.all_reduce_sum(total, dist)
                 if int(total) != n:
                     raise ValueError(f"epoch {epoch}: {int(total)} rows written for {n} samples (unreadable "
-                                       "files?); the epoch is not marked done")
+                                     "files?); the epoch is not marked done")
                 D.barrier(dist)
                 if dist.is_main:
                     _commit_epoch(out, epoch)
