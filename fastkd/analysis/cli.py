@@ -419,9 +419,9 @@ def main(args) -> int:
             raise ValueError(f"teacher {s.label!r} was trained on {len(classes)} classes, --data {data_dir} holds "
                              f"{num_classes}: point --data at the data set it was trained on")
         if classes is not None and list(classes) != list(loader.classes):
+            first = next((a, b) for a, b in zip(classes, loader.classes) if a != b)
             raise ValueError(f"teacher {s.label!r} was trained on other class names than the folders of --data "
-                             f"{data_dir} (first difference: "
-                             f"{next((a, b) for a, b in zip(classes, loader.classes) if a != b)}): labels would not match")
+                             f"{data_dir} (first difference: {first}): labels would not match")
     models = {}
     for s in specs:
         model = create_model(s.model, num_classes=num_classes)

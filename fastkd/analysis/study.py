@@ -513,7 +513,8 @@ def format_results(res: dict) -> str:
              "median wrong/target ratio |", "|---|---|---|---|---|---|---|"]
     for t in res["teachers"]:
         lines.append(f"| {t['name']} | {t['params']:,} | {t['train_top1']:.4f} | {t['val_top1']:.4f} | "
-                     f"{t['test_top1']:.4f} | {t['ats_label_on_top']['4,2']:.4f} | {t['wrong_target_ratio']['q50']:.3f} |")
+                     f"{t['test_top1']:.4f} | {t['ats_label_on_top']['4,2']:.4f} | "
+                     f"{t['wrong_target_ratio']['q50']:.3f} |")
     lines += ["", f"Students (resnet8; {len(cfg['seeds'])} seeds {cfg['seeds']}, mean +- SE, final epoch "
               f"{cfg['student_epochs']} of {cfg['student_epochs']}):", "",
               "| teacher | method | settings | val top-1 | test top-1 | SE |", "|---|---|---|---|---|---|"]

@@ -262,7 +262,10 @@ def format_table(rows: list[dict], student_epochs: int, teacher_epochs: int) -> 
             f"{r['wall_s']:.0f} s",
         ))
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
-    fmt = lambda row: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) + " |"  # noqa: E731
+    def fmt(row):
+        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(row, widths))) + " |"
+
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     note = (f"Numbers of the last epoch ({student_epochs} of {student_epochs} for students, {teacher_epochs} of "
             f"{teacher_epochs} for teachers): 'test' is val/, 'val' the validation split carved from train/. "
