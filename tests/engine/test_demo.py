@@ -1,4 +1,4 @@
-"""``fastkd demo`` end to end with one epoch per run (the full demo runs 8 per teacher, 6 per student),
+"""``fastkd demo`` end to end with one epoch per run (the full demo runs 15 per teacher, 6 per student),
 and its closing sentences computed from its numbers, whichever way they go."""
 import json
 
@@ -32,7 +32,7 @@ def test_demo_runs_every_stage_and_prints_the_table(tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "test top-1" in text and "resnet8 <- resnet8x4 [ats (4,2) s=1]" in text
-    assert "label on top under ATS(4,2)" in text and "KL(t||s) T=1" in text and "1 of 1 for students" in text
+    assert "label on top under the released ATS(4,2)" in text and "KL(t||s) T=1" in text and "1 of 1 for students" in text
     (demo_dir,) = (tmp_path / "runs").iterdir()
     results = json.loads((demo_dir / "demo_results.json").read_text())
     runs = {r["run"]: r for r in results["runs"]}
