@@ -223,6 +223,16 @@ def test_single_teacher_and_undefined_spearman_in_reports(tmp_path):
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["pairs"][0]["spearman"] is None
 
 
+def test_plots_and_the_digits_are_part_of_the_base_install():
+    """issue 12 item 3: the README's `pip install -e .` must run `fastkd analyze` (plots) and the study."""
+    import pathlib
+    import tomllib
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {d.split(";")[0].split(">")[0].split("=")[0].strip().lower() for d in deps}
+    assert {"matplotlib", "mlxtend"} <= names
+
 @pytest.mark.gpu
 def test_analyze_on_cuda(digits, checkpoints, tmp_path):
     """The CUDA path (GPU JPEG decoding, teachers on the GPU) against a pass over the same loader."""
