@@ -509,8 +509,8 @@ def format_criteria(cfg: dict) -> str:
 def format_results(res: dict) -> str:
     cfg = res["config"]
     lines = ["## Results", "", f"Data: {res['data']}.", "",
-             "| teacher | params | train top-1 | val top-1 | test top-1 | ATS(4,2) label on top | "
-             "median wrong/target ratio |", "|---|---|---|---|---|---|---|"]
+             "| teacher | params | train top-1 | val top-1 | test top-1 | ATS(4,2) label on top (train rows) | "
+             "median wrong/target ratio (train rows) |", "|---|---|---|---|---|---|---|"]
     for t in res["teachers"]:
         lines.append(f"| {t['name']} | {t['params']:,} | {t['train_top1']:.4f} | {t['val_top1']:.4f} | "
                      f"{t['test_top1']:.4f} | {t['ats_label_on_top']['4,2']:.4f} | "
