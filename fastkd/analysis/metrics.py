@@ -145,9 +145,30 @@ def _check(logits: Tensor, target: Tensor, name: str = "logits", min_classes: in
         raise TypeError("target must be an integer torch.Tensor of class indices")
     if target.shape != (N,):
         raise ValueError(f"target must have shape ({N},) to match {name}, got {tuple(target.shape)}")
-    if N and (int(target.min()) < 0 or int(target.max()) >= C):
+
+
+def _check_range(target: Tensor, C: int, name: str = "logits") -> None:
+    """Labels in [0, C) (a host sync: used by the one-shot functions, never per batch by the meters)."""
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= C):
         bad = target[(target < 0) | (target >= C)][0].item()
         raise ValueError(f"target holds label {bad}, outside [0, {C}) for {C}-class {name}")
+
+
+class _LabelGuard:
+    """The meters' label check without a host sync: out-of-range labels are counted on the device
+    (and clamped so the batch can be computed), and :meth:`raise_if_bad` reports them in ``result()``."""
+
+    def __init__(self):
+        self._bad: Optional[Tensor] = None
+
+    def __call__(self, target: Tensor, C: int) -> Tensor:
+        bad = ((target < 0) | (target >= C)).sum()
+        self._bad = bad if self._bad is None else self._bad + bad
+        return target.long().clamp(0, C - 1)
+
+    def raise_if_bad(self, C: Optional[int]) -> None:
+        if self._bad is not None and int(self._bad):
+            raise ValueError(f"{int(self._bad)} target label(s) outside [0, {C}) for {C}-class logits")
 
 
 def _target_mask(logits: Tensor, target: Tensor) -> Tensor:
@@ -169,6 +190,11 @@ def wrong_class_stats(logits: Tensor, target: Tensor, soft_label: SoftLabel = So
     Returns ``{metric: (N,) float64 tensor}`` for every name in :data:`METRICS`.
     """
     _check(logits, target)
+    _check_range(target, logits.shape[1])
+    return _wrong_class_stats(logits, target, soft_label)
+
+
+def _wrong_class_stats(logits: Tensor, target: Tensor, soft_label: SoftLabel) -> dict:
     C = logits.shape[1]
     y = target.long()
     s = soft_label.scaled_logits(_f64(logits), y)
@@ -218,6 +244,11 @@ def wrong_class_spearman(a: Tensor, b: Tensor, target: Tensor) -> Tensor:
     _check(b, target, "logits_b", min_classes=3)
     if a.shape != b.shape:
         raise ValueError(f"the two models' logits differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    _check_range(target, a.shape[1], "logits_a")
+    return _wrong_class_spearman(a, b, target)
+
+
+def _wrong_class_spearman(a: Tensor, b: Tensor, target: Tensor) -> Tensor:
     ra = average_ranks(wrong_class_logits(a, target))
     rb = average_ranks(wrong_class_logits(b, target))
     ra = ra - ra.mean(1, keepdim=True)
@@ -262,6 +293,7 @@ class TeacherMeter:
         self._correct: Optional[Tensor] = None
         self.num_samples = 0
         self.num_classes: Optional[int] = None
+        self._labels = _LabelGuard()
 
     def update(self, logits: Tensor, target: Tensor) -> None:
         _check(logits, target)
@@ -269,9 +301,10 @@ class TeacherMeter:
             self.num_classes = logits.shape[1]
         elif logits.shape[1] != self.num_classes:
             raise ValueError(f"logits changed class count: {logits.shape[1]} after {self.num_classes}")
+        target = self._labels(target, logits.shape[1])
         rows = []
         for sl in self.soft_labels:
-            stats = wrong_class_stats(logits, target, sl)
+            stats = _wrong_class_stats(logits, target, sl)
             rows.append(torch.stack([stats[m].sum() for m in METRICS]))
         sums = torch.stack(rows)
         correct = (logits.argmax(1) == target).sum()
@@ -282,6 +315,7 @@ class TeacherMeter:
     def result(self) -> dict:
         if not self.num_samples:
             raise ValueError("no samples were seen; the data set is empty")
+        self._labels.raise_if_bad(self.num_classes)
         means = (self._sums / self.num_samples).cpu().tolist()
         settings = {}
         for sl, row in zip(self.soft_labels, means):
@@ -308,9 +342,16 @@ class PairMeter:
         self.temperature = float(temperature)
         self._sums: Optional[Tensor] = None  # spearman sum, defined rows, agreements, kl_ab, kl_ba
         self.num_samples = 0
+        self.num_classes: Optional[int] = None
+        self._labels = _LabelGuard()
 
     def update(self, a: Tensor, b: Tensor, target: Tensor) -> None:
-        rho = wrong_class_spearman(a, b, target)
+        _check(a, target, "logits_a", min_classes=3)
+        _check(b, target, "logits_b", min_classes=3)
+        if a.shape != b.shape:
+            raise ValueError(f"the two models' logits differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+        self.num_classes = a.shape[1]
+        rho = _wrong_class_spearman(a, b, self._labels(target, a.shape[1]))
         defined = ~rho.isnan()
         sums = torch.stack([
             torch.where(defined, rho, torch.zeros_like(rho)).sum(),
@@ -325,6 +366,7 @@ class PairMeter:
     def result(self) -> dict:
         if not self.num_samples:
             raise ValueError("no samples were seen; the data set is empty")
+        self._labels.raise_if_bad(self.num_classes)
         rho_sum, defined, agree, kl_ab, kl_ba = self._sums.cpu().tolist()
         n = self.num_samples
         return {
@@ -367,6 +409,11 @@ def parse_ats_grid(text: str) -> Optional[tuple]:
 def target_and_max_wrong(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """Per row, the target logit ``v_y`` and the largest wrong-class logit (float64, raw logits)."""
     _check(logits, target)
+    _check_range(target, logits.shape[1])
+    return _target_and_max_wrong(logits, target)
+
+
+def _target_and_max_wrong(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     v = _f64(logits)
     y = target.long()
     v_y = v.gather(1, y[:, None]).squeeze(1)
@@ -381,9 +428,10 @@ def wrong_to_target_ratio(logits: Tensor, target: Tensor) -> Tensor:
     ratio is below ``tau_other / tau_target`` (and the centred target logit is positive).
     """
     _check(logits, target)
+    _check_range(target, logits.shape[1])
     v = _f64(logits)
     v = v - v.mean(1, keepdim=True)
-    v_y, m = target_and_max_wrong(v, target)
+    v_y, m = _target_and_max_wrong(v, target)
     return m / v_y
 
 
@@ -412,12 +460,16 @@ class LabelOnTopMeter:
             SoftLabel(tau_target=a, tau_other=b)  # validates both
         self._inv = None
         self._counts: Optional[Tensor] = None
-        self._ratios: list[Tensor] = []
-        self._nonpositive = 0
+        self._ratios: list[Tensor] = []  # per row; NaN where the centred target logit is <= 0
         self.num_samples = 0
+        self.num_classes: Optional[int] = None
+        self._labels = _LabelGuard()
 
     def update(self, logits: Tensor, target: Tensor) -> None:
-        v_y, m = target_and_max_wrong(logits, target)
+        _check(logits, target)
+        self.num_classes = logits.shape[1]
+        target = self._labels(target, logits.shape[1])
+        v_y, m = _target_and_max_wrong(logits, target)
         if self._inv is None:
             self._inv = torch.tensor([[1 / a, 1 / b] for a, b in self.points], dtype=torch.float64,
                                      device=v_y.device)
@@ -425,23 +477,25 @@ class LabelOnTopMeter:
         counts = on_top.sum(1)
         self._counts = counts if self._counts is None else self._counts + counts
         v = _f64(logits)
-        c_y, c_m = target_and_max_wrong(v - v.mean(1, keepdim=True), target)
-        positive = c_y > 0
-        self._ratios.append((c_m / c_y)[positive])
-        self._nonpositive += int((~positive).sum())
+        c_y, c_m = _target_and_max_wrong(v - v.mean(1, keepdim=True), target)
+        # No boolean indexing here (it would sync the host every batch): mark, filter in result().
+        self._ratios.append(torch.where(c_y > 0, c_m / c_y, torch.full_like(c_y, math.nan)))
         self.num_samples += logits.shape[0]
 
     def result(self) -> dict:
         if not self.num_samples:
             raise ValueError("no samples were seen; the data set is empty")
+        self._labels.raise_if_bad(self.num_classes)
         frac = (self._counts.double() / self.num_samples).cpu().tolist()
-        ratio = torch.cat(self._ratios).cpu()  # rows with a positive centred target logit
+        every = torch.cat(self._ratios).cpu()
+        ratio = every[~every.isnan()]  # rows with a positive centred target logit
+        nonpositive = every.numel() - ratio.numel()
         if ratio.numel():
             q = torch.quantile(ratio, torch.tensor(RATIO_QUANTILES, dtype=torch.float64)).tolist()
         else:
             q = [math.nan] * len(RATIO_QUANTILES)
         stats = {f"q{round(p * 100):02d}": float(x) for p, x in zip(RATIO_QUANTILES, q)}
         stats["mean"] = float(ratio.mean()) if ratio.numel() else math.nan
-        stats["nonpositive_target"] = self._nonpositive / self.num_samples
+        stats["nonpositive_target"] = nonpositive / self.num_samples
         return {"ats_label_on_top": {grid_key(a, b): f for (a, b), f in zip(self.points, frac)},
                 "wrong_target_ratio": stats}

@@ -256,3 +256,60 @@ def test_parse_ats_grid():
         M.parse_ats_grid("1,2,3")
     with pytest.raises(ValueError, match="positive"):
         M.parse_ats_grid("1,-2:3")
+
+
+def _meters():
+    return [
+        (M.TeacherMeter([M.SoftLabel(temperature=2.0), M.SoftLabel(tau_target=4.0, tau_other=2.0)]), 1),
+        (M.PairMeter(temperature=2.0), 2),
+        (M.LabelOnTopMeter(), 1),
+    ]
+
+
+def _update(meter, n_logits, v, w, y):
+    meter.update(v, w, y) if n_logits == 2 else meter.update(v, y)
+
+
+def test_meters_update_without_reading_values_on_the_host(monkeypatch):
+    """The module promises no host synchronisation until result(): update() must not read a
+    tensor's value in Python (item/int/float/bool/tolist), which on CUDA would sync every batch."""
+    v, y = logits_and_labels(n=64, c=30, seed=3)
+    w = logits_and_labels(n=64, c=30, seed=4)[0]
+    for meter, k in _meters():
+        with monkeypatch.context() as mp:
+            for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__"):
+                def refuse(*_a, _name=name, **_k):
+                    raise AssertionError(f"update() read a value on the host via Tensor.{_name}")
+                mp.setattr(torch.Tensor, name, refuse)
+            _update(meter, k, v, w, y)
+            _update(meter, k, v, w, y)
+        meter.result()
+
+
+def test_meters_report_out_of_range_labels_in_result():
+    v, y = logits_and_labels(n=40, c=30, seed=5)
+    w = logits_and_labels(n=40, c=30, seed=6)[0]
+    bad = y.clone()
+    bad[7] = 30
+    for meter, k in _meters():
+        _update(meter, k, v, w, bad)
+        with pytest.raises(ValueError, match=r"1 target label\(s\) outside \[0, 30\)"):
+            meter.result()
+    with pytest.raises(ValueError, match="label 30, outside"):
+        M.wrong_class_stats(v, bad)
+
+
+@pytest.mark.gpu
+def test_meters_update_does_not_synchronise_on_cuda():
+    v, y = logits_and_labels(n=256, c=100, seed=7)
+    w = logits_and_labels(n=256, c=100, seed=8)[0]
+    v, w, y = v.cuda(), w.cuda(), y.cuda()
+    for meter, k in _meters():
+        _update(meter, k, v, w, y)  # first call may allocate constants
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            _update(meter, k, v, w, y)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        meter.result()
