@@ -25,6 +25,7 @@ from fastkd.kernels import fused_distill
 from fastkd.kernels import _launch as L
 from fastkd.kernels import kd_softmax_kl as K
 from fastkd.kernels.kd_softmax_kl import LaunchConfig
+from fastkd.losses import methods
 from fastkd.losses import reference as ref
 
 RATIO = {torch.float32: 4.0, torch.bfloat16: 2.0, torch.float16: 2.0}
@@ -74,22 +75,18 @@ def labels(n, c, seed, device="cpu", ignored=()):
 
 
 def ref_rows(method, z, v, y, params, eps=0.0):
-    """Per-row (CE, KD) with DistillLoss conventions (every KD term skips ignored rows)."""
+    """Per-row (CE, KD) with DistillLoss conventions (every KD term skips ignored rows): the
+    reference's one per-row KD function, with the method table's defaults for unset parameters."""
     if y is None:
         ce = torch.zeros(z.shape[0], dtype=ref.upcast(z).dtype, device=z.device)
     else:
         ce = ref.cross_entropy(z, y, eps, II)
     if method == "ce":
         return ce, torch.zeros_like(ce)
-    if method == "kd":
-        kd = ref.kd(z, v, params.get("temperature", 1.0))
-        return ce, kd if y is None else torch.where(y != II, kd, torch.zeros_like(kd))
-    if method == "ats":
-        return ce, ref.ats(z, v, y, params["tau_target"], params["tau_other"], params["student_temperature"], II)
-    if method == "isats":
-        return ce, ref.isats(z, v, y, params["tau_target"], params.get("candidates"),
-                             params["student_temperature"], II)
-    return ce, ref.dkd(z, v, y, params["alpha"], params["beta"], params["temperature"], II)
+    full = {k: val for k, val in {**methods.defaults(method), **params}.items() if k != "warmup_epochs"}
+    if y is None:  # plain KD without labels: every row counts
+        return ce, ref.kd(z, v, full["temperature"])
+    return ce, ref.kd_term_rows(method, z, v, y, II, **full)
 
 
 def torch_side(method, z, v, y, params, ce_w, kd_w, eps, reduction, grad_out):
