@@ -592,6 +592,11 @@ def validate(cfg: TrainConfig) -> None:
              f"{kd_w:g} uses no teacher")
         need(cfg.teacher_image_size is None, "--teacher-image-size given but no teacher is used")
         need(not cfg.teacher_cuda_graph, "--teacher-cuda-graph given but no teacher is used")
+    if cfg.teacher_cache is not None:
+        need(not cfg.teacher_cuda_graph, "--teacher-cuda-graph captures the teacher forward, which "
+             "--teacher-cache replaces: drop one of them")
+        need(not cfg.sequential, "--sequential orders the teacher forward before the student step, and "
+             "--teacher-cache has no teacher forward: drop one of them")
     if cfg.teacher_checkpoint is not None:
         need(cfg.teacher is not None, "--teacher-checkpoint needs --teacher NAME (the architecture)")
     if cfg.random_teacher:

@@ -218,6 +218,16 @@ def test_not_a_cache_and_dpk_are_refused(full_cache, tiny_jpegs, tmp_path, caplo
     assert "--method dpk distils teacher features, which a --teacher-cache does not hold" in caplog.text
 
 
+@pytest.mark.parametrize("flag, words", [("--sequential", "--sequential orders the teacher forward"),
+                                         ("--teacher-cuda-graph", "--teacher-cuda-graph captures the teacher")])
+def test_teacher_forward_options_are_refused_with_a_cache(full_cache, tiny_jpegs, tmp_path, caplog, flag, words):
+    args = [str(a) for a in [*TRAIN, "--data", tiny_jpegs, "--output", tmp_path / "run",
+                             "--teacher-cache", full_cache, flag]]
+    assert cli.main(args) == 2
+    assert words in caplog.text
+    assert not (tmp_path / "run").exists()
+
+
 def test_cached_teacher_source_reads_rows_by_sample_index(full_cache, tmp_path):
     from types import SimpleNamespace
 
