@@ -90,7 +90,8 @@ def machine(device=None) -> dict:
 
         triton = _triton.__version__
     if _compat.has_dali():
-        dali = _version("nvidia-dali-cuda120") or _version("nvidia-dali-cuda110") or _version("nvidia-dali")
+        dali = (_version("nvidia-dali-cuda130") or _version("nvidia-dali-cuda120") or _version("nvidia-dali-cuda110")
+                or _version("nvidia-dali"))
     if _compat.has_torchvision():
         torchvision = _version("torchvision")
     dev = torch.device(device) if device is not None else None

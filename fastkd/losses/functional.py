@@ -52,6 +52,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_CLASSES = 262_144
 FP32_TINY = float(torch.finfo(torch.float32).tiny)  # smallest normal fp32, 1.18e-38
 FP32_MAX = float(torch.finfo(torch.float32).max)    # 3.40e+38
+TEMPERATURE_MAX = math.sqrt(FP32_MAX)               # 1.84e+19: the losses' T^2 factor stays finite in fp32
 
 
 
@@ -196,11 +197,13 @@ def _check_int(name: str, value) -> int:
 
 
 def _check_temperature(name: str, value) -> float:
-    """A temperature: finite, > 0, and within fp32's normal range (the kernels divide by it in fp32)."""
+    """A temperature: finite, > 0, at least fp32's smallest normal (the kernels divide by it in fp32)
+    and at most sqrt(fp32 max), so that the T^2 factor of the KD losses is finite."""
     f = _number(name, value)
-    if not (math.isfinite(f) and FP32_TINY <= f <= FP32_MAX):
-        raise ValueError(f"{name} must be a finite number > 0 within fp32's normal range "
-                         f"[{FP32_TINY:.4g}, {FP32_MAX:.4g}], got {value!r}")
+    if not (math.isfinite(f) and FP32_TINY <= f <= TEMPERATURE_MAX):
+        raise ValueError(f"{name} must be a finite number > 0 within fp32's normal range, at most "
+                         f"sqrt(fp32 max) so that T^2 is finite: [{FP32_TINY:.4g}, {TEMPERATURE_MAX:.4g}], "
+                         f"got {value!r}")
     return f
 
 

@@ -2,6 +2,7 @@
 the old code: narrow label dtypes, DKD's shift invariance on the torch backend, one upcast for
 bf16/fp16 gradients, temperatures outside fp32's normal range and non-numeric parameters."""
 
+import math
 import pytest
 import torch
 
@@ -116,6 +117,8 @@ Z, V, Y = torch.randn(3, 5), torch.randn(3, 5), torch.tensor([0, 1, 2])
 @pytest.mark.parametrize("call,exc,match", [
     (lambda: fastkd.kd_loss(Z, V, temperature=TINY / 4), ValueError, "temperature must be .*normal range"),
     (lambda: fastkd.kd_loss(Z, V, temperature=BIG * 4.0), ValueError, "temperature must be .*normal range"),
+    (lambda: fastkd.kd_loss(Z, V, temperature=2e19), ValueError, "so that T\\^2 is finite"),
+    (lambda: fastkd.ats_loss(Z, V, Y, tau_target=1e30), ValueError, "tau_target"),
     (lambda: fastkd.dkd_loss(Z, V, Y, temperature=1e-39), ValueError, "temperature"),
     (lambda: fastkd.ats_loss(Z, V, Y, tau_other=1e39), ValueError, "tau_other"),
     (lambda: fastkd.isats_loss(Z, V, Y, candidates=[1.0, 1e-40]), ValueError, "candidate"),
@@ -137,10 +140,12 @@ def test_bad_parameters_are_clear_errors(call, exc, match):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_temperatures_at_the_edges_of_the_normal_range_are_accepted(backend):
-    # Accepted, never a crash; logits / T or T^2 may overflow fp32 there (then inf / NaN, not hidden).
-    for T in (TINY, BIG):
+    # Accepted, never a crash; at the smallest normal, logits / T may overflow fp32 (inf / NaN, not
+    # hidden); at the largest accepted temperature T^2 is finite and so is the loss.
+    for T in (TINY, math.sqrt(BIG)):
         fastkd.kd_loss(Z, V, temperature=T, backend=backend)
         fastkd.dkd_loss(Z, V, Y, temperature=T, backend=backend)
+    assert fastkd.kd_loss(Z, V, temperature=math.sqrt(BIG), backend=backend).isfinite()
     assert fastkd.kd_loss(Z, V, temperature=torch.tensor(2.0)).isfinite()
 
 
