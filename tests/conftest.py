@@ -4,6 +4,8 @@ Without CUDA, Triton kernels run in Triton's CPU interpreter; the variable must 
 ``fastkd.kernels`` is imported anywhere, so it is set here, first thing.
 """
 import os
+import subprocess
+import sys
 
 try:
     import torch
@@ -31,3 +33,56 @@ def pytest_collection_modifyitems(config, items):
 def device():
     """The device tests run on: CUDA when present, else CPU (kernels in the interpreter)."""
     return torch.device("cuda" if _CUDA else "cpu")
+
+
+@pytest.fixture
+def one_thread():
+    """One math thread for the test (restored after): runs compared bit for bit use the thread
+    count of the subprocess runs (1), and small convolutions on a busy 2-core machine lose far more
+    to two OpenMP threads waiting on each other than they gain."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_digit_jpegs(root, counts: dict):
+    """scikit-learn's real digit images as 16x16 RGB JPEGs in ``root/<split>/class<k>/``;
+    ``counts`` maps a split to the number of images of each class, e.g. ``{"train": (11, 10)}``
+    (classes 0, 1, ...; the splits take disjoint images). Returns ``root``."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    classes = len(next(iter(counts.values())))
+    for cls in range(classes):
+        idx = np.flatnonzero(digits.target == cls)
+        start = 0
+        for split, per_class in counts.items():
+            n = per_class[cls]
+            folder = root / split / f"class{cls}"
+            folder.mkdir(parents=True)
+            for i in idx[start:start + n]:
+                img = (digits.images[i] * 255 / 16).astype(np.uint8)
+                Image.fromarray(img).resize((16, 16)).convert("RGB").save(folder / f"{i}.jpg", quality=95)
+            start += n
+    return root
+
+
+@pytest.fixture(scope="session")
+def digit_jpegs():
+    """:func:`write_digit_jpegs`, for the test folders' own data-set fixtures."""
+    return write_digit_jpegs
+
+
+def _run_fastkd(args, *, env=None, module=("-m", "fastkd"), timeout=300):
+    """Run ``python -m fastkd ARGS`` (or another module) in a subprocess with one math thread."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, *module, *map(str, args)], env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def run_fastkd():
+    return _run_fastkd

@@ -15,12 +15,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Small convolutions: one OpenMP thread (two threads on a busy 2-core machine wait on each other)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_math_thread(one_thread):
+    """Every test here runs with one math thread (the root conftest's ``one_thread``)."""
 
 
 @pytest.fixture(scope="module")

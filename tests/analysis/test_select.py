@@ -1,7 +1,6 @@
 """Choosing ATS's temperatures on validation: the rule, the split, and that test labels are never read."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastkd.analysis.select import (ats_points, carve_validation, diagonal_points, mean_se, select_on_validation,
                                     select_point)
@@ -9,12 +8,8 @@ from fastkd.losses import DistillLoss
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one OpenMP thread (two threads on a loaded 2-core machine wait on each other ~25x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_math_thread(one_thread):
+    """Every test here runs with one math thread (the root conftest's ``one_thread``)."""
 
 
 def test_grid_points_and_rule():

@@ -1,43 +1,17 @@
 """Fixtures of the cache tests: a tiny real-JPEG data set, a teacher checkpoint, subprocess runs."""
-import os
-import subprocess
-import sys
-
-import numpy as np
 import pytest
 import torch
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """One math thread: runs compared bit for bit use the thread count of the subprocess runs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_math_thread(one_thread):
+    """Every test here runs with one math thread (the root conftest's ``one_thread``)."""
 
 
 @pytest.fixture(scope="session")
-def tiny_jpegs(tmp_path_factory):
+def tiny_jpegs(tmp_path_factory, digit_jpegs):
     """4 classes of real digit images as 16x16 JPEGs: 45 train (odd: 2 shards pad), 12 val."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    root = tmp_path_factory.mktemp("tiny") / "tiny"
-    digits = load_digits()
-    counts = {"train": (12, 11, 11, 11), "val": (3, 3, 3, 3)}
-    for cls in range(4):
-        idx = np.flatnonzero(digits.target == cls)
-        start = 0
-        for split in ("train", "val"):
-            n = counts[split][cls]
-            folder = root / split / f"class{cls}"
-            folder.mkdir(parents=True)
-            for i in idx[start:start + n]:
-                img = (digits.images[i] * 255 / 16).astype(np.uint8)
-                Image.fromarray(img).resize((16, 16)).convert("RGB").save(folder / f"{i}.jpg", quality=95)
-            start += n
-    return root
+    return digit_jpegs(tmp_path_factory.mktemp("tiny") / "tiny", {"train": (12, 11, 11, 11), "val": (3, 3, 3, 3)})
 
 
 @pytest.fixture(scope="session")
@@ -52,12 +26,6 @@ def teacher_ckpt(tmp_path_factory):
     return path
 
 
-def _run(args, *, module=("-m", "fastkd"), timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, *module, *map(str, args)], env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
 @pytest.fixture
-def run_py():
-    return _run
+def run_py(run_fastkd):
+    return run_fastkd
