@@ -10,7 +10,10 @@ Paths (see :mod:`.kd_softmax_kl` for the traffic argument):
 Defaults: the best of a sweep on an H100 (triton 3.6) for the chunked path at 4096 x 32000 and
 8192 x 128256 bf16 (benchmarks/results/kernels-*.md; 4096 columns x 8 warps spills). The split
 path's defaults (slice 4096 x 8 warps, ISATS 2048 x 4: configurations that compile without
-spills; lag 512 slices) are NOT yet measured on a GPU; it is the default above ``SPLIT_MIN_C`` classes.
+spills; lag 512 slices) are NOT yet measured on a GPU, and its cross-program hand-off (an atomic
+ticket, spin-waits, published statistics) has only run in Triton's interpreter. Until a GPU visit
+has run it compiled (tests/ops' gpu tests) and measured it, the shipped default stays the chunked
+path measured on the H100 (``SPLIT_BY_DEFAULT = False``); ``LaunchConfig(split=True)`` opts in.
 Numbers never depend on the configuration beyond fp32 summation order.
 """
 from __future__ import annotations
@@ -26,7 +29,8 @@ MAX_SINGLE_ISATS = 4096  # ISATS keeps 2 x NUM_CAND sums and an unrolled loop: 8
 CHUNK = 2048             # chunked path: columns per chunk
 CHUNK_WARPS = 4
 PREFETCH = True          # chunked path: load chunk k+1 into registers while computing chunk k
-SPLIT_MIN_C = 8192       # rows longer than this take the split path by default
+SPLIT_BY_DEFAULT = False  # see the module docstring: opt-in until verified compiled on a GPU
+SPLIT_MIN_C = 8192       # with SPLIT_BY_DEFAULT, rows longer than this take the split path
 SLICE = 4096             # split path: columns per program
 SLICE_WARPS = 8
 SLICE_ISATS = 2048       # ISATS at 4096 x 8 warps spills (tests/ops' compile test); 2048 x 4 does not
@@ -50,7 +54,8 @@ class LaunchConfig:
     the chunked and split paths on small rows with it; benchmarks sweep it). ``None`` fields
     take the shipped defaults above.
 
-    ``split``: ``None`` chooses the split path for ``C > SPLIT_MIN_C``; ``True`` splits every
+    ``split``: ``None`` takes the shipped default (the chunked path while ``SPLIT_BY_DEFAULT`` is
+    False; else the split path for ``C > SPLIT_MIN_C``); ``True`` splits every
     row longer than ``max_single``; ``False`` never splits (rows longer than ``max_single``
     take the chunked path).
     """
@@ -100,7 +105,7 @@ def plan(C: int, method: str = "kd", config: Optional[LaunchConfig] = None, N: i
     if C <= max_single:
         block = max(16, triton.next_power_of_2(C))
         return Plan("single", block, _single_warps(block), False, 1, 0)
-    if cfg.split if cfg.split is not None else C > SPLIT_MIN_C:
+    if cfg.split if cfg.split is not None else (SPLIT_BY_DEFAULT and C > SPLIT_MIN_C):
         default_slice, default_warps = (SLICE_ISATS, SLICE_ISATS_WARPS) if method == "isats" else (SLICE, SLICE_WARPS)
         block = cfg.slice or default_slice
         slices = triton.cdiv(C, block)

@@ -36,7 +36,8 @@ been seen. Three paths (:mod:`._launch` chooses; an explicit ``LaunchConfig`` fo
   writes the gradient. With all rows in flight larger than L2 (128256 bf16 classes: 513 KB per
   (z, v) row pair, hundreds of rows in flight) the re-read comes from DRAM: 5 units (measured
   on an H100: 55 % of copy bandwidth at 8192 x 128256).
-* ``split`` (default for ``C > 8192``; its speed is NOT yet measured on a GPU): the row is cut
+* ``split`` (opt-in, ``LaunchConfig(split=True)``, until it has run compiled and been measured on
+  a GPU; see :mod:`._launch`): the row is cut
   into ``S`` slices of one register block. Work items are *statistics* items (read a slice,
   store its partial max/sum statistics: a few floats; the row's last one merges the S partial
   states in a fixed order and publishes them) and *gradient* items (read the published

@@ -48,7 +48,7 @@ from .common import machine
 DEFAULT_SHAPES = "256x1000,4096x32000,8192x128256"
 DRY_RUN_SHAPES = "8x100,4x9000"
 METHODS = ("kd", "ats", "isats", "dkd", "dist")
-IMPLS = ("fastkd", "eager", "compile", "liger-kl", "liger-jsd")
+IMPLS = ("fastkd", "fastkd-split", "eager", "compile", "liger-kl", "liger-jsd")
 ALIASES = {"liger": ("liger-kl", "liger-jsd")}
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -282,6 +282,23 @@ def build_impls(method: str, temperature, ce_weight: float, kd_weight: float, wa
 
             impls["fastkd"] = (fastkd_fn, "fused Triton kernel" + (f", launch configuration {config}" if config
                                                                    else ""))
+    if "fastkd-split" in wanted:
+        # The split-row path (opt-in until measured and verified compiled on a GPU): rows longer
+        # than one block only; shorter rows take the single-block path whatever the setting.
+        from ..kernels import fused_distill
+        from ..kernels.kd_softmax_kl import LaunchConfig
+
+        split_cfg = LaunchConfig(**{**(config or {}), "split": True})
+
+        def split_fn(z, v, y):
+            return fused_distill(z, v, y, method=method, ce_weight=ce_weight, kd_weight=kd_weight,
+                                 label_smoothing=0.0, ignore_index=-100, reduction="batchmean", config=split_cfg,
+                                 **params)[0]
+
+        if method == "dist":
+            skipped["fastkd-split"] = "no fused kernel for DIST"
+        else:
+            impls["fastkd-split"] = (split_fn, "fused Triton kernel, split-row path (LaunchConfig(split=True))")
     if "eager" in wanted:
         impls["eager"] = (plain, f"plain fp32 PyTorch ({PLAIN[method].__doc__.splitlines()[0]})")
     if "compile" in wanted:

@@ -45,6 +45,22 @@ def test_benchmarked_implementations_compute_the_reference(method, impl, device)
     torch.testing.assert_close(g.double().cpu(), exact_g, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("method", [m for m in bk.METHODS if m != "dist"])
+def test_split_row_benchmark_row_computes_the_reference(method, device):
+    """The `fastkd-split` row really takes the split path (a small forced slice) and is exact."""
+    from fastkd.kernels import _launch as L
+
+    T = 2.0 if method in ("kd", "dkd") else None
+    cfg = {"max_single": 128, "slice": 128}
+    assert L.plan(300, method, L.LaunchConfig(**cfg, split=True), N=6).path == "split"
+    fn = bk.build_impls(method, T, 0.5, 0.5, ["fastkd-split"], config=cfg)["fastkd-split"][0]
+    z, v, y = bk.make_inputs(6, 300, torch.float32, device=device)
+    loss, g = bk.fwd_bwd(fn, z, v, y, torch.ones((), device=device))
+    exact_loss, exact_g = _exact(method, z.cpu(), v.cpu(), y.cpu(), bk.method_params(method, T))
+    torch.testing.assert_close(loss.double().cpu(), exact_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g.double().cpu(), exact_g, rtol=1e-4, atol=1e-7)
+
+
 def test_plain_baselines_use_the_methods_defaults():
     assert bk.method_params("dkd") == {"alpha": 1.0, "beta": 8.0, "temperature": 4.0}
     assert bk.method_params("dkd", 2.0)["temperature"] == 2.0
@@ -125,7 +141,7 @@ def test_dry_run_measures_every_row_and_records_the_commit(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert "partial" not in data  # the per-shape checkpoints are replaced by the full file at the end
     rows = {r["impl"]: r for r in data["rows"]}
-    assert set(rows) == {"fastkd", "eager", "compile"}  # liger is not installed here
+    assert set(rows) == {"fastkd", "fastkd-split", "eager", "compile"}  # liger is not installed here
     assert set(data["skipped"]) == {"liger-kl", "liger-jsd"} and "not installed" in data["skipped"]["liger-jsd"]
     assert all(r["commit"] == "abc1234" and r["dry_run"] for r in rows.values())
     assert rows["eager"]["vs_eager"] == 1.0 and rows["compile"]["vs_compile"] == 1.0

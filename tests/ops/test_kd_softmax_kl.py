@@ -223,11 +223,15 @@ def test_split_path_kd_without_labels_isats_default_grid_and_determinism(device)
 
 
 def test_launch_plan_defaults():
-    """Rows up to one block: single; above SPLIT_MIN_C: split; ISATS rows between its smaller
-    single-block limit and SPLIT_MIN_C: chunked; split=False forces chunked."""
+    """Rows up to one block: single; longer rows: chunked by default (the split path is opt-in
+    until it has run compiled on a GPU), split with split=True; split=False forces chunked."""
     assert L.plan(1000, "kd").path == "single" and L.plan(8192, "kd").path == "single"
-    assert L.plan(8193, "kd").path == "split" and L.plan(128256, "kd", N=8192)[:2] == ("split", L.SLICE)
-    assert L.plan(6000, "isats").path == "chunked" and L.plan(32000, "isats").block == L.SLICE_ISATS
+    assert L.SPLIT_BY_DEFAULT is False
+    assert L.plan(8193, "kd").path == "chunked" and L.plan(128256, "kd", N=8192).path == "chunked"
+    assert L.plan(8193, "kd", LaunchConfig(split=True)).path == "split"
+    assert L.plan(128256, "kd", LaunchConfig(split=True), N=8192)[:2] == ("split", L.SLICE)
+    assert L.plan(6000, "isats").path == "chunked"
+    assert L.plan(32000, "isats", LaunchConfig(split=True)).block == L.SLICE_ISATS
     assert L.plan(128256, "kd", LaunchConfig(split=False)).path == "chunked"
     p = L.plan(1271, "kd", split(lag=600), N=9)
     assert p.slices == 5 and p.lag_rows == 9  # the lag is at most N rows
