@@ -288,15 +288,20 @@ def accuracy_cost(args) -> int:
             dm, dse = mean_se([a - b for a, b in zip(vals, rows["full"])])
             diff = f"{dm:+.4f} +- {dse:.4f}"
         lines.append(f"| {name} | {m:.4f} +- {se:.4f} | {diff} |")
+    _emit(lines, args, {"bench": "cache-topk-accuracy", **info, "teacher_top1": teacher_top1,
+                        "student_test_top1": rows, "seeds": args.accuracy_seeds})
+    return 0
+
+
+def _emit(lines: list, args, record: dict) -> None:
+    """Print the table; write it to --markdown and append the record to --jsonl when asked."""
     table = "\n".join(lines)
     print("\n" + table)
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
     if args.jsonl:
         with open(args.jsonl, "a") as fh:
-            fh.write(json.dumps({"bench": "cache-topk-accuracy", **info, "teacher_top1": teacher_top1,
-                                 "student_test_top1": rows, "seeds": args.accuracy_seeds}) + "\n")
-    return 0
+            fh.write(json.dumps(record) + "\n")
 
 
 def main(argv=None) -> int:
@@ -386,13 +391,7 @@ def main(argv=None) -> int:
     for s in record["results"]["storage"]:
         lines.append(f"| {s['format']} | {s[f'bytes_per_image_C{classes}']} | {s['bytes_per_image_imagenet']} | "
                      f"{s['imagenet_GB_per_epoch']:.3f} |")
-    table = "\n".join(lines)
-    print("\n" + table)
-    if args.markdown:
-        Path(args.markdown).write_text(table + "\n")
-    if args.jsonl:
-        with open(args.jsonl, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+    _emit(lines, args, record)
     if tmp is not None:
         tmp.cleanup()
     return 0
