@@ -96,9 +96,13 @@ class CachedTeacher(TeacherSource):
 
     def __init__(self, root, device: torch.device, *, expect: dict, epochs: Iterable[int],
                  teacher: Optional[str] = None, teacher_checkpoint: Optional[str] = None):
+        epochs = list(epochs)
         self.reader = store.CacheReader(root)
         check_cache(self.reader.manifest, expect, epochs, root=root, teacher=teacher,
                     teacher_checkpoint=teacher_checkpoint)
+        for epoch in epochs:  # a missing, truncated or misshapen epoch file is refused now, not epochs later
+            self.reader.epoch(int(epoch))
+        self.reader._open.clear()
         self.device = torch.device(device)
         self.epoch: Optional[int] = None
         self._pin = self.device.type == "cuda"

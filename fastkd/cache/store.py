@@ -35,6 +35,7 @@ MANIFEST = "manifest.json"
 FORMATS = ("full", "topk")
 DTYPES = ("fp32", "bf16", "fp16")
 _NP_STORAGE = {"fp32": np.dtype("<f4"), "fp16": np.dtype("<f2"), "bf16": np.dtype("<u2")}
+REQUIRED = ("format", "dtype", "data", "epochs_done")
 _TORCH = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -83,8 +84,14 @@ def read_manifest(root) -> dict:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    if data.get("version") != FORMAT:
-        raise ValueError(f"{path}: cache version {data.get('version')!r}, this fastkd reads {FORMAT!r}")
+    if not isinstance(data, dict) or data.get("version") != FORMAT:
+        version = data.get("version") if isinstance(data, dict) else None
+        raise ValueError(f"{path}: cache version {version!r}, this fastkd reads {FORMAT!r}")
+    missing = [k for k in REQUIRED if k not in data]
+    if not isinstance(data.get("data"), dict) or any(k not in data["data"] for k in ("num_classes", "num_samples")):
+        missing.append("data.num_classes/num_samples")
+    if missing:
+        raise ValueError(f"{path}: not a complete cache manifest (missing {', '.join(missing)})")
     return data
 
 
@@ -181,7 +188,11 @@ class CacheReader:
                 raise CacheMismatchError(f"teacher cache {self.root}: epoch {epoch} is not cached (done: "
                                          f"{_ranges(self.epochs_done)})")
             path = self.root / epoch_name(epoch)
-            arr = np.load(path, mmap_mode="r")
+            try:
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as exc:  # missing, truncated, not a .npy file
+                raise ValueError(f"{path}: not a readable epoch file of this cache ({exc}); rebuild it with "
+                                 "'fastkd cache build'") from None
             shape, dt = row_layout(self.format, self.dtype, self.num_classes, self.top_k)
             if arr.dtype != dt or arr.shape != (self.num_samples, *shape):
                 raise ValueError(f"{path}: holds {arr.dtype} {arr.shape}, the manifest describes {dt} "

@@ -218,6 +218,36 @@ def test_not_a_cache_and_dpk_are_refused(full_cache, tiny_jpegs, tmp_path, caplo
     assert "--method dpk distils teacher features, which a --teacher-cache does not hold" in caplog.text
 
 
+@pytest.mark.parametrize("damage, words", [
+    ("truncate", "epoch_0001.npy: not a readable epoch file"),
+    ("remove", "epoch_0001.npy: not a readable epoch file"),
+    ("header", "epoch_0001.npy: not a readable epoch file"),
+    ("manifest-key", "not a complete cache manifest (missing format)"),
+])
+def test_a_damaged_cache_is_refused_before_training(full_cache, tiny_jpegs, tmp_path, caplog, damage, words):
+    """A later epoch's missing, truncated or garbled file (or a manifest missing a key) is refused
+    with one line before the first step, not with a traceback or after an epoch of training."""
+    cache = tmp_path / "cache"
+    shutil.copytree(full_cache, cache)
+    f = cache / "epoch_0001.npy"
+    if damage == "truncate":
+        f.write_bytes(f.read_bytes()[:-100])
+    elif damage == "remove":
+        f.unlink()
+    elif damage == "header":
+        f.write_bytes(b"garbage!" + f.read_bytes()[8:])
+    else:
+        m = json.loads((cache / "manifest.json").read_text())
+        del m["format"]
+        (cache / "manifest.json").write_text(json.dumps(m))
+    args = [str(a) for a in [*TRAIN, "--data", tiny_jpegs, "--output", tmp_path / "run", "--teacher-cache", cache]]
+    assert cli.main(args) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "\n" not in errors[0] and words in errors[0], errors
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not read_metrics(tmp_path / "run" / "metrics.jsonl",
+                                                                                  "epoch")
+
+
 @pytest.mark.parametrize("flag, words", [("--sequential", "--sequential orders the teacher forward"),
                                          ("--teacher-cuda-graph", "--teacher-cuda-graph captures the teacher")])
 def test_teacher_forward_options_are_refused_with_a_cache(full_cache, tiny_jpegs, tmp_path, caplog, flag, words):
