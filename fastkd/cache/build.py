@@ -288,6 +288,10 @@ def build_cache(cfg: C.TrainConfig, output, spec: CacheSpec) -> dict:
         D.shutdown(dist)
 
 
+#: How the teacher forward was computed: a continued build must keep them (the trainer warns on them).
+NUMERICS = ("amp", "channels_last", "device")
+
+
 def _open_or_start(out: Path, manifest: dict) -> dict:
     """Continue the cache in ``out`` if it was built with the same settings, else start one."""
     out.mkdir(parents=True, exist_ok=True)
@@ -304,6 +308,13 @@ def _open_or_start(out: Path, manifest: dict) -> dict:
             raise store.CacheMismatchError(f"--output {out} holds a cache built with other settings ({problem}); "
                                            "choose another --output or delete it")
         done = sorted(e for e in old.get("epochs_done", []) if (out / store.epoch_name(e)).is_file())
+        was = old.get("build", {})
+        for key in NUMERICS:  # one cache, one teacher forward: done epochs are not recomputed
+            if done and key in was and was[key] != manifest["build"][key]:
+                raise store.CacheMismatchError(
+                    f"--output {out} holds epochs {_ranges(done)} computed with {key} {was[key]!r}, this build "
+                    f"would compute the rest with {manifest['build'][key]!r}; continue with the same setting, "
+                    "or choose another --output")
         manifest = {**old, "epochs": max(int(old["epochs"]), manifest["epochs"]), "epochs_done": done,
                     "build": manifest["build"]}
         if done:

@@ -3,6 +3,7 @@ follow methods.md section 10, a killed build is finished without a half-used epo
 processes write the same files as one."""
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,17 @@ def test_rebuild_into_a_cache_of_other_settings_is_refused(caches, tiny_jpegs, t
     assert cli.main(build_args(tiny_jpegs, teacher_ckpt, out)) == 0  # same settings: nothing to do
     assert "already holds epochs 0..1" in caplog.text
     assert json.loads(before)["epochs_done"] == json.loads((out / "manifest.json").read_text())["epochs_done"]
+
+
+def test_continuing_a_build_with_other_numerics_is_refused(caches, tiny_jpegs, teacher_ckpt, tmp_path, caplog):
+    """Epochs done in fp32 and the rest under bf16 autocast would make one cache of two numerics
+    (and a manifest naming only the last): refused, naming the setting."""
+    out = tmp_path / "c"
+    shutil.copytree(caches["full"], out)
+    before = (out / "manifest.json").read_text()
+    assert cli.main(build_args(tiny_jpegs, teacher_ckpt, out, "--amp", "bf16", epochs=3)) == 2
+    assert "computed with amp 'none', this build would compute the rest with 'bf16'" in caplog.text
+    assert (out / "manifest.json").read_text() == before
 
 
 @pytest.mark.parametrize("extra, message", [
