@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..losses import METHODS as LOSS_METHODS
+from ..losses import functional as LF
 from ..losses import methods as M
 
 METHODS = LOSS_METHODS + ("dpk",)
@@ -566,6 +567,17 @@ def validate(cfg: TrainConfig) -> None:
         if methods and getattr(cfg, name) is not None and lm not in methods:
             raise ConfigError(f"{flag(name)} applies to --method {'/'.join(methods)}, not {lm!r}"
                               + (" (the logit term of dpk, --dpk-logit)" if cfg.method == "dpk" else ""))
+    # The loss parameters' own checks, here, before anything is built, naming the flag.
+    checked = {}
+    for p in M.params_for(lm):
+        value = getattr(cfg, p.field)
+        try:
+            checked[p.name] = LF.check_param(p.kind, p.name, p.default if value is None else value, checked)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{flag(p.field)}: {exc}") from None
+    if cfg.tolerant_eta is not None:
+        need(math.isfinite(cfg.tolerant_eta) and cfg.tolerant_eta >= 0,
+             f"--tolerant-eta must be a finite number >= 0, got {cfg.tolerant_eta}")
     if cfg.tolerant_eta is not None or cfg.tolerant_k is not None:
         need(cfg.method == "ce", "--tolerant-eta/--tolerant-k train a teacher: they need --method ce")
         need(cfg.tolerant_eta is not None, "--tolerant-k needs --tolerant-eta")

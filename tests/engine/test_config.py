@@ -301,3 +301,21 @@ def test_yaml_reads_exponent_floats_and_refuses_dash_underscore_twins(tmp_path):
     f.write_text("warmup-epochs: 1\nwarmup_epochs: 2\n")
     with pytest.raises(C.ConfigError, match="'warmup_epochs' is given twice"):
         C.load_yaml(f)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(method="kd", temperature=0.0), r"^--temperature: temperature must be"),
+    (dict(method="kd", temperature=float("nan")), r"^--temperature: "),
+    (dict(method="dist", dist_beta=-1.0), r"^--dist-beta: beta must be"),
+    (dict(method="dkd", dkd_warmup_epochs=-1.0), r"^--dkd-warmup-epochs: "),
+    (dict(method="isats", isats_candidates=[-1.0, 2.0]), r"^--isats-candidates: "),
+    (dict(method="ats", tau_other=1e30), r"^--tau-other: "),
+    (dict(method="ce", tolerant_eta=-1.0), r"^--tolerant-eta must be a finite number >= 0"),
+    (dict(method="ce", tolerant_eta=float("nan")), r"^--tolerant-eta must be a finite number >= 0"),
+])
+def test_loss_parameters_are_checked_at_config_time_naming_the_flag(overrides, match):
+    # Before: accepted here, then refused only once the loss was built (after the data and the
+    # models), naming the library's keyword (``beta``) rather than the flag (``--dist-beta``).
+    teacher = {} if overrides["method"] == "ce" else {"teacher": "fastkd:resnet20"}
+    with pytest.raises(C.ConfigError, match=match):
+        C.make_config(**BASE, **teacher, **overrides)
