@@ -9,6 +9,7 @@ more small device reductions (it is reduced lazily, only when read).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -145,8 +146,11 @@ class DistillLoss(nn.Module):
                 f"label_smoothing={self.label_smoothing}, backend={self.backend!r}" + (f", {p}" if p else ""))
 
     def set_epoch(self, epoch: float) -> None:
-        """Set the (possibly fractional) epoch, used by DKD's warm-up weight."""
-        self.epoch = float(epoch)
+        """Set the (possibly fractional) epoch, used by DKD's warm-up weight (a finite number)."""
+        e = F._number("epoch", epoch)
+        if not math.isfinite(e):
+            raise ValueError(f"epoch must be a finite number, got {epoch!r}")
+        self.epoch = e
 
     @property
     def needs_teacher(self) -> bool:

@@ -269,3 +269,15 @@ def test_docstring_examples_run():
         scope = {"torch": torch, "fastkd": fastkd}
         for ex in examples:
             exec(compile(ex.source, fn.__name__, "exec"), scope)
+
+
+@pytest.mark.parametrize("epoch, exc", [(float("nan"), ValueError), (float("inf"), ValueError), ("3", TypeError),
+                                        (True, TypeError), (None, TypeError)])
+def test_set_epoch_refuses_what_is_not_a_finite_number(epoch, exc):
+    # Before: "3" and True were taken as 3.0 and 1.0, and NaN made every DKD loss NaN (warm-up
+    # weight min(nan / W, 1) = nan) without naming the cause.
+    crit = fastkd.DistillLoss("dkd", warmup_epochs=20)
+    with pytest.raises(exc, match="epoch"):
+        crit.set_epoch(epoch)
+    crit.set_epoch(5)
+    assert crit.effective_kd_weight() == pytest.approx(0.5 * 5 / 20)
