@@ -169,8 +169,20 @@ class CacheSpec:
             raise ValueError("--top-k applies to --format topk only")
 
 
+def _check_fp16_range(logits: torch.Tensor) -> None:
+    """fp16 rounds finite logits beyond +-65504 to inf (the losses would then give NaN): refuse."""
+    finite = torch.isfinite(logits)
+    big = logits.detach().float().abs().masked_fill(~finite, 0).max()
+    limit = torch.finfo(torch.float16).max
+    if float(big) > limit:
+        raise ValueError(f"the teacher's logits reach {float(big):.4g}, beyond the fp16 range ({limit:g}): they "
+                         "would be stored as inf; use --dtype bf16 or fp32")
+
+
 def _encode(logits: torch.Tensor, labels: torch.Tensor, spec: CacheSpec, row_dtype: np.dtype) -> np.ndarray:
     """Teacher logits (N, C) of a batch -> numpy rows of the epoch file (on the CPU)."""
+    if spec.dtype == "fp16":
+        _check_fp16_range(logits)
     if spec.fmt == "full":
         return store.to_storage(logits.detach().float().cpu(), spec.dtype)
     values, indices, label, fill = (t.detach().cpu() for t in compress(logits, labels, spec.top_k))

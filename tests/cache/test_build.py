@@ -143,6 +143,17 @@ def test_continuing_a_build_with_other_numerics_is_refused(caches, tiny_jpegs, t
     assert (out / "manifest.json").read_text() == before
 
 
+def test_fp16_overflow_of_the_teacher_logits_is_refused(tiny_jpegs, teacher_ckpt, tmp_path, caplog):
+    """Logits beyond +-65504 would be stored as inf in fp16 (the run's loss then NaN): refused."""
+    sd = torch.load(teacher_ckpt, map_location="cpu", weights_only=True)
+    sd["fc.weight"] = sd["fc.weight"] * 1e6
+    huge = tmp_path / "huge.pt"
+    torch.save(sd, huge)
+    assert cli.main(build_args(tiny_jpegs, huge, tmp_path / "c", "--dtype", "fp16", epochs=1)) == 2
+    assert "beyond the fp16 range (65504)" in caplog.text and "use --dtype bf16 or fp32" in caplog.text
+    assert cli.main(build_args(tiny_jpegs, huge, tmp_path / "b", "--dtype", "bf16", epochs=1)) == 0
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--format", "topk"], "--format topk needs --top-k K >= 1"),
     (["--format", "topk", "--top-k", "4"], "--top-k 4 must be smaller than the class count 4"),
