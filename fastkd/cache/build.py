@@ -319,7 +319,7 @@ def _open_or_start(out: Path, manifest: dict) -> dict:
         if problem is not None:
             raise store.CacheMismatchError(f"--output {out} holds a cache built with other settings ({problem}); "
                                            "choose another --output or delete it")
-        done = sorted(e for e in old.get("epochs_done", []) if (out / store.epoch_name(e)).is_file())
+        done = sorted(e for e in old.get("epochs_done", []) if _readable(out, e))
         was = old.get("build", {})
         for key in NUMERICS:  # one cache, one teacher forward: done epochs are not recomputed
             if done and key in was and was[key] != manifest["build"][key]:
@@ -333,6 +333,16 @@ def _open_or_start(out: Path, manifest: dict) -> dict:
             logger.info("fastkd cache build: continuing %s (epochs %s already done)", out, _ranges(done))
     store.write_json_atomic(path, manifest)
     return manifest
+
+
+def _readable(out: Path, epoch: int) -> bool:
+    """Whether a done epoch's file is there, whole and of the manifest's shape (else it is rebuilt)."""
+    try:
+        store.CacheReader(out).epoch(int(epoch))
+    except (ValueError, OSError) as exc:
+        logger.warning("fastkd cache build: epoch %s is rebuilt: %s", epoch, exc)
+        return False
+    return True
 
 
 def _build_epoch(out: Path, epoch: int, loader, runner, spec: CacheSpec, shape: tuple, row_dtype, dist, bar) -> int:

@@ -117,6 +117,19 @@ def test_kill_during_an_epoch_then_rebuild_finishes_it_exactly(caches, tiny_jpeg
         assert (out / name).read_bytes() == (caches["full"] / name).read_bytes(), name
 
 
+def test_a_done_epoch_whose_file_is_damaged_is_rebuilt(caches, tiny_jpegs, teacher_ckpt, tmp_path, caplog):
+    """The trainer refuses a truncated epoch file and says to rebuild: the build must then rebuild
+    it, not answer that the epoch is already done."""
+    out = tmp_path / "c"
+    shutil.copytree(caches["full"], out)
+    f = out / "epoch_0001.npy"
+    f.write_bytes(f.read_bytes()[:-100])
+    caplog.set_level("INFO", logger="fastkd")
+    assert cli.main(build_args(tiny_jpegs, teacher_ckpt, out)) == 0
+    assert "epoch 1 is rebuilt" in caplog.text
+    assert f.read_bytes() == (caches["full"] / "epoch_0001.npy").read_bytes()
+
+
 def test_rebuild_into_a_cache_of_other_settings_is_refused(caches, tiny_jpegs, teacher_ckpt, caplog):
     caplog.set_level("INFO", logger="fastkd")
     out = caches["full"]
