@@ -118,6 +118,9 @@ class StudyConfig:
             raise ValueError(f"the study needs at least two teachers, got {self.teachers!r}")
         if len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"the study needs at least two distinct seeds for a standard error, got {self.seeds!r}")
+        bad = [s for s in self.seeds if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**32]
+        if bad:  # negative seeds wrapped silently; huge ones failed deep inside torch ("unpacking long long")
+            raise ValueError(f"seeds must be integers in [0, 2**32), got {bad[0]!r}")
         if self.student_epochs < 2 or self.teacher_epochs < 2:
             raise ValueError("ESKD stops at half the epochs: teacher and student epochs must be >= 2")
         ats_points(self.tau_targets, self.tau_others)

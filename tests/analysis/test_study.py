@@ -82,3 +82,12 @@ def test_study_rejects_bad_settings(tmp_path):
         cli.main(["study", "capacity", "--preset", "tiny", "--seeds", "0", "--output", str(tmp_path), "--debug"])
     with pytest.raises(ValueError, match="comma-separated integers"):
         cli.main(["study", "capacity", "--preset", "tiny", "--seeds", "a,b", "--output", str(tmp_path), "--debug"])
+
+
+@pytest.mark.parametrize("seeds", ["-1,-2", "0,99999999999999999999999"])
+def test_study_rejects_seeds_out_of_range_before_running(seeds, tmp_path, capsys, caplog):
+    # Before: negative seeds ran (wrapped by torch), a huge one failed deep inside torch with
+    # "Overflow when unpacking long long".
+    assert cli.main(["study", "capacity", "--preset", "tiny", f"--seeds={seeds}", "--output", str(tmp_path)]) == 2
+    assert "seeds must be integers in [0, 2**32)" in capsys.readouterr().err + caplog.text
+    assert not (tmp_path / "study.json").exists()
