@@ -374,6 +374,8 @@ def main(args) -> int:
         raise ValueError(f"--kl-temperature must be positive, got {args.kl_temperature}")
     if args.batch_size < 1 or (args.image_size is not None and args.image_size < 1):
         raise ValueError("--batch-size and --image-size must be positive")
+    if args.workers is not None and args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
     specs = _unique_labels([parse_teacher(s) for s in args.teacher])
     for s in specs:
         if not s.checkpoint.is_file():

@@ -253,3 +253,10 @@ def test_analyze_on_cuda(digits, checkpoints, tmp_path):
         assert res["teachers"][k]["settings"]["T=4"]["wrong_entropy"] == pytest.approx(want, rel=1e-3)
         assert res["teachers"][k]["accuracy"] == pytest.approx((logits.argmax(1) == y).double().mean().item(),
                                                                abs=2 / len(y))
+
+
+def test_analyze_names_the_workers_flag(tmp_path):
+    # Before: "num_threads must be a non-negative integer, got -1" from inside the loader.
+    with pytest.raises(ValueError, match="^--workers must be >= 0, got -1"):
+        cli.main(["analyze", "--data", str(tmp_path), "--teacher", f"fastkd:resnet8:{tmp_path / 'x.pt'}",
+                  "--workers", "-1", "--device", "cpu", "--output", str(tmp_path / "out"), "--debug"])
