@@ -226,6 +226,11 @@ def _coerce(name: str, value, where: str):
             raise bad("a number")
         return float(value)
     if kind == "str":
+        if isinstance(value, bool) and FIELDS[name].metadata.get("choices"):
+            # YAML 1.1 reads no/off/yes/on as booleans: `amp: no` arrives as False.
+            raise ConfigError(f"{where}: key {name!r} must be one of {', '.join(FIELDS[name].metadata['choices'])}, "
+                              f"got {value!r} (YAML reads yes/no/on/off/true/false as booleans; quote the value "
+                              f"or use one of those names)")
         if not isinstance(value, str):
             raise bad("a string")
         choices = FIELDS[name].metadata.get("choices")
@@ -294,6 +299,8 @@ def suggest(name: str) -> str:
         return f" (did you mean {ALIASES[name]!r}?)"
     if name.lower() in ALIASES:
         return f" (did you mean {ALIASES[name.lower()]!r}?)"
+    if name.lower() in FIELDS:  # keys are lower case: 'Lr', 'EPOCHS'
+        return f" (did you mean {name.lower()!r}?)"
     close = difflib.get_close_matches(name, FIELDS, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 

@@ -319,3 +319,17 @@ def test_loss_parameters_are_checked_at_config_time_naming_the_flag(overrides, m
     teacher = {} if overrides["method"] == "ce" else {"teacher": "fastkd:resnet20"}
     with pytest.raises(C.ConfigError, match=match):
         C.make_config(**BASE, **teacher, **overrides)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("Lr: 0.1\n", r"unknown key 'Lr' \(did you mean 'lr'\?\)"),
+    ("EPOCHS: 3\n", r"unknown key 'EPOCHS' \(did you mean 'epochs'\?\)"),
+    ("amp: no\n", r"key 'amp' must be one of auto, bf16, fp16, none, got False \(YAML reads"),
+    ("augment: off\n", r"key 'augment' must be one of .* \(YAML reads"),
+])
+def test_case_and_yaml_boolean_mistakes_get_a_hint(tmp_path, text, match):
+    # Before: 'Lr' got no suggestion, and `amp: no` said only "must be a string, got False".
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(C.ConfigError, match=match):
+        C.load_yaml(f)
