@@ -92,6 +92,15 @@ def read_manifest(root) -> dict:
         missing.append("data.num_classes/num_samples")
     if missing:
         raise ValueError(f"{path}: not a complete cache manifest (missing {', '.join(missing)})")
+    ints = lambda v: isinstance(v, list) and all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in v)
+    types = {"epochs_done": ints(data["epochs_done"]),
+             "epochs": isinstance(data.get("epochs", 0), int),
+             "top_k": data.get("top_k") is None or (isinstance(data["top_k"], int) and data["top_k"] >= 1),
+             "data.num_classes/num_samples": all(isinstance(data["data"][k], int) for k in ("num_classes", "num_samples")),
+             "build": isinstance(data.get("build", {}), dict)}
+    bad = [k for k, ok in types.items() if not ok]
+    if bad:
+        raise ValueError(f"{path}: malformed cache manifest (edited by hand?): bad {', '.join(bad)}")
     return data
 
 

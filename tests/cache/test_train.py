@@ -223,6 +223,8 @@ def test_not_a_cache_and_dpk_are_refused(full_cache, tiny_jpegs, tmp_path, caplo
     ("remove", "epoch_0001.npy: not a readable epoch file"),
     ("header", "epoch_0001.npy: not a readable epoch file"),
     ("manifest-key", "not a complete cache manifest (missing format)"),
+    ("manifest-epochs-done", "malformed cache manifest (edited by hand?): bad epochs_done"),
+    ("manifest-build", "malformed cache manifest (edited by hand?): bad build"),
 ])
 def test_a_damaged_cache_is_refused_before_training(full_cache, tiny_jpegs, tmp_path, caplog, damage, words):
     """A later epoch's missing, truncated or garbled file (or a manifest missing a key) is refused
@@ -238,7 +240,12 @@ def test_a_damaged_cache_is_refused_before_training(full_cache, tiny_jpegs, tmp_
         f.write_bytes(b"garbage!" + f.read_bytes()[8:])
     else:
         m = json.loads((cache / "manifest.json").read_text())
-        del m["format"]
+        if damage == "manifest-key":
+            del m["format"]
+        elif damage == "manifest-epochs-done":
+            m["epochs_done"] = ["0", "1"]
+        else:
+            m["build"] = None
         (cache / "manifest.json").write_text(json.dumps(m))
     args = [str(a) for a in [*TRAIN, "--data", tiny_jpegs, "--output", tmp_path / "run", "--teacher-cache", cache]]
     assert cli.main(args) == 2
