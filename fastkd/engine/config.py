@@ -520,6 +520,12 @@ def validate(cfg: TrainConfig) -> None:
 
     for name in FIELDS:
         _coerce(name, getattr(cfg, name), "config")  # types and choices (also for configs built in Python)
+    # An empty string is never meant: as a path it is the current folder (a run written there).
+    for name, what in (("data", "a folder"), ("output", "a folder"), ("teacher_cache", "a folder"),
+                       ("student", "a model name"), ("teacher", "a model name"),
+                       ("teacher_checkpoint", "a file"), ("student_checkpoint", "a file")):
+        v = getattr(cfg, name)
+        need(v is None or v.strip() != "", f"{flag(name)} is empty: give {what}")
     if cfg.data_backend == "synthetic":
         need((cfg.synthetic_samples is None and cfg.synthetic_classes is None) or cfg.data is None,
              "--synthetic-samples/--synthetic-classes size a synthetic data set without --data; with --data "

@@ -333,3 +333,12 @@ def test_case_and_yaml_boolean_mistakes_get_a_hint(tmp_path, text, match):
     f.write_text(text)
     with pytest.raises(C.ConfigError, match=match):
         C.load_yaml(f)
+
+
+@pytest.mark.parametrize("name", ["output", "data", "student", "teacher_checkpoint", "teacher_cache"])
+def test_empty_paths_and_names_are_refused(name):
+    # Before: --output "" trained and wrote config.yaml and the checkpoints into the current folder.
+    values = dict(BASE, method="kd", teacher="fastkd:resnet20", teacher_checkpoint="t.pt")
+    values[name] = " " if name != "output" else ""
+    with pytest.raises(C.ConfigError, match=f"--{name.replace('_', '-')} is empty"):
+        C.make_config(**values)
