@@ -131,6 +131,13 @@ class CachedTeacher(TeacherSource):
             warn_topk_temperature(cfg)
         return src
 
+    def identity(self) -> dict:
+        """What this cache holds (saved in checkpoints: a resume from a rebuilt cache is noticed)."""
+        m = self.reader.manifest
+        keys = ("teacher", "teacher_checkpoint_sha256", "format", "dtype", "top_k", "seed", "augmentation", "view")
+        return {"cache": {k: m.get(k) for k in keys}, "index_sha256": m["data"].get("index_sha256"),
+                "build": {k: m.get("build", {}).get(k) for k in ("amp", "channels_last", "device")}}
+
     @property
     def format(self) -> str:
         return self.reader.format

@@ -425,7 +425,12 @@ class Trainer:
             "world_size": self.dist.world_size,
             "config": dataclasses.asdict(cfg),
             "resolved_config": dataclasses.asdict(self._resolved_config()),  # defaults made explicit
+            "teacher_cache": self._cache_identity(),
         }
+
+    def _cache_identity(self) -> Optional[dict]:
+        identity = getattr(self.teacher_source, "identity", None)
+        return identity() if callable(identity) else None
 
     def _save(self, state: dict, *, best: bool = False, epoch_file: Optional[int] = None) -> None:
         if self.is_main:
@@ -484,6 +489,11 @@ class Trainer:
         if changed:
             logger.warning("fastkd: resuming with settings that differ from the checkpoint's run: %s",
                            ", ".join(f"{k}: {was[k]!r} -> {now[k]!r}" for k in changed))
+        was_cache, now_cache = state.get("teacher_cache"), self._cache_identity()
+        if was_cache is not None and now_cache is not None and was_cache != now_cache:
+            logger.warning("fastkd: resuming with a teacher cache that holds other outputs than the one the "
+                           "checkpoint's run read (%s): the rest of the run distils other teacher logits",
+                           ", ".join(k for k in now_cache if was_cache.get(k) != now_cache[k]))
         if state.get("classes") is not None and list(state["classes"]) != list(self.classes):
             raise ValueError(f"checkpoint {path} was trained on other classes than the data set in --data")
         self.student.load_state_dict(state["model"])

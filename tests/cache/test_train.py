@@ -305,6 +305,26 @@ def test_kill_during_cached_training_then_resume_gives_identical_weights(full_ca
         assert torch.equal(a[k], b[k]), k
 
 
+def test_resume_from_a_cache_rebuilt_with_other_outputs_is_warned_about(full_cache, tiny_jpegs, teacher_ckpt,
+                                                                         tmp_path, caplog):
+    """The checkpoint remembers what the cache held: the same path rebuilt (here fp16) is noticed."""
+    cache = tmp_path / "cache"
+    shutil.copytree(full_cache, cache)
+    args = [str(a) for a in [*TRAIN, "--data", tiny_jpegs, "--teacher-cache", cache]]
+    args[args.index("--epochs") + 1] = "1"
+    assert cli.main([*args, "--output", str(tmp_path / "a")]) == 0
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    args[args.index("--epochs") + 1] = "2"
+    caplog.set_level("INFO", logger="fastkd")
+    assert cli.main([*args, "--output", str(tmp_path / "a"), "--resume", "auto"]) == 0
+    assert "teacher cache that holds other outputs" not in caplog.text
+    shutil.rmtree(cache)
+    build(tiny_jpegs, teacher_ckpt, cache, "--dtype", "fp16")
+    assert cli.main([*args, "--output", str(tmp_path / "b"), "--resume", "auto"]) == 0
+    assert "resuming with a teacher cache that holds other outputs than the one the checkpoint's run read (cache)" \
+        in caplog.text
+
+
 def test_dali_cpu_cache_trains_bit_identical_weights(tiny_jpegs, teacher_ckpt, tmp_path):
     """The DALI loader (CPU pipeline here): its crops are keyed by its own seeds, the same in the
     builder and in training, so a DALI-built cache matches a DALI training run bit for bit."""
