@@ -138,6 +138,8 @@ def main(args: argparse.Namespace) -> int:
     for name in ("image_size", "batch_size", "teacher_epochs", "student_epochs"):
         if getattr(args, name) < 1:
             raise ValueError(f"fastkd demo: --{name.replace('_', '-')} must be >= 1")
+    if args.threads is not None and args.threads < 1:  # 0 was taken as 1, a negative count failed in torch
+        raise ValueError(f"fastkd demo: --threads must be >= 1, got {args.threads}")
     device = resolve_device(args.device)
     if device.type == "cpu":
         threads = args.threads or 1

@@ -2,6 +2,8 @@
 and its closing sentences computed from its numbers, whichever way they go."""
 import json
 
+import pytest
+
 from fastkd import cli
 from fastkd.engine.demo import conclusions
 
@@ -57,3 +59,12 @@ def test_demo_runs_every_stage_and_prints_the_table(tmp_path, capsys):
     n_fit = len(list((demo_dir / "data" / "fit" / "train").rglob("*.jpg")))
     n_hold = len(list((demo_dir / "data" / "holdout").rglob("*.jpg")))
     assert n_fit + n_hold == 1437 and 0.1 < n_hold / 1437 < 0.2
+
+
+@pytest.mark.parametrize("threads", ["0", "-2"])
+def test_demo_refuses_a_thread_count_below_one(threads, tmp_path):
+    # Before: --threads 0 silently ran the whole demo with one thread (and -2 failed inside torch).
+    from fastkd import cli
+
+    with pytest.raises(ValueError, match="--threads must be >= 1"):
+        cli.main(["demo", f"--threads={threads}", "--output", str(tmp_path), "--device", "cpu", "--debug"])
