@@ -110,9 +110,12 @@ def main(argv=None) -> int:
         module, help_ = COMMANDS[name]
         if module is None:
             choices = [b for (a, b) in SUBCOMMANDS if a == name]
-            if not rest or rest[0] in ("-h", "--help"):
+            if not rest:  # an ordinary mistake: one line on stderr, like every other
+                raise _ParseError(f"fastkd {name}: error: give a target: {', '.join(choices)} "
+                                  f"(e.g. 'fastkd {name} {choices[0]} --help')")
+            if rest[0] in ("-h", "--help"):
                 print(f"usage: fastkd {name} {{{','.join(choices)}}} [options]\n\n{help_}")
-                return 0 if rest else 2
+                return 0
             if (name, rest[0]) not in SUBCOMMANDS:
                 raise _ParseError(f"fastkd {name}: error: unknown target {rest[0]!r}; choose from {', '.join(choices)}")
             module, help_ = SUBCOMMANDS[(name, rest[0])]

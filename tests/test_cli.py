@@ -98,3 +98,12 @@ def test_list_presets_prints_one_line_each(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[0] for line in lines] == C.presets()
     assert all("->" in line or "teacher training" in line for line in lines)
+
+
+@pytest.mark.parametrize("name", ["bench", "study", "cache"])
+def test_a_command_without_its_target_is_one_line_on_stderr(name, capsys):
+    # Before: the usage went to stdout (exit code 2, stderr empty).
+    assert cli.main([name]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and err.startswith(f"fastkd {name}: error: give a target")
+    assert cli.main([name, "--help"]) == 0 and "usage" in capsys.readouterr().out
