@@ -315,6 +315,8 @@ def _unique_key_loader():
     def construct_mapping(loader, node, deep=False):
         seen = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # a YAML merge key (<<: *defaults): PyYAML merges it, explicit keys win
             key = loader.construct_object(key_node, deep=deep)
             try:
                 first = seen.get(key)

@@ -342,3 +342,14 @@ def test_empty_paths_and_names_are_refused(name):
     values[name] = " " if name != "output" else ""
     with pytest.raises(C.ConfigError, match=f"--{name.replace('_', '-')} is empty"):
         C.make_config(**values)
+
+
+def test_yaml_merge_keys_work(tmp_path):
+    # Before: "not valid YAML: could not determine a constructor for the tag ...merge" (the
+    # duplicate-key check constructed the '<<' key itself).
+    f = tmp_path / "c.yaml"
+    f.write_text("<<: {lr: 0.1, epochs: 7}\nepochs: 3\n")
+    assert C.load_yaml(f) == {"lr": 0.1, "epochs": 3}
+    f.write_text("epochs: 3\nepochs: 4\n<<: {lr: 0.1}\n")
+    with pytest.raises(C.ConfigError, match="appears twice"):
+        C.load_yaml(f)
