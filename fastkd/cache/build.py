@@ -54,7 +54,7 @@ def train_loader(cfg: C.TrainConfig, dist: D.DistInfo, *, teacher_view: bool):
     return create_loader(cfg.data, train=True, batch_size=cfg.batch_size, backend=cfg.data_backend,
                          image_size=cfg.image_size, teacher_image_size=tis, shard_id=dist.rank,
                          num_shards=dist.world_size, seed=cfg.seed, num_threads=cfg.workers, device=dist.device,
-                         channels_last=cfg.channels_last, **extra)
+                         channels_last=cfg.channels_last, skip_corrupt=cfg.skip_corrupt, **extra)
 
 
 def augmentation_settings(loader) -> dict:
@@ -372,7 +372,9 @@ def _build_epoch(out: Path, epoch: int, loader, runner, spec: CacheSpec, shape: 
         batch = nxt
     mm.flush()
     del mm
-    return written
+    # --skip-corrupt: a corrupt file's rows are placeholders (valid=False) that no loss reads; its
+    # row stays zero and counts as accounted for.
+    return written + int(getattr(loader, "skipped_in_epoch", 0) or 0)
 
 
 def _teacher_input(batch):

@@ -25,7 +25,7 @@ logger = logging.getLogger("fastkd")
 
 #: TrainConfig fields that decide the teacher views or how the teacher runs.
 TRAIN_FIELDS = ("data", "data_backend", "augment", "batch_size", "image_size", "teacher_image_size", "workers",
-                "seed", "teacher", "teacher_checkpoint", "device", "amp", "channels_last", "compile")
+                "seed", "teacher", "teacher_checkpoint", "device", "amp", "channels_last", "compile", "skip_corrupt")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

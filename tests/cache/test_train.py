@@ -325,6 +325,24 @@ def test_resume_from_a_cache_rebuilt_with_other_outputs_is_warned_about(full_cac
         in caplog.text
 
 
+def test_a_cache_builds_and_trains_with_skip_corrupt(tiny_jpegs, teacher_ckpt, tmp_path):
+    """The loader's error on a corrupt file says '--skip-corrupt': the build takes it too, and the
+    cached run then matches the online one (the placeholder image's teacher logits are cached)."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_jpegs, data)
+    next(iter(sorted((data / "train").glob("*/*.jpg")))).write_bytes(b"not a jpeg")
+    build(data, teacher_ckpt, tmp_path / "cache", "--skip-corrupt", epochs=1)
+    base = [str(a) for a in [*TRAIN, "--data", data, "--skip-corrupt"]]
+    base[base.index("--epochs") + 1] = "1"
+    online, cached = tmp_path / "online", tmp_path / "cached"
+    assert cli.main([*base, "--teacher", "fastkd:resnet8", "--teacher-checkpoint", str(teacher_ckpt),
+                     "--output", str(online)]) == 0
+    assert cli.main([*base, "--teacher-cache", str(tmp_path / "cache"), "--output", str(cached)]) == 0
+    a, b = weights(online), weights(cached)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_dali_cpu_cache_trains_bit_identical_weights(tiny_jpegs, teacher_ckpt, tmp_path):
     """The DALI loader (CPU pipeline here): its crops are keyed by its own seeds, the same in the
     builder and in training, so a DALI-built cache matches a DALI training run bit for bit."""
