@@ -20,7 +20,16 @@ if not _CUDA:
 import pytest  # noqa: E402
 
 
+# Tests that run fastkd in a subprocess through these fixtures are slow by construction (each child
+# imports torch): they are marked here, so `pytest -m "not slow"` is the quick inner loop without a
+# list to keep up to date. Tests that start processes by other means carry @pytest.mark.slow.
+_SLOW_FIXTURES = {"run_fastkd", "run_py"}
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     if _CUDA:
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -35,15 +44,24 @@ def device():
     return torch.device("cuda" if _CUDA else "cpu")
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread():
-    """One math thread for the test (restored after): runs compared bit for bit use the thread
-    count of the subprocess runs (1), and small convolutions on a busy 2-core machine lose far more
-    to two OpenMP threads waiting on each other than they gain."""
+    """Every test runs with one math thread (restored after): runs compared bit for bit use the
+    thread count of the subprocess runs (1), and small convolutions on a busy 2-core machine lose
+    far more to two OpenMP threads waiting on each other than they gain."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory):
+    """scikit-learn's digits as 16x16 JPEG files (train/ and val/), via fastkd.data, built once
+    for the whole run."""
+    from fastkd.data import make_digits_imagefolder
+
+    return make_digits_imagefolder(tmp_path_factory.mktemp("digits") / "digits", seed=0, val_fraction=0.2, size=16)
 
 
 def write_digit_jpegs(root, counts: dict):

@@ -12,6 +12,7 @@ def run(*args):
     return subprocess.run([sys.executable, "-m", "fastkd", *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_check_env_reports_and_exits_zero():
     proc = run("check-env")
     assert proc.returncode == 0, proc.stderr
@@ -33,6 +34,7 @@ def test_help_lists_every_command(capsys):
         assert name in out
 
 
+@pytest.mark.slow
 def test_unknown_command_is_an_error():
     proc = run("distill")
     assert proc.returncode == 2 and "unknown command 'distill'" in proc.stderr
@@ -64,6 +66,7 @@ def test_bad_invocations_of_every_subcommand_exit_2_with_one_line(case, capsys, 
     assert list(tmp_path.iterdir()) == []  # and no empty output folder is left behind
 
 
+@pytest.mark.slow
 def test_stderr_of_a_failed_command_is_one_line_and_debug_shows_the_traceback():
     proc = run("train", "--data", "/no/such/dir", "--student", "fastkd:resnet8", "--method", "ce", "--device", "cpu",
                "--threads", "1")
@@ -83,6 +86,7 @@ def test_an_unknown_flag_is_one_line_with_a_hint(capsys):
     assert "--learning-rate -> --lr?, --warmpu-epochs -> --warmup-epochs?, --bs -> --batch-size?" in err[0]
 
 
+@pytest.mark.slow
 def test_version_is_instant_and_imports_no_torch():
     code = ("import sys, runpy; sys.argv = ['fastkd', '--version']\n"
             "try:\n    runpy.run_module('fastkd', run_name='__main__')\nexcept SystemExit as e:\n    assert e.code == 0\n"

@@ -14,16 +14,9 @@ from fastkd.analysis.cli import format_report, parse_teacher, write_outputs
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def _one_math_thread(one_thread):
-    """Every test here runs with one math thread (the root conftest's ``one_thread``)."""
-
-
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from fastkd.data import make_digits_imagefolder
-
-    return make_digits_imagefolder(tmp_path_factory.mktemp("digits") / "d", size=16)
+def digits(digits_root):
+    return digits_root
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,6 @@ from fastkd.analysis.select import (ats_points, carve_validation, diagonal_point
 from fastkd.losses import DistillLoss
 
 
-@pytest.fixture(autouse=True)
-def _one_math_thread(one_thread):
-    """Every test here runs with one math thread (the root conftest's ``one_thread``)."""
-
-
 def test_grid_points_and_rule():
     pts = ats_points()
     assert len(pts) == 15 and all(a > b for a, b in pts) and (4.0, 2.0) in pts

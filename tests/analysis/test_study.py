@@ -43,6 +43,7 @@ def test_verdicts_follow_the_numbers_either_way():
     assert v["observation_2"] == "opposite"
 
 
+@pytest.mark.slow
 def test_tiny_preset_end_to_end(tmp_path, capsys):
     threads = torch.get_num_threads()
     out = tmp_path / "study"

@@ -55,6 +55,7 @@ def test_summary_of_an_empty_folder_says_so(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the visit script is bash for the Linux GPU machine")
+@pytest.mark.slow
 def test_visit_dry_run_runs_its_steps_and_packs_the_results(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "STEPS": "jpegs", "PYTHON": sys.executable, "FASTKD_COMMIT": "abc1234"}
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_visit.sh"), "--dry-run"], env=env, cwd=REPO,
@@ -70,6 +71,7 @@ def test_visit_dry_run_runs_its_steps_and_packs_the_results(tmp_path):
     assert {"env.json", "steps.tsv", "summary.md", "jpegs.log"} <= names and not any(n.endswith(".jpg") for n in names)
 
 
+@pytest.mark.slow
 def test_visit_rejects_unknown_arguments():
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_visit.sh"), "--dryrun"], capture_output=True,
                           text=True, timeout=30)

@@ -3,11 +3,6 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True)
-def _one_math_thread(one_thread):
-    """Every test here runs with one math thread (the root conftest's ``one_thread``)."""
-
-
 @pytest.fixture(scope="session")
 def tiny_jpegs(tmp_path_factory, digit_jpegs):
     """4 classes of real digit images as 16x16 JPEGs: 45 train (odd: 2 shards pad), 12 val."""

@@ -9,11 +9,6 @@ import torch
 from fastkd.data import build_index, create_loader, make_digits_imagefolder
 
 
-@pytest.fixture(scope="module")
-def digits_root(tmp_path_factory):
-    return make_digits_imagefolder(tmp_path_factory.mktemp("digits") / "d", seed=0, val_fraction=0.2, size=16)
-
-
 def test_split_is_stratified_and_complete(digits_root):
     from sklearn.datasets import load_digits
 

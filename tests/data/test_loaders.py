@@ -427,6 +427,7 @@ def _alive(pid):
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+@pytest.mark.slow
 def test_torch_workers_exit_when_the_training_process_is_killed(image_folder):
     """SIGKILL the process that iterates a loader with 2 workers: the workers are gone within
     about a second (PyTorch's own check waits 5 s, and only while a worker is idle)."""

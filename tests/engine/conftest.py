@@ -1,18 +1,6 @@
-"""Fixtures of the engine tests: tiny real-JPEG data sets, one math thread, subprocess runs."""
+"""Fixtures of the engine tests: a tiny real-JPEG data set (the digits and one math thread come from
+the root conftest)."""
 import pytest
-
-
-@pytest.fixture(autouse=True)
-def _one_math_thread(one_thread):
-    """Every test here runs with one math thread (the root conftest's ``one_thread``)."""
-
-
-@pytest.fixture(scope="session")
-def digits_root(tmp_path_factory):
-    """scikit-learn's digits as 16x16 JPEG files (train/ and val/), via fastkd.data."""
-    from fastkd.data import make_digits_imagefolder
-
-    return make_digits_imagefolder(tmp_path_factory.mktemp("digits") / "digits", size=16)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
 """DDP with two gloo processes (torchrun): validation counted exactly as one process counts it."""
+import pytest
 import torch
 
 from fastkd.data import create_loader
@@ -58,6 +59,7 @@ def test_the_collective_timeout_reaches_the_process_group(monkeypatch):
     assert seen["timeout"] == datetime.timedelta(seconds=D.DEFAULT_TIMEOUT_S)
 
 
+@pytest.mark.slow
 def test_a_stopped_rank_ends_the_run_after_the_dist_timeout(tmp_path):
     # issue 11 item 15, end to end: rank 1 is SIGSTOPped after its first step; rank 0 must fail
     # after --dist-timeout seconds (gloo's default would block it for 30 minutes)

@@ -27,6 +27,7 @@ def test_conclusions_follow_the_numbers():
     assert "70.0%, below the 90.0%" in down and "50.0%: below KD" in down and "40.0% (below it)" in down
 
 
+@pytest.mark.slow
 def test_demo_runs_every_stage_and_prints_the_table(tmp_path, capsys):
     rc = cli.main(["demo", "--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "runs"),
                    "--teacher-epochs", "1", "--student-epochs", "1", "--image-size", "8", "--device", "cpu",

@@ -589,6 +589,7 @@ def test_empty_batch(device):
 # --------------------------------------------------------------------------------------------
 # the compiler (not only the interpreter) accepts every kernel variant
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_kernels_compile_for_hopper_without_a_gpu():
     """The interpreter accepts code the compiler rejects: compile the main variants for sm_90
     with Triton's own compiler and ptxas (no GPU needed; a subprocess, since this process has
