@@ -17,11 +17,8 @@ bytes changed on disk is refused by name, and ``--resume auto`` moves on to the 
 A full disk during a write raises ``OSError(ENOSPC, "no space left on device while writing
 PATH ...")`` and removes the temporary file; the previous checkpoint stays intact.
 
-Fault injection: :func:`add_fault_hook` registers a callable for a named point of the engine
-(``"after_step"``: after each optimizer step, ``step=`` the global step; ``"before_rename"``:
-a checkpoint's temporary file is complete, ``tmp=``, ``path=``, ``count=`` the saves so far in
-this process). The test suite uses it to kill a run at an exact step or in the middle of a
-write; the library itself never installs a hook and reads no environment variable for it.
+The library has no fault-injection points: the tests kill a run at an exact step or in the
+middle of a write by patching functions the engine already calls (``tests/engine/kill_run.py``).
 """
 from __future__ import annotations
 
@@ -32,7 +29,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -45,28 +42,6 @@ logger = logging.getLogger("fastkd")
 LAST, BEST = "last.pt", "best.pt"
 _EPOCH_RE = re.compile(r"^epoch_(\d+)\.pt$")
 _TMP_RE = re.compile(r"^\..+\.tmp\.\d+$")
-_saves_done = 0
-
-
-# --------------------------------------------------------------------------------------------
-# Fault injection (installed by tests; the library never installs one)
-# --------------------------------------------------------------------------------------------
-FAULT_POINTS = ("after_step", "before_rename")
-_fault_hooks: dict[str, list[Callable]] = {p: [] for p in FAULT_POINTS}
-
-
-def add_fault_hook(point: str, fn: Callable) -> Callable[[], None]:
-    """Call ``fn(**info)`` at the named point of the engine; returns a function that removes it."""
-    if point not in _fault_hooks:
-        raise ValueError(f"unknown fault point {point!r}; expected one of {', '.join(FAULT_POINTS)}")
-    _fault_hooks[point].append(fn)
-    return lambda: _fault_hooks[point].remove(fn) if fn in _fault_hooks[point] else None
-
-
-def fault_point(point: str, **info) -> None:
-    """Run the hooks registered for ``point`` (none outside the tests: a cheap no-op)."""
-    for fn in tuple(_fault_hooks[point]):
-        fn(**info)
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,7 +119,6 @@ def save_atomic(obj, path) -> Path:
     On failure the temporary file is removed and ``path`` is left as it was; a full disk raises
     ``OSError(ENOSPC)`` with a message naming ``path``.
     """
-    global _saves_done
     path = Path(path)
     if isinstance(obj, dict):
         obj = {**obj, CHECKSUM_KEY: payload_checksum(obj)}
@@ -163,8 +137,6 @@ def save_atomic(obj, path) -> Path:
             raise OSError(errno.ENOSPC, f"no space left on device while writing {path} (the previous checkpoint, "
                                         f"if any, is intact; free some space or choose another --output)") from exc
         raise
-    _saves_done += 1
-    fault_point("before_rename", tmp=tmp, path=path, count=_saves_done)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
     return path

@@ -643,7 +643,6 @@ class Trainer:
             meters.add(loss, loss_fn.last_terms, step.batch)
             step_in_epoch = step.index + 1
             self.global_step += 1
-            ckpt.fault_point("after_step", step=self.global_step)
             if self.global_step % cfg.log_interval == 0 or step_in_epoch == n_steps:
                 self._log_step(epoch, loss, meters, bar)
             bar.update(1)

@@ -1,16 +1,54 @@
-"""Run ``fastkd`` with a fault-injection hook: ``python kill_run.py step:N|save:N|stop:N fastkd-args...``.
+"""Run ``fastkd`` and kill it at an exact point: ``python kill_run.py step:N|save:N|stop:N fastkd-args...``.
 
-``step:N`` SIGKILLs the process right after optimizer step N; ``save:N`` inside the N-th
-checkpoint write, with only half of the temporary file on disk (a torn write); ``stop:N``
-SIGSTOPs it after step N (a hung DDP rank). The hooks go
-through :func:`fastkd.engine.checkpoint.add_fault_hook`; the library reads no test variable.
+``step:N`` SIGKILLs the process right after optimizer step N (the global step); ``save:N`` inside
+the N-th checkpoint write of this process, with only half of the temporary file on disk (a torn
+write); ``stop:N`` SIGSTOPs it after step N (a hung DDP rank). The faults are installed here by
+wrapping functions the engine already calls (``Trainer._step``, the rename that publishes a
+checkpoint); the library has no fault hooks and reads no test variable.
 """
+import functools
 import os
 import signal
 import sys
 
 from fastkd import cli
 from fastkd.engine import checkpoint as ckpt
+from fastkd.engine.trainer import Trainer
+
+
+def _after_step(n: int, sig: int) -> None:
+    step = Trainer._step
+
+    @functools.wraps(step)
+    def wrapped(self, *args, **kwargs):
+        loss = step(self, *args, **kwargs)
+        if self.global_step + 1 == n:  # the loop counts the step right after _step returns
+            os.kill(os.getpid(), sig)
+        return loss
+
+    Trainer._step = wrapped
+
+
+def _in_save(n: int) -> None:
+    save_atomic, replace, saves = ckpt.save_atomic, os.replace, [0]
+
+    def torn_replace(src, dst, *args, **kwargs):  # save_atomic's rename of its complete temp file
+        with open(src, "r+b") as fh:
+            fh.truncate(os.path.getsize(src) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    @functools.wraps(save_atomic)
+    def counted_save(obj, path):
+        saves[0] += 1
+        if saves[0] != n:
+            return save_atomic(obj, path)
+        ckpt.os.replace = torn_replace  # this process only: it exists to be killed
+        try:
+            return save_atomic(obj, path)
+        finally:
+            ckpt.os.replace = replace
+
+    ckpt.save_atomic = counted_save
 
 
 def main() -> int:
@@ -19,20 +57,10 @@ def main() -> int:
     if kind not in ("step", "save", "stop") or not n.isdigit():
         raise SystemExit(f"kill_run.py: expected step:N, save:N or stop:N, got {spec!r}")
     n = int(n)
-    if kind in ("step", "stop"):
-        def after_step(step):
-            if step == n:
-                os.kill(os.getpid(), signal.SIGKILL if kind == "step" else signal.SIGSTOP)
-
-        ckpt.add_fault_hook("after_step", after_step)
+    if kind == "save":
+        _in_save(n)
     else:
-        def before_rename(tmp, path, count):
-            if count == n:
-                with open(tmp, "r+b") as fh:
-                    fh.truncate(os.path.getsize(tmp) // 2)
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        ckpt.add_fault_hook("before_rename", before_rename)
+        _after_step(n, signal.SIGKILL if kind == "step" else signal.SIGSTOP)
     return cli.main(argv)
 
 
