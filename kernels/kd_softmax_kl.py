@@ -85,6 +85,7 @@ import triton
 import triton.language as tl
 
 from .. import _compat
+from .._isats_grid import isats_default_candidates
 from . import _launch as L
 from ._launch import LaunchConfig
 from ._modes import COUNT_FIXED, COUNT_FROM_BUFFER, COUNT_IN_KERNEL, METHOD_IDS, REDUCE_BATCHMEAN, REDUCE_IDS
@@ -479,8 +480,6 @@ def fused_distill(student, teacher, target, *, method, ce_weight, kd_weight, lab
         raise TypeError("fused_distill computes in fp32: float64 logits go to the PyTorch reference "
                         "(fastkd.losses.functional routes them there), not to the fused kernel")
     if method == "isats" and candidates is None:
-        from ..losses.reference import isats_default_candidates
-
         candidates = isats_default_candidates(tau_target)
     spec = Spec(method=method, ce_weight=float(ce_weight), kd_weight=float(kd_weight),
                 label_smoothing=float(label_smoothing), ignore_index=int(ignore_index), reduction=reduction,

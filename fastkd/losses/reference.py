@@ -22,6 +22,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .._isats_grid import isats_default_candidates
+
 __all__ = [
     "upcast",
     "cross_entropy",
@@ -134,12 +136,6 @@ def ats(
     log_ps = torch.log_softmax(z / s, dim=-1)
     out = s * s * _kl_rows(log_q, log_ps)
     return torch.where(_valid_rows(target, ignore_index), out, torch.zeros_like(out))
-
-
-def isats_default_candidates(tau_target: float, n: int = 16) -> list[float]:
-    """The default ISATS grid: ``n`` values evenly spaced in [0.5, tau_target]."""
-    lo = min(0.5, float(tau_target))
-    return torch.linspace(lo, float(tau_target), n, dtype=torch.float64).tolist()
 
 
 def isats_select_tau(
