@@ -47,9 +47,8 @@ import torch
 
 from .._compat import log_once
 from .base import PLACEHOLDER_GREY, Batch, BaseLoader
-from .decode import CIFAR_PAD, cifar_crops
+from .decode import CIFAR_PAD, cifar_crops, decode_error
 from .index import TRAIN_RATIO, TRAIN_SCALE, ShardPlan, derive_seed, val_resize_size
-from .shards import sample_error
 
 # Batches DALI may be working on ahead of the one that failed (pipeline prefetch plus the
 # reader's queue); the files of this many batches are re-checked when a decode fails.
@@ -337,7 +336,12 @@ class DaliLoader(BaseLoader):
         bad = []
         for k in suspects:
             index = int(plan.indices[k])
-            error = sample_error(self.index, index)
+            try:  # a file, or a member of a tar shard (an index with ``open``)
+                source = self.index.open(index) if hasattr(self.index, "open") else self.index.paths[index]
+            except OSError as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            else:
+                error = decode_error(source)
             if error is not None:
                 bad.append((index, error))
         if not bad:

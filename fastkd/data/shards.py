@@ -194,19 +194,6 @@ def index_shards(root) -> ShardIndex:
                       tars=tuple(tars), members=np.asarray(rows, dtype=np.int64).reshape(-1, 3))
 
 
-def sample_error(index: DatasetIndex, i: int) -> Optional[str]:
-    """Why PIL cannot decode sample ``i`` (a file or a shard member), or None when it can."""
-    from .decode import decode_error
-
-    if not isinstance(index, ShardIndex):
-        return decode_error(index.paths[i])
-    try:
-        source = index.open(i)
-    except OSError as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return decode_error(source)
-
-
 def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
