@@ -7,6 +7,11 @@ Pipeline (one per pass over a shard plan; built with ``enable_checkpointing=True
   backend read the same samples, and the order is fixed by seed and epoch). Its "label" output is
   the sample's position in that list; labels, validity flags and dataset indices are looked up
   from it in Python.
+* Tar shards (:mod:`fastkd.data.shards`): ``fn.external_source`` hands the pipeline the planned
+  samples' bytes (read by offset from the shards) in place of ``fn.readers.file``; the rest of the
+  graph is the same, with the same seeds, so shards give the batches of the folder they were
+  written from. (``fn.readers.webdataset`` reads each shard front to back, so it cannot follow the
+  per-epoch order of the whole data set.)
 * Train: ``fn.decoders.image_random_crop`` decodes only the random window (area 0.08-1,
   aspect 3/4-4/3; nvJPEG on the GPU with ``device="mixed"``), then one ``fn.resize`` per output
   size and one ``fn.crop_mirror_normalize`` per view with a shared ``fn.random.coin_flip``: the

@@ -106,8 +106,9 @@ def _read_classes(root: Path) -> Optional[tuple[str, ...]]:
     return None
 
 
-def _index_tar(tar_path: str, number: int, rows: list, paths: list, labels: list) -> int:
-    """Append the samples of one shard; returns the count of ignored members."""
+def _scan_tar(tar_path: str) -> tuple[list, int]:
+    """The samples of one shard, ``[(image member name, data offset, size, label)]``, and the
+    count of ignored members (read from the tar headers and the ``.cls`` members)."""
     ignored = 0
     samples: dict[str, dict] = {}  # key -> {"image": (member, offset, size), "cls": label}
     try:
@@ -143,6 +144,7 @@ def _index_tar(tar_path: str, number: int, rows: list, paths: list, labels: list
                     ignored += 1
         except tarfile.TarError as exc:
             raise ValueError(f"shard {tar_path!r} is damaged: {exc}") from None
+    found = []
     for key, sample in samples.items():
         if "image" not in sample:
             if "cls" in sample:
@@ -151,11 +153,44 @@ def _index_tar(tar_path: str, number: int, rows: list, paths: list, labels: list
             continue  # only ignored components (counted above)
         if "cls" not in sample:
             raise ValueError(f"shard {tar_path!r}: sample {key!r} has no class index ({key}.cls is missing)")
-        name, offset, size = sample["image"]
-        rows.append((number, offset, size))
-        paths.append(f"{tar_path}:{name}")
-        labels.append(sample["cls"])
-    return ignored
+        found.append([*sample["image"], sample["cls"]])
+    return found, ignored
+
+
+#: Hidden folder beside the shards holding each shard's index (``SHARD.tar.json``), so a shard is
+#: listed once, not at every start (Python's tarfile lists a few thousand samples a second).
+INDEX_CACHE = ".fastkd-index"
+_INDEX_VERSION = 1
+
+
+def _shard_samples(tar_path: str) -> tuple[list, int]:
+    """:func:`_scan_tar`, through the cache beside the shard (rebuilt when the shard's size or
+    modification time changes; written atomically; a read-only folder is indexed every time)."""
+    import json
+
+    st = os.stat(tar_path)
+    stamp = {"version": _INDEX_VERSION, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    cache = os.path.join(os.path.dirname(tar_path), INDEX_CACHE, os.path.basename(tar_path) + ".json")
+    try:
+        with open(cache, encoding="utf-8") as fh:
+            stored = json.load(fh)
+        if all(stored.get(k) == v for k, v in stamp.items()):
+            return stored["samples"], int(stored["ignored"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # no cache yet, or an unreadable one: list the shard
+    found, ignored = _scan_tar(tar_path)
+    try:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        tmp = f"{cache}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump({**stamp, "ignored": ignored, "samples": found}, fh)
+        os.replace(tmp, cache)
+    except OSError as exc:
+        from .._compat import log_once
+
+        log_once(f"fastkd.data: cannot keep the shard index beside {os.path.dirname(tar_path)} ({exc}); "
+                 "the shards are listed again at every start", logging.WARNING)
+    return found, ignored
 
 
 def index_shards(root) -> ShardIndex:
@@ -170,15 +205,24 @@ def index_shards(root) -> ShardIndex:
     if folders:
         raise ValueError(f"data root {str(root)!r} holds both .tar shards and folders ({', '.join(folders[:3])}); "
                          "a split is either shards or class folders")
+    others = [e.name for e in entries if e.is_file() and not e.name.startswith(".")
+              and not e.name.lower().endswith(".tar") and e.name != CLASSES_FILE]
+    if others:
+        logger.warning("fastkd.data: ignored %d files under %s that are not .tar shards (e.g. %s)", len(others),
+                       root, others[0])
     rows: list = []
     paths: list = []
     labels: list = []
     ignored = 0
     for number, tar in enumerate(tars):
-        before = len(rows)
-        ignored += _index_tar(tar, number, rows, paths, labels)
-        if len(rows) == before:
+        found, skipped = _shard_samples(tar)
+        if not found:
             raise ValueError(f"shard {tar!r} holds no samples (expected KEY.jpg / KEY.png with KEY.cls)")
+        ignored += skipped
+        for name, offset, size, label in found:
+            rows.append((number, offset, size))
+            paths.append(f"{tar}:{name}")
+            labels.append(label)
     if ignored:
         logger.warning("fastkd.data: ignored %d tar members under %s that are neither a sample's image nor "
                        "its .cls", ignored, root)

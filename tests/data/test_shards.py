@@ -295,3 +295,20 @@ def test_teacher_cache_from_shards(digits_as_shards, tmp_path, one_thread):
         assert torch.equal(a[k], b[k]), k
     # the folder's index is another data set for the cache: refused, naming the field
     assert cli.main([*base[:-1], str(folder), "--teacher-cache", str(cache), "--output", str(tmp_path / "x")]) == 2
+
+
+def test_the_shard_listing_is_cached_and_renewed_when_a_shard_changes(tmp_path, monkeypatch):
+    from fastkd.data import shards as S
+
+    _tar(tmp_path / "s.tar", [("a.jpg", _jpeg()), ("a.cls", b"1"), ("b.jpg", _jpeg()), ("b.cls", b"0")])
+    first = index_shards(tmp_path)
+    assert (tmp_path / S.INDEX_CACHE / "s.tar.json").is_file()
+    scans = []
+    real = S._scan_tar
+    monkeypatch.setattr(S, "_scan_tar", lambda path: scans.append(path) or real(path))
+    again = index_shards(tmp_path)
+    assert scans == [] and again.paths == first.paths and np.array_equal(again.members, first.members)
+    _tar(tmp_path / "s.tar", [("a.jpg", _jpeg()), ("a.cls", b"2"), ("b.jpg", _jpeg()), ("b.cls", b"0"),
+                              ("c.jpg", _jpeg()), ("c.cls", b"1")])
+    changed = index_shards(tmp_path)
+    assert len(scans) == 1 and changed.labels.tolist() == [2, 0, 1]
