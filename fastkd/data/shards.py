@@ -164,12 +164,12 @@ _INDEX_VERSION = 1
 
 
 def _shard_samples(tar_path: str) -> tuple[list, int]:
-    """:func:`_scan_tar`, through the cache beside the shard (rebuilt when the shard's size or
+    """:func:`_scan_tar`, through the cache beside the shard (rebuilt when the shard's size, inode or
     modification time changes; written atomically; a read-only folder is indexed every time)."""
     import json
 
     st = os.stat(tar_path)
-    stamp = {"version": _INDEX_VERSION, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    stamp = {"version": _INDEX_VERSION, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
     cache = os.path.join(os.path.dirname(tar_path), INDEX_CACHE, os.path.basename(tar_path) + ".json")
     try:
         with open(cache, encoding="utf-8") as fh:
