@@ -7,6 +7,11 @@ Pipeline (one per pass over a shard plan; built with ``enable_checkpointing=True
   backend read the same samples, and the order is fixed by seed and epoch). Its "label" output is
   the sample's position in that list; labels, validity flags and dataset indices are looked up
   from it in Python.
+* Tar shards (:mod:`fastkd.data.shards`): ``fn.external_source`` hands the pipeline the planned
+  samples' bytes (read by offset from the shards) in place of ``fn.readers.file``; the rest of the
+  graph is the same, with the same seeds, so shards give the batches of the folder they were
+  written from. (``fn.readers.webdataset`` reads each shard front to back, so it cannot follow the
+  per-epoch order of the whole data set.)
 * Train: ``fn.decoders.image_random_crop`` decodes only the random window (area 0.08-1,
   aspect 3/4-4/3; nvJPEG on the GPU with ``device="mixed"``), then one ``fn.resize`` per output
   size and one ``fn.crop_mirror_normalize`` per view with a shared ``fn.random.coin_flip``: the
@@ -70,10 +75,13 @@ def _cifar_codes(seed: int, epoch: int, keys) -> list:
 
 def _make_pipeline(files, *, train: bool, sizes: tuple, norms: list, decoder_device: str, on_gpu: bool,
                    out_dtype: str, layout: str, batch_size: int, num_threads: int, device_id, seed: int,
-                   checkpoint: Optional[str], augment: str = "imagenet", codes: Optional[list] = None):
+                   checkpoint: Optional[str], augment: str = "imagenet", codes: Optional[list] = None,
+                   read=None):
     """Build the DALI pipeline for one pass over ``files`` (see the module docstring).
 
     ``codes``: for "cifar" training, the crop code of every file (see ``_cifar_codes``).
+    ``read``: None, or ``read(item) -> bytes`` for each item of ``files`` (tar shards): the
+    bytes reach the same graph through ``fn.external_source`` instead of ``fn.readers.file``.
     """
     from nvidia.dali import fn, pipeline_def, types
 
@@ -87,8 +95,13 @@ def _make_pipeline(files, *, train: bool, sizes: tuple, norms: list, decoder_dev
         labels = list(range(len(files)))
         if codes is not None:
             labels = [p * _CODE_BASE + c for p, c in zip(labels, codes)]
-        jpegs, pos = fn.readers.file(files=list(files), labels=labels, random_shuffle=False,
-                                     pad_last_batch=True, name="Reader")
+        if read is None:
+            jpegs, pos = fn.readers.file(files=list(files), labels=labels, random_shuffle=False,
+                                         pad_last_batch=True, name="Reader")
+        else:
+            jpegs, pos = fn.external_source(source=_ShardSource(list(files), labels, read, batch_size),
+                                            num_outputs=2, batch=True, batch_info=True,
+                                            dtype=[types.UINT8, types.INT32])
         resize = dict(device=op_device, interp_type=types.INTERP_LINEAR, antialias=True, subpixel_scale=False)
         if augment == "cifar":
             images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB,
@@ -119,8 +132,11 @@ def _make_pipeline(files, *, train: bool, sizes: tuple, norms: list, decoder_dev
         # per thread), so the GPU training decode uses plain upsampling.
         fancy = decoder_device == "cpu" or not train
         if train:
+            # Explicit seeds: DALI's automatic ones follow the operators' places in the graph, so a
+            # reader swapped for another (tar shards) would draw other crops from the same seed.
             images = fn.decoders.image_random_crop(
-                jpegs, device=decoder_device, output_type=types.RGB, random_area=list(TRAIN_SCALE),
+                jpegs, device=decoder_device, output_type=types.RGB, seed=derive_seed(seed, 1),
+                random_area=list(TRAIN_SCALE),
                 random_aspect_ratio=list(TRAIN_RATIO), num_attempts=10, jpeg_fancy_upsampling=fancy)
         else:
             images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB,
@@ -129,7 +145,7 @@ def _make_pipeline(files, *, train: bool, sizes: tuple, norms: list, decoder_dev
             images = images.gpu()
         # subpixel_scale=False: scale = input / rounded output size, as PIL and torchvision resize.
         if train:  # one flip for all views; each view resizes the one decoded window
-            mirror = fn.random.coin_flip(probability=0.5)
+            mirror = fn.random.coin_flip(probability=0.5, seed=derive_seed(seed, 2))
             resized = [fn.resize(images, resize_x=s, resize_y=s, **resize) for s in sizes]
         else:
             mirror = 0
@@ -144,6 +160,25 @@ def _make_pipeline(files, *, train: bool, sizes: tuple, norms: list, decoder_dev
         return (*outs, pos)
 
     return pipeline(checkpoint=checkpoint) if checkpoint is not None else pipeline()
+
+
+class _ShardSource:
+    """``fn.external_source`` callback: batch ``iteration`` of a pass, as (bytes, label) lists.
+
+    Keyed by DALI's iteration counter, which a pipeline checkpoint restores, so a resumed pass
+    continues at the batch it stopped at; the last batch may be short (no padding to drop).
+    """
+
+    def __init__(self, items: list, labels: list, read, batch_size: int):
+        self.items, self.labels, self.read, self.batch_size = items, labels, read, batch_size
+
+    def __call__(self, info):
+        lo = info.iteration * self.batch_size
+        if lo >= len(self.items):
+            raise StopIteration
+        hi = min(lo + self.batch_size, len(self.items))
+        data = [np.frombuffer(self.read(item), dtype=np.uint8) for item in self.items[lo:hi]]
+        return data, [np.array([label], dtype=np.int32) for label in self.labels[lo:hi]]
 
 
 class DaliLoader(BaseLoader):
@@ -191,6 +226,13 @@ class DaliLoader(BaseLoader):
             self._placeholder = path
         return self._placeholder
 
+    def _read_sample(self, i: int) -> bytes:
+        """Bytes of dataset sample ``i`` of a shard index (-1: the placeholder image)."""
+        if i < 0:
+            with open(self._placeholder_path(), "rb") as fh:
+                return fh.read()
+        return self.index.read(i)
+
     # ---- one pass ------------------------------------------------------------------------------
     def _build(self, plan: ShardPlan, start: int, substituted: list, checkpoint: Optional[str] = None):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -198,7 +240,13 @@ class DaliLoader(BaseLoader):
         s = self.spec
         entries = np.arange(start, len(plan), dtype=np.int64)
         bad = set(substituted)
-        files = [self._placeholder_path() if i in bad else self.index.paths[i] for i in plan.indices[entries].tolist()]
+        read = None
+        if hasattr(self.index, "read"):  # tar shards: the planned samples' bytes, read by offset
+            files = [-1 if i in bad else i for i in plan.indices[entries].tolist()]
+            read = self._read_sample
+        else:
+            files = [self._placeholder_path() if i in bad else self.index.paths[i]
+                     for i in plan.indices[entries].tolist()]
         codes = None
         if s.augment == "cifar" and s.train:
             if len(files) * _CODE_BASE >= 2**31:
@@ -210,12 +258,13 @@ class DaliLoader(BaseLoader):
             norms=self._norms, decoder_device=self._decoder_device, on_gpu=self._on_gpu,
             out_dtype=self._out_dtype, layout=self._layout, batch_size=s.batch_size, num_threads=s.num_threads,
             device_id=s.device.index if self._on_gpu else None,
-            seed=derive_seed(s.seed, plan.epoch, s.shard_id, start), checkpoint=checkpoint)
+            seed=derive_seed(s.seed, plan.epoch, s.shard_id, start), checkpoint=checkpoint, read=read)
         # The epoch length comes from the reader (reader_name); PARTIAL keeps the last, short batch.
         # prepare_first_batch=False: the first batch would run inside the constructor, where a
         # decode error would escape the recovery in _run.
-        it = DALIGenericIterator([pipe], self._names, reader_name="Reader", last_batch_policy=LastBatchPolicy.PARTIAL,
-                                 auto_reset=False, prepare_first_batch=False)
+        it = DALIGenericIterator([pipe], self._names, reader_name=None if read else "Reader",
+                                 last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False,
+                                 prepare_first_batch=False)
         return {"it": it, "entries": entries, "start": start, "substituted": substituted, "consumed": 0}
 
     def _run(self, plan: ShardPlan, start: int, resume_extra: Optional[dict]) -> Iterator[tuple[Batch, int]]:
@@ -292,7 +341,12 @@ class DaliLoader(BaseLoader):
         bad = []
         for k in suspects:
             index = int(plan.indices[k])
-            error = decode_error(self.index.paths[index])
+            try:  # a file, or a member of a tar shard (an index with ``open``)
+                source = self.index.open(index) if hasattr(self.index, "open") else self.index.paths[index]
+            except OSError as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            else:
+                error = decode_error(source)
             if error is not None:
                 bad.append((index, error))
         if not bad:

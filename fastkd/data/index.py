@@ -210,10 +210,15 @@ def index_file_list(list_file: Path) -> DatasetIndex:
 
 
 def build_index(root, *, train: bool) -> DatasetIndex:
-    """Index an ImageFolder tree or a ``path label`` file list (see :func:`resolve_split_root`)."""
+    """Index an ImageFolder tree, a ``path label`` file list or a folder of tar shards
+    (:mod:`fastkd.data.shards`); see :func:`resolve_split_root`."""
     root = resolve_split_root(root, train)
     if root.is_file():
         return index_file_list(root)
+    from . import shards  # a folder of *.tar files: the WebDataset layout
+
+    if shards.has_shards(root):
+        return shards.index_shards(root)
     return index_image_folder(root)
 
 

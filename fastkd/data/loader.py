@@ -84,7 +84,8 @@ def create_loader(root, *, train: bool, batch_size: int, image_size: int, backen
 
     Args:
         root: an ImageFolder tree (``root/<class>/<image>``, classes sorted by name), a folder
-            holding ``train/`` and ``val/`` such trees, or a text file of ``path label`` lines.
+            of ``.tar`` shards (WebDataset layout, :mod:`fastkd.data.shards`), a folder holding
+            ``train/`` and ``val/`` such trees or shard folders, or a text file of ``path label`` lines.
             May be None for ``backend="synthetic"``.
         train: augmented views (see ``augment``), order reshuffled every epoch; else the
             validation view, indexed order.

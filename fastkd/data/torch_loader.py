@@ -102,8 +102,10 @@ class _PlanDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, paths, *, train: bool, seed: int, sizes: tuple, raw_bytes: bool, normalizers=None,
-                 augment: str = "imagenet"):
+                 augment: str = "imagenet", opener=None):
         self.paths = paths
+        # opener(i) -> a file object of sample i's bytes (tar shards); None: open ``paths[i]``
+        self.opener = opener
         self.train = train
         self.augment = augment
         self.seed = seed
@@ -128,7 +130,7 @@ class _PlanDataset(torch.utils.data.Dataset):
             views = self._placeholder()
         else:
             try:
-                views = self._views(open_rgb(path), epoch, order_pos)
+                views = self._views(open_rgb(path if self.opener is None else self.opener(index)), epoch, order_pos)
             except Exception as exc:  # any decoder failure is reported, with the file, to the main process
                 error = f"{type(exc).__name__}: {exc}"
                 views = self._placeholder()  # the row stays; the main process flags it invalid (or raises)
@@ -190,7 +192,7 @@ class _PlanDataset(torch.utils.data.Dataset):
         from PIL import Image
 
         try:
-            with open(path, "rb") as fh:
+            with (open(path, "rb") if self.opener is None else self.opener(index)) as fh:
                 data = fh.read()
             orientation = 1
             try:  # header-only parse; the GPU decoder does not apply EXIF orientation itself
@@ -258,7 +260,7 @@ class TorchLoader(BaseLoader):
         self._dataset = _PlanDataset(index.paths, train=spec.train, seed=spec.seed, sizes=self._sizes,
                                      raw_bytes=self.gpu_decode,
                                      normalizers=list(zip(self._norms, self._view_of)) if on_cpu else None,
-                                     augment=spec.augment)
+                                     augment=spec.augment, opener=getattr(index, "open", None))
         self._sampler = _PlanBatchSampler()
         workers = spec.num_threads
         collate = _Collate(normalized=on_cpu, channels_last=spec.channels_last)
