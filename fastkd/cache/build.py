@@ -225,6 +225,10 @@ def build_cache(cfg: C.TrainConfig, output, spec: CacheSpec) -> dict:
     try:
         loader = train_loader(cfg, dist, teacher_view=True)
         classes = loader.classes
+        from ..models.classes import check_teacher_classes, recorded_classes
+
+        check_teacher_classes(recorded_classes(cfg.teacher_checkpoint), classes,
+                              teacher=f"{cfg.teacher} ({cfg.teacher_checkpoint})", data=f"--data {cfg.data}")
         spec.validate(len(classes))
         fields = run_fields(cfg, loader)
         manifest = {

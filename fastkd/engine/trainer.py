@@ -257,6 +257,11 @@ class Trainer:
                                  f"does not provide: run DPK with the online teacher")
             self.teacher = getattr(self.teacher_source, "model", None)  # DPK sizes its projections with it
         elif self.use_teacher_at_all:
+            if cfg.teacher_checkpoint:
+                from ..models.classes import check_teacher_classes, recorded_classes
+
+                check_teacher_classes(recorded_classes(cfg.teacher_checkpoint), self.classes,
+                                      teacher=f"{cfg.teacher} ({cfg.teacher_checkpoint})", data=f"--data {cfg.data}")
             teacher = create_model(cfg.teacher, num_classes)
             if cfg.teacher_checkpoint:
                 load_weights(teacher, cfg.teacher_checkpoint)
