@@ -218,6 +218,7 @@ def build_cache(cfg: C.TrainConfig, output, spec: CacheSpec) -> dict:
     if cfg.data_backend == "synthetic":
         raise ValueError("--data-backend synthetic has no sample index to cache by; use torch or dali")
     spec.validate()
+    C.check_input_files(cfg)  # before the data is indexed
     out = Path(output)
     dist = D.init(cfg.device)
     device = dist.device

@@ -334,7 +334,9 @@ class Trainer:
         self.amp_dtype = AMP_DTYPES[self.amp]
         self.use_teacher_at_all = C.needs_teacher(cfg)
         if cfg.teacher_cuda_graph and self.device.type != "cuda":
-            raise ValueError(f"--teacher-cuda-graph needs a CUDA device; this run uses {self.device}")
+            raise ValueError(f"--teacher-cuda-graph (given, or set by the --config preset) needs a CUDA device; this "
+                             f"run uses {self.device}: add --no-teacher-cuda-graph to run without it (speed only)")
+        C.check_input_files(cfg)  # before the data is indexed (minutes on a large data set)
 
     def _resolved_config(self) -> C.TrainConfig:
         """The config with every default made explicit: re-running it repeats this run."""
