@@ -650,7 +650,7 @@ class Trainer:
         from ..errors import NonFiniteError
 
         raise NonFiniteError(
-            f"{what} {where} (epoch {epoch + 1}); likely causes: a learning rate too high (--lr {self.lr:g}), "
+            f"{what} {where} (epoch {epoch + 1}); likely causes: a learning rate too high ({self.lr:g}; --lr), "
             f"an AMP/fp16 overflow (--amp {self.amp}; bf16 has fp32's range), a non-finite teacher output (the "
             f"teacher checkpoint or a --teacher-cache row holding NaN/inf), or bad input; nothing non-finite "
             f"was saved: {saved}")

@@ -25,7 +25,7 @@ def test_a_huge_learning_rate_stops_with_one_line_and_saves_nothing(tiny_jpegs, 
                          "--log-interval", "2"]) == 2
     [err] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert err.startswith("fastkd train: error: the training loss became non-finite")
-    assert "between global steps 1 and 2 (epoch 1)" in err and "--lr 1e+30" in err and "fp16" in err
+    assert "between global steps 1 and 2 (epoch 1)" in err and "too high (1e+30; --lr)" in err and "fp16" in err
     assert "no checkpoint was written" in err
     assert not (out / ckpt.LAST).exists() and not (out / ckpt.BEST).exists()
     rows = read_metrics(out / "metrics.jsonl")
@@ -113,4 +113,18 @@ def test_an_epoch_of_corrupt_images_only_is_an_error(tiny_jpegs, tmp_path, caplo
         assert cli.main([*ARGS, "--data", str(root), "--output", str(out), "--skip-corrupt"]) == 2
     err = caplog.text
     assert "epoch 1 trained on no valid image" in err and "skipped 31 corrupt file(s)" in err
+    assert not (out / ckpt.LAST).exists()
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together(tiny_jpegs, tmp_path, run_fastkd):
+    """The check is summed over ranks: every rank stops at the same logging boundary with the one
+    line (none waits for the others until --dist-timeout)."""
+    out = tmp_path / "ddp"
+    proc = run_fastkd(["--standalone", "--nproc_per_node", "2", "-m", "fastkd", *ARGS, "--data", tiny_jpegs,
+                       "--lr", "1e30", "--dist-timeout", "120", "--output", out], module=("-m", "torch.distributed.run"))
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "fastkd train: error:" in line]
+    assert len(errors) == 2 and all("loss became non-finite" in e and "(epoch 1)" in e for e in errors), \
+        proc.stderr[-3000:]
     assert not (out / ckpt.LAST).exists()
