@@ -122,7 +122,8 @@ def test_two_processes_stop_together(tiny_jpegs, tmp_path, run_fastkd):
     line (none waits for the others until --dist-timeout)."""
     out = tmp_path / "ddp"
     proc = run_fastkd(["--standalone", "--nproc_per_node", "2", "-m", "fastkd", *ARGS, "--data", tiny_jpegs,
-                       "--lr", "1e30", "--dist-timeout", "120", "--output", out], module=("-m", "torch.distributed.run"))
+                       "--lr", "1e30", "--dist-timeout", "120", "--output", out],
+                      module=("-m", "torch.distributed.run"))
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "fastkd train: error:" in line]
     assert len(errors) == 2 and all("loss became non-finite" in e and "(epoch 1)" in e for e in errors), \
