@@ -13,5 +13,9 @@ class UsageError(ValueError):
     """A mistake in the invocation or the configuration, explained in its message."""
 
 
+class NonFiniteError(ValueError):
+    """Training produced a non-finite loss or weights; the run stopped without saving them."""
+
+
 # Exceptions that mean "the user has something to fix", not "fastkd has a bug".
 USER_ERRORS = (UsageError, ValueError, OSError, ImportError)

@@ -218,6 +218,7 @@ def build_cache(cfg: C.TrainConfig, output, spec: CacheSpec) -> dict:
     if cfg.data_backend == "synthetic":
         raise ValueError("--data-backend synthetic has no sample index to cache by; use torch or dali")
     spec.validate()
+    C.check_input_files(cfg)  # before the data is indexed
     out = Path(output)
     dist = D.init(cfg.device)
     device = dist.device
@@ -225,6 +226,10 @@ def build_cache(cfg: C.TrainConfig, output, spec: CacheSpec) -> dict:
     try:
         loader = train_loader(cfg, dist, teacher_view=True)
         classes = loader.classes
+        from ..models.classes import check_teacher_classes, recorded_classes
+
+        check_teacher_classes(recorded_classes(cfg.teacher_checkpoint), classes,
+                              teacher=f"{cfg.teacher} ({cfg.teacher_checkpoint})", data=f"--data {cfg.data}")
         spec.validate(len(classes))
         fields = run_fields(cfg, loader)
         manifest = {

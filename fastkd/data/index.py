@@ -62,7 +62,9 @@ def resolve_split_root(root, train: bool) -> Path:
     """``root`` itself, or ``root/train`` / ``root/val`` when ``root`` holds the split folders.
 
     The engine is given a data set root holding ``train/`` and ``val/`` (the ImageNet layout);
-    a class-folder root is used as it is. The choice is logged, never made silently.
+    a class-folder root is used as it is. The choice is logged, never made silently. A root
+    holding ``train/`` is the split layout: its other folders (``plots/``, ...) are named in a
+    warning and never read as classes, and a missing ``val/`` is an error.
     """
     root = Path(root).expanduser()
     if not root.exists():
@@ -70,6 +72,16 @@ def resolve_split_root(root, train: bool) -> Path:
     if root.is_dir():
         subdirs = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
         split = "train" if train else "val"
+        if "train" in subdirs:
+            others = sorted(subdirs - {"train", "val", "test"})
+            if others:
+                log_once(f"fastkd.data: {root} holds split folders (train/); its other folders are no classes and "
+                         f"are not read: {', '.join(others)}", logging.WARNING)
+            if split not in subdirs:
+                raise FileNotFoundError(f"data root {str(root)!r} holds train/ but no {split}/ folder (the split "
+                                        f"layout root/train/<class>/<image>, root/val/<class>/<image>)")
+            log_once(f"fastkd.data: {root} holds split folders; reading {root / split}")
+            return root / split
         if split in subdirs and subdirs <= {"train", "val", "test"}:
             log_once(f"fastkd.data: {root} holds split folders; reading {root / split}")
             return root / split
@@ -83,8 +95,10 @@ def index_image_folder(root: Path) -> DatasetIndex:
     folder. Nothing is dropped without a count in the log: files that are not images (by
     extension), hidden files and folders (names starting with ``.``), and images directly under
     the root (not in a class folder). Symbolic links are followed, but every real folder is read
-    once per class: a link back to a folder already read (a loop such as ``ln -s . loop``, or a
-    second link to the same folder) is skipped with a warning naming it.
+    once in the whole index: a link to a folder read elsewhere (in this class or another, or a
+    class folder), or to the data root or a folder above the one holding the link (a loop such as
+    ``ln -s . loop`` or ``ln -s ../.. up``), is skipped with a warning naming it. Two class
+    folders that are the same real folder are an error.
     """
     if not root.is_dir():
         raise NotADirectoryError(f"data root {str(root)!r} is not a directory (nor a file list)")
@@ -112,21 +126,35 @@ def index_image_folder(root: Path) -> DatasetIndex:
         )
     paths: list[str] = []
     labels: list[int] = []
+    # Every real folder is read once in the whole index. The folders really inside the class
+    # folders are read where they are: a link to one of them (from any class) is a second way in;
+    # a link to the root, or to a folder above the one holding it, is a loop.
+    class_reals: dict[str, str] = {}
+    for name in classes:
+        real = os.path.realpath(root / name)
+        if real in class_reals:
+            raise ValueError(f"class folders {class_reals[real]!r} and {name!r} under {str(root)!r} are the same "
+                             f"folder ({real}): its images cannot have two labels")
+        class_reals[real] = name
+    inside = {os.path.realpath(p) for name in classes for p, _, _ in os.walk(root / name)}
+    seen = {real_root, *class_reals}
+
+    def above(real: str, path: str) -> bool:  # ``real`` is ``path`` or a folder above it
+        return path == real or path.startswith(real.rstrip(os.sep) + os.sep)
+
     for label, name in enumerate(classes):
         found = []
-        seen = {os.path.realpath(root / name)}
-        # The folders really inside the class folder are read where they are: a link to one of
-        # them is a second way in (or a loop), whichever the walk meets first.
-        inside = {os.path.realpath(p) for p, _, _ in os.walk(root / name)}
         for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
             keep = []
+            here = os.path.realpath(dirpath)
             for d in dirnames:
                 if d.startswith("."):
                     hidden += 1
                     continue
                 link = os.path.join(dirpath, d)
                 real = os.path.realpath(link)
-                if real in seen or (os.path.islink(link) and real in inside):
+                if (real in seen or (os.path.islink(link) and real in inside) or above(real, here)
+                        or above(real, real_root)):
                     revisits.append((os.path.join(dirpath, d), real))
                     continue
                 seen.add(real)
@@ -157,9 +185,9 @@ def index_image_folder(root: Path) -> DatasetIndex:
     if revisits:
         shown = "; ".join(f"{link} -> {real}" for link, real in revisits[:3])
         more = f" and {len(revisits) - 3} more" if len(revisits) > 3 else ""
-        logger.warning("fastkd.data: skipped %d symbolic links under %s to folders already indexed (each real "
-                       "folder is read once; a link to its own parent is a loop): %s%s", len(revisits), root,
-                       shown, more)
+        logger.warning("fastkd.data: skipped %d symbolic links under %s to folders indexed elsewhere or above "
+                       "them (each real folder is read once in the whole index; a link to the data root or a "
+                       "folder above it is a loop): %s%s", len(revisits), root, shown, more)
     return DatasetIndex(root=root, paths=tuple(os.path.abspath(p) for p in paths),
                         labels=np.asarray(labels, dtype=np.int64), classes=tuple(classes))
 

@@ -20,7 +20,8 @@ logger = logging.getLogger("fastkd")
 
 
 def preset_line(name: str) -> str:
-    """One line per preset, from its values: ``NAME  teacher -> student, method, schedule ...``."""
+    """One line per preset, from its values: ``NAME  teacher -> student, method, schedule ...; device: ...``
+    (what the preset needs: a CUDA GPU for its teacher CUDA graph, else a CPU will do)."""
     v = {**{k: f.default for k, f in C.FIELDS.items() if not callable(f.default)}, **C.load_yaml(name)}
     what = f"{v.get('teacher') or '(no teacher)'} -> {v.get('student')}, --method {v['method']}"
     if v.get("tolerant_eta") is not None:
@@ -28,8 +29,10 @@ def preset_line(name: str) -> str:
     lr = f"lr {v['lr']:g}" if v.get("lr") is not None else f"lr_base {v.get('lr_base') or 0.1:g}"
     sched = v["sched"] + (f" at {'/'.join(f'{m:g}' for m in v['decay_milestones'])}" if v.get("decay_milestones")
                           else "")
+    device = ("device: CUDA GPU (teacher_cuda_graph; --no-teacher-cuda-graph on a CPU)" if v.get("teacher_cuda_graph")
+              else "device: CPU or CUDA GPU")
     return (f"{name:<24} {what}; {v['epochs']} epochs, {v['image_size']} px {v['augment']} augmentation, "
-            f"batch {v['batch_size']}, {v['opt']} {lr} {sched}, wd {v['weight_decay']:g}")
+            f"batch {v['batch_size']}, {v['opt']} {lr} {sched}, wd {v['weight_decay']:g}; {device}")
 
 
 class _ListPresets(argparse.Action):

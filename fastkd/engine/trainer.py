@@ -257,6 +257,11 @@ class Trainer:
                                  f"does not provide: run DPK with the online teacher")
             self.teacher = getattr(self.teacher_source, "model", None)  # DPK sizes its projections with it
         elif self.use_teacher_at_all:
+            if cfg.teacher_checkpoint:
+                from ..models.classes import check_teacher_classes, recorded_classes
+
+                check_teacher_classes(recorded_classes(cfg.teacher_checkpoint), self.classes,
+                                      teacher=f"{cfg.teacher} ({cfg.teacher_checkpoint})", data=f"--data {cfg.data}")
             teacher = create_model(cfg.teacher, num_classes)
             if cfg.teacher_checkpoint:
                 load_weights(teacher, cfg.teacher_checkpoint)
@@ -329,7 +334,9 @@ class Trainer:
         self.amp_dtype = AMP_DTYPES[self.amp]
         self.use_teacher_at_all = C.needs_teacher(cfg)
         if cfg.teacher_cuda_graph and self.device.type != "cuda":
-            raise ValueError(f"--teacher-cuda-graph needs a CUDA device; this run uses {self.device}")
+            raise ValueError(f"--teacher-cuda-graph (given, or set by the --config preset) needs a CUDA device; this "
+                             f"run uses {self.device}: add --no-teacher-cuda-graph to run without it (speed only)")
+        C.check_input_files(cfg)  # before the data is indexed (minutes on a large data set)
 
     def _resolved_config(self) -> C.TrainConfig:
         """The config with every default made explicit: re-running it repeats this run."""
@@ -433,6 +440,7 @@ class Trainer:
         return identity() if callable(identity) else None
 
     def _save(self, state: dict, *, best: bool = False, epoch_file: Optional[int] = None) -> None:
+        self._require_finite_weights(state["epoch"] - (state["step_in_epoch"] == 0), state)  # never save NaN
         if self.is_main:
             path = ckpt.save_atomic(state, self.out / ckpt.LAST)
             if best:
@@ -611,12 +619,57 @@ class Trainer:
         return loss.detach()
 
     def _log_step(self, epoch: int, loss: Tensor, meters: EpochMeters, bar) -> None:
-        loss_value = float(loss)  # the one sync of a logging boundary
+        # The one sync of a logging boundary reads the logged loss and whether any loss of this
+        # epoch so far was non-finite: the epoch's running loss sum (already on the device)
+        # stays finite exactly when every step's loss was (summed over ranks: all stop together).
+        check = torch.stack([loss.detach().double(), meters.sums[0]])
+        bad = (~torch.isfinite(check)).any().to(torch.float64).reshape(1)
+        D.all_reduce_sum(bad, self.dist)
+        loss_value, bad_value = torch.cat([check[:1], bad]).tolist()
+        if bad_value:
+            self._stop_nonfinite(epoch, f"the training loss became non-finite ({loss_value:g} at the logged step)")
+        self._last_finite_step = self.global_step
         self.timer.flush()  # resolve this interval's CUDA timing events (bounded memory)
         lr = self.optimizer.param_groups[0]["lr"]
         self.metrics.write("step", {"epoch": epoch, "global_step": self.global_step, "loss": loss_value,
                                     "lr": lr, "images_per_s_rank": meters.rate()})
         bar.update(0, loss=f"{loss_value:.4f}", lr=f"{lr:.3g}")
+
+    def _stop_nonfinite(self, epoch: int, what: str):
+        """Stop the run: one line naming the step(s), the likely causes and the last good checkpoint.
+
+        Nothing non-finite is saved; a ``stop`` record in metrics.jsonl marks the folder as
+        stopped (not finished). ``--resume auto`` continues from the last good checkpoint."""
+        first, last = getattr(self, "_last_finite_step", self.global_step) + 1, self.global_step
+        where = f"at global step {last}" if first >= last else f"between global steps {first} and {last}"
+        self.metrics.write("stop", {"reason": "non-finite", "epoch": epoch, "global_step": last,
+                                    "first_possible_step": min(first, last)})
+        good = self.out / ckpt.LAST
+        saved = (f"the last good checkpoint is {good} (--resume auto continues from it once the cause is fixed)"
+                 if good.exists() else "no checkpoint was written")
+        from ..errors import NonFiniteError
+
+        raise NonFiniteError(
+            f"{what} {where} (epoch {epoch + 1}); likely causes: a learning rate too high ({self.lr:g}; --lr), "
+            f"an AMP/fp16 overflow (--amp {self.amp}; bf16 has fp32's range), a non-finite teacher output (the "
+            f"teacher checkpoint or a --teacher-cache row holding NaN/inf), or bad input; nothing non-finite "
+            f"was saved: {saved}")
+
+    def _require_finite_weights(self, epoch: int, state: Optional[dict] = None) -> None:
+        """Every floating-point tensor of the model (and DPK) state is finite; else stop (one
+        sync, at epoch ends and checkpoints only)."""
+        if state is None:
+            state = {"model": self.student.state_dict(),
+                     "dpk": self.dpk.state_dict() if self.dpk is not None else None}
+        tensors = [*state["model"].values(), *(state.get("dpk") or {}).values()]
+        flags = [torch.isfinite(t).all() for t in tensors if torch.is_tensor(t) and t.is_floating_point()]
+        bad = torch.zeros(1, dtype=torch.float64, device=self.device)
+        if flags:
+            bad += (~torch.stack([f.to(self.device) for f in flags]).all()).to(torch.float64)
+        D.all_reduce_sum(bad, self.dist)
+        progress = state.get("epoch_progress")
+        if bad.item() or (progress is not None and not all(math.isfinite(v) for v in progress["sums"])):
+            self._stop_nonfinite(epoch, "the student's weights became non-finite")
 
     def _train_epoch(self, epoch: int) -> dict:
         """For each step of the pipeline: the student step, meters, maybe a log line, maybe a checkpoint."""
@@ -657,6 +710,11 @@ class Trainer:
                                                       device=self.device)])
         D.all_reduce_sum(totals, self.dist)
         loss_sum, ce_sum, kd_sum, step_count, sample_count = totals.tolist()
+        if sample_count == 0 and step_in_epoch > first_step:
+            skipped = (f"; the loader skipped {int(getattr(self.train_loader, 'skipped', 0))} corrupt file(s) "
+                       f"(--skip-corrupt): are all the training images damaged?" if cfg.skip_corrupt else "")
+            raise ValueError(f"epoch {epoch + 1} trained on no valid image: every row of its "
+                             f"{step_in_epoch - first_step} step(s) was left out{skipped}")
         record = {
             "epoch": epoch,
             "global_step": self.global_step,
@@ -712,8 +770,10 @@ class Trainer:
             self._skipped_before = 0
             if self.start_epoch >= cfg.epochs:
                 logger.info("fastkd: the checkpoint has already finished all %d epochs", cfg.epochs)
+            self._last_finite_step = self.global_step
             for epoch in range(self.start_epoch, cfg.epochs):
                 record = self._train_epoch(epoch)
+                self._require_finite_weights(epoch)  # before validation reports anything of them
                 if cfg.skip_corrupt:
                     record.update(self._skipped_files())
                 D.broadcast_buffers(self.student, self.dist)

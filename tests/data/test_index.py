@@ -145,3 +145,49 @@ def test_hidden_entries_and_images_at_the_root_are_counted(tmp_path, caplog):
     assert "ignored 3 hidden files or folders" in caplog.text
     assert "ignored 2 images directly under" in caplog.text
     assert "ignored 1 files" in caplog.text  # README.txt
+
+
+def test_a_link_to_the_root_or_another_class_reads_no_image_twice(tmp_path, caplog):
+    """"Read once" holds for the whole index: a link inside a class folder to the data root (or a
+    folder above it) is a loop, and a link to another class's folder is a second way in; neither
+    relabels that class's images."""
+    data = tmp_path / "data"
+    for c in ("a", "b", "c"):
+        for j in range(2):
+            _jpeg(data / c / f"{j}.jpg", j)
+    _jpeg(data / "c" / "deep" / "5.jpg")
+    _jpeg(tmp_path / "outside" / "9.jpg")
+    (data / "b" / "root").symlink_to(data)  # the data root
+    (data / "b" / "above").symlink_to(tmp_path)  # a folder above the data root
+    (data / "a" / "peer").symlink_to(data / "c")  # another class's folder
+    (data / "a" / "deep").symlink_to(data / "c" / "deep")  # a folder inside another class
+    (data / "a" / "ext").symlink_to(tmp_path / "outside")  # outside the root: read once, here
+    (data / "c" / "ext").symlink_to(tmp_path / "outside")  # ... and not again under c
+    (data / "c" / "deep" / "up").symlink_to("../..")  # a relative link to the root
+    with caplog.at_level(logging.WARNING, logger="fastkd"):
+        index = build_index(data, train=True)
+    got = sorted((str(Path(p).relative_to(data)), index.classes[k]) for p, k in zip(index.paths, index.labels))
+    assert got == [("a/0.jpg", "a"), ("a/1.jpg", "a"), ("a/ext/9.jpg", "a"), ("b/0.jpg", "b"), ("b/1.jpg", "b"),
+                   ("c/0.jpg", "c"), ("c/1.jpg", "c"), ("c/deep/5.jpg", "c")]
+    assert "skipped 6 symbolic links" in caplog.text and "b/above" in caplog.text
+
+
+def test_two_class_folders_that_are_one_folder_are_an_error(tmp_path):
+    _jpeg(tmp_path / "a" / "0.jpg")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(ValueError, match="class folders 'a' and 'b' .* are the same folder"):
+        build_index(tmp_path, train=True)
+
+
+def test_a_stray_folder_beside_train_and_val_is_named_and_never_a_class(tmp_path, image_folder, caplog):
+    (tmp_path / "train").symlink_to(image_folder)
+    (tmp_path / "val").symlink_to(image_folder)
+    _jpeg(tmp_path / "plots" / "loss.png")
+    with caplog.at_level(logging.WARNING, logger="fastkd"):
+        for train in (True, False):
+            index = build_index(tmp_path, train=train)
+            assert index.classes == ("cat", "dog", "eel") and len(index) == 21
+    assert "other folders are no classes and are not read: plots" in caplog.text
+    (tmp_path / "val").unlink()
+    with pytest.raises(FileNotFoundError, match="holds train/ but no val/"):
+        build_index(tmp_path, train=False)
