@@ -233,11 +233,12 @@ class Trainer:
             raise ValueError("the training loader yields no batches")
 
     def _make_models(self) -> None:
-        from ..models import create_model, load_weights
+        from ..models import check_input_size, create_model, load_weights
 
         cfg = self.cfg
         num_classes = len(self.classes)
         student = create_model(cfg.student, num_classes)
+        check_input_size(student, cfg.student, cfg.image_size)
         if cfg.student_checkpoint:
             load_weights(student, cfg.student_checkpoint)
         student.to(self.device)
@@ -258,6 +259,8 @@ class Trainer:
             self.teacher = getattr(self.teacher_source, "model", None)  # DPK sizes its projections with it
         elif self.use_teacher_at_all:
             teacher = create_model(cfg.teacher, num_classes)
+            check_input_size(teacher, cfg.teacher, cfg.teacher_image_size or cfg.image_size,
+                             "--teacher-image-size" if cfg.teacher_image_size else "--image-size")
             if cfg.teacher_checkpoint:
                 load_weights(teacher, cfg.teacher_checkpoint)
             else:
@@ -722,6 +725,8 @@ class Trainer:
                 record.update(evaluate(self.student, self.val_loader, self.device,
                                        teacher=source if source is not None and source.has_model else None,
                                        amp_dtype=self.amp_dtype, dist=self.dist))
+                # accuracies depend slightly on the decoder (DALI vs PIL): every record names it
+                record.update(loader=self.val_loader.backend, decoder=getattr(self.val_loader, "decoder", "?"))
                 is_best = record["val_top1"] > self.best_top1
                 self.best_top1 = max(self.best_top1, record["val_top1"])
                 record["best_top1"] = self.best_top1
@@ -762,6 +767,8 @@ class Trainer:
                  f"top1 {r['val_top1']:.2f}", f"top5 {r['val_top5']:.2f}"]
         if "teacher_top1" in r:
             parts += [f"teacher {r['teacher_top1']:.2f}", f"agree {r['agreement']:.2f}", f"KL {r['kl']:.4f}"]
+        if "loader" in r:
+            parts.append(f"(val: {r['loader']} loader, {r['decoder']})")
         parts.append(f"{r['images_per_s']:.0f} img/s")
         if r.get("skipped_files_total"):
             parts.append(f"skipped {r['skipped_files']} corrupt file(s) ({r['skipped_files_total']} in all)")
