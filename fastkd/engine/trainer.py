@@ -454,6 +454,7 @@ class Trainer:
                 ckpt.remove_stale_temp_files(self.out)
             D.barrier(self.dist)
             found = ckpt.find_latest(self.out)
+            D.agree_on_checkpoint(None if found is None else found[1], self.dist, self.out)
             if found is None:
                 logger.info("fastkd: --resume auto: no checkpoint in %s, starting from scratch", self.out)
                 return False
@@ -461,6 +462,7 @@ class Trainer:
         else:
             path = Path(cfg.resume)
             state = ckpt.load(path)
+            D.agree_on_checkpoint(state, self.dist, path)
         logger.info("fastkd: resuming from %s (epoch %d, step %d of it, global step %d)", path, state["epoch"],
                     state["step_in_epoch"], state["global_step"])
         saved = state.get("config", {})
@@ -740,11 +742,9 @@ class Trainer:
             return {"output": str(self.out), "epochs": records, "best_top1": self.best_top1,
                     "final": records[-1] if records else None, "global_step": self.global_step}
         except RuntimeError as exc:
-            if self.dist.distributed and D.is_timeout(exc):
-                raise D.CollectiveTimeout(
-                    f"rank {self.dist.rank}: a collective with the other processes timed out after "
-                    f"{cfg.dist_timeout:g} s (--dist-timeout): another rank stopped, crashed or fell far behind "
-                    f"(resume with --resume auto; raise --dist-timeout if that rank was legitimately busy)") from exc
+            error = D.collective_error(exc, self.dist.rank, cfg.dist_timeout) if self.dist.distributed else None
+            if error is not None:  # another rank stopped (timeout) or died (connection reset): one line
+                raise error from exc
             raise
         finally:
             torch.set_num_threads(previous_threads)
