@@ -64,3 +64,17 @@ def test_bench_data_refuses_counts_below_one_and_absurd_sizes(flag, value, tmp_p
     err = capsys.readouterr().err + caplog.text
     assert "Traceback" not in err and f"fastkd bench data: error: {flag} must be" in err
     assert not (tmp_path / "jpegs").exists()
+
+
+def test_cache_build_refuses_a_fixed_size_teacher_at_another_size(tiny_jpegs, tmp_path, capsys, caplog):
+    pytest.importorskip("timm")
+    ckpt = tmp_path / "vit.pt"
+    torch.save(create_model("timm:vit_tiny_patch16_224", num_classes=3).state_dict(), ckpt)
+    rc = cli.main(["cache", "build", "--data", str(tiny_jpegs), "--data-backend", "torch", "--teacher",
+                   "timm:vit_tiny_patch16_224", "--teacher-checkpoint", str(ckpt), "--image-size", "16",
+                   "--batch-size", "8", "--workers", "0", "--device", "cpu", "--epochs", "1",
+                   "--output", str(tmp_path / "cache")])
+    assert rc == 2
+    err = capsys.readouterr().err + caplog.text
+    assert "Traceback" not in err
+    assert "timm:vit_tiny_patch16_224 has a fixed input size of 224 x 224 pixels, but --image-size is 16" in err
