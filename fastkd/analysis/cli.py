@@ -447,7 +447,8 @@ def main(args) -> int:
     results = analyze(models, batches, soft_labels, device=device, kl_temperature=args.kl_temperature,
                       ats_grid=ats_grid)
     results = {"config": {"data": str(data_dir), "num_classes": num_classes, "image_size": image_size,
-                          "loader": loader.backend, "decoder": loader.decoder, "device": str(device), "seconds": round(time.perf_counter() - start, 2),
+                          "loader": loader.backend, "decoder": loader.decoder,
+                          "device": str(device), "seconds": round(time.perf_counter() - start, 2),
                           "teachers": [{"label": s.label, "model": s.model, "checkpoint": str(s.checkpoint)}
                                        for s in specs],
                           "soft_labels": [s.name for s in soft_labels]},

@@ -461,7 +461,8 @@ def run_study(cfg: StudyConfig, on_start: Optional[Callable[[], None]] = None) -
                          "agreement_mean": mean_se(r["agreement"])[0] if r["agreement"] else None})
     timings["total"] = round(time.perf_counter() - t_start, 1)
     return {
-        "config": _config_dict(cfg), "data": data.description, "loader": STUDY_LOADER, "criteria": CRITERIA, "verdict_rule": VERDICT_RULE,
+        "config": _config_dict(cfg), "data": data.description, "loader": STUDY_LOADER,
+        "criteria": CRITERIA, "verdict_rule": VERDICT_RULE,
         "verdicts": verdict, "evidence": evidence, "teachers": teachers, "students": students,
         "selection": {"split": "val", "rule": RULE, "ats": {"t1": ats_sel.point[0], "t2": ats_sel.point[1]},
                       "diagonal": {"t": diag_sel.point[0]}, "ats_detail": ats_sel.as_dict(),

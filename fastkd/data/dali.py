@@ -230,7 +230,8 @@ class DaliLoader(BaseLoader):
                               ) from None
             aliases[index] = link
         if aliases:
-            log_once(f"fastkd.data: {len(aliases)} file name(s) are not UTF-8 (e.g. {self.index.paths[next(iter(aliases))]!r}); "
+            example = self.index.paths[next(iter(aliases))]
+            log_once(f"fastkd.data: {len(aliases)} file name(s) are not UTF-8 (e.g. {example!r}); "
                      f"DALI reads them through links with UTF-8 names")
         return aliases
 

@@ -20,7 +20,8 @@ def test_epoch_records_and_lines_name_the_loader(backend, decoder, tiny_jpegs, t
                          "--output", str(out)]) == 0
     (record,) = read_metrics(out / "metrics.jsonl", "epoch")
     assert (record["loader"], record["decoder"]) == (backend, decoder)
-    epoch_line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 1/1") and " top1 " in r.getMessage())
+    lines = [r.getMessage() for r in caplog.records]
+    epoch_line = next(m for m in lines if m.startswith("epoch 1/1") and " top1 " in m)
     assert f"top1 {record['val_top1']:.2f}" in epoch_line and f"(val: {backend} loader, {decoder})" in epoch_line
     done = next(r.getMessage() for r in caplog.records if "fastkd train: done" in r.getMessage())
     assert f"best top-1 {record['best_top1']:.2f}% ({backend} loader, {decoder})" in done
