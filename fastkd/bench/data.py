@@ -248,6 +248,18 @@ def _machine(device, commit=None) -> dict:
 def main(args) -> int:
     from ..data.loader import default_num_threads, resolve_device
 
+    from ..data.base import MAX_IMAGE_SIZE
+    from ..errors import UsageError
+
+    for flag, value, least in (("--num-images", args.num_images, 1), ("--epoch-images", args.epoch_images, 1),
+                               ("--batch-size", args.batch_size, 1), ("--image-size", args.image_size, 1),
+                               ("--teacher-image-size", args.teacher_image_size, 1),
+                               ("--warmup-batches", args.warmup_batches, 0), ("--threads", args.threads, 0)):
+        if value is not None and value < least:
+            raise UsageError(f"{flag} must be >= {least}, got {value}")
+    for flag, value in (("--image-size", args.image_size), ("--teacher-image-size", args.teacher_image_size)):
+        if value is not None and value > MAX_IMAGE_SIZE:
+            raise UsageError(f"{flag} must be <= {MAX_IMAGE_SIZE} pixels, got {value}")
     device = resolve_device(args.device)
     threads = args.threads if args.threads is not None else default_num_threads()
     epoch_images = args.epoch_images or 4 * args.num_images

@@ -268,9 +268,11 @@ def build_cache(cfg: C.TrainConfig, output, spec: CacheSpec) -> dict:
             return summary
 
         from ..engine.runner import TeacherRunner
-        from ..models import create_model, load_weights
+        from ..models import check_input_size, create_model, load_weights
 
         teacher = create_model(cfg.teacher, len(classes))
+        check_input_size(teacher, cfg.teacher, teacher_view_size(cfg),
+                         "--teacher-image-size" if cfg.teacher_image_size else "--image-size")
         load_weights(teacher, cfg.teacher_checkpoint)
         runner = TeacherRunner(teacher, device, amp_dtype=AMP_DTYPES[amp], channels_last=cfg.channels_last,
                                concurrent=device.type == "cuda", compile=cfg.compile)

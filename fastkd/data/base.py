@@ -33,6 +33,19 @@ PLACEHOLDER_GREY = 128
 #: + flip; validation uses the image at ``image_size`` with no other resize.
 AUGMENTATIONS = ("imagenet", "cifar")
 
+#: The largest square input side (pixels) a loader accepts: one 4096 x 4096 fp32 RGB image is
+#: already 200 MB, and larger sizes end in an out-of-memory abort (std::bad_alloc in DALI) rather
+#: than an error. Classification models train at 32 to about 800 pixels.
+MAX_IMAGE_SIZE = 4096
+
+
+def check_image_size(name: str, value: int, flag: str) -> None:
+    """Refuse an input side above :data:`MAX_IMAGE_SIZE` (ValueError naming ``name`` and ``flag``)."""
+    if value > MAX_IMAGE_SIZE:
+        gib = 3 * 4 * value * value / 2**30
+        raise ValueError(f"{name}={value} ({flag}) is above the largest supported size, {MAX_IMAGE_SIZE} pixels "
+                         f"(one {value} x {value} fp32 RGB image alone would take {gib:,.1f} GiB)")
+
 
 # What a state_dict must match to be resumed by a loader: anything else would read other samples.
 _FINGERPRINT_FIELDS = ("train", "num_samples_total", "num_shards", "shard_id", "seed", "batch_size")
@@ -146,6 +159,15 @@ class BaseLoader:
     """
 
     backend = "base"
+    #: What decodes the images (``"PIL"``, ``"libjpeg-turbo"``, ``"nvJPEG"``...). Decoders and
+    #: resize implementations differ slightly, so accuracies measured through different loaders
+    #: may differ in the last few tenths of a percent: every reported accuracy names both.
+    decoder = "none"
+
+    @property
+    def description(self) -> str:
+        """``"BACKEND loader, DECODER"``, printed beside accuracies (e.g. ``"dali loader, libjpeg-turbo"``)."""
+        return f"{self.backend} loader, {self.decoder}"
 
     def __init__(self, index: Optional[DatasetIndex], spec: LoaderSpec, *, num_samples_total: int,
                  classes: Sequence[str]):

@@ -192,6 +192,7 @@ class DaliLoader(BaseLoader):
         # On a GPU, decode there by default ("mixed": nvJPEG, with the hardware JPEG engine where
         # the GPU has one); gpu_decode=False decodes on the CPU and does the rest on the GPU.
         self._decoder_device = "mixed" if self._on_gpu and gpu_decode is not False else "cpu"
+        self.decoder = "nvJPEG" if self._decoder_device == "mixed" else "libjpeg-turbo"
         self._norms = [(i, v.mean, v.std) for i, v in zip(self._view_of, self._views)]
         self._out_dtype = "float16" if spec.dtype == torch.float16 else "float32"
         if spec.dtype == torch.bfloat16:
@@ -208,6 +209,8 @@ class DaliLoader(BaseLoader):
         self._ahead = None  # (epoch, start, substituted, future) of a pipeline built in the background
         self._builder = None  # a one-thread executor for those builds, made on first use
         self._placeholder = None  # path of the grey image read in place of corrupt files, made on first use
+        # dataset index -> a UTF-8 path DALI can take (tar shards are read by offset, not by name)
+        self._aliases = {} if hasattr(self.index, "read") else self._alias_undecodable_names()
 
     def _placeholder_path(self) -> str:
         """A small uniform-grey PNG that stands in for corrupt files (removed with the loader)."""
@@ -233,6 +236,48 @@ class DaliLoader(BaseLoader):
                 return fh.read()
         return self.index.read(i)
 
+    def _alias_undecodable_names(self) -> dict:
+        """Symbolic links with UTF-8 names to the files whose names are not UTF-8.
+
+        DALI's reader takes file names as UTF-8 strings only (a name such as ``caf\\xe9.jpg``
+        written in Latin-1 stops it with "Unsupported argument type with name files"); the torch
+        backend reads such files, so DALI reads them through a link in a temporary folder (removed
+        with the loader). Error messages still name the original file.
+        """
+        import os
+
+        aliases = {}
+        folder = None
+        for index, path in enumerate(self.index.paths):
+            if path.isascii():
+                continue
+            try:
+                path.encode("utf-8")
+                continue
+            except UnicodeEncodeError:
+                pass
+            if folder is None:
+                import shutil
+                import tempfile
+                import weakref
+
+                folder = tempfile.mkdtemp(prefix="fastkd-names-")
+                weakref.finalize(self, shutil.rmtree, folder, True)
+            suffix = os.path.splitext(path)[1]
+            link = os.path.join(folder, f"{index}{suffix if suffix.isascii() else ''}")
+            try:
+                os.symlink(os.path.abspath(os.fsencode(path)), link)
+            except OSError as exc:
+                raise OSError(f"DALI cannot read {path!r}: its name is not UTF-8 and no link to it could be made "
+                              f"({exc.strerror}); rename the file or use the torch backend (--data-backend torch)"
+                              ) from None
+            aliases[index] = link
+        if aliases:
+            example = self.index.paths[next(iter(aliases))]
+            log_once(f"fastkd.data: {len(aliases)} file name(s) are not UTF-8 (e.g. {example!r}); "
+                     f"DALI reads them through links with UTF-8 names")
+        return aliases
+
     # ---- one pass ------------------------------------------------------------------------------
     def _build(self, plan: ShardPlan, start: int, substituted: list, checkpoint: Optional[str] = None):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -245,7 +290,8 @@ class DaliLoader(BaseLoader):
             files = [-1 if i in bad else i for i in plan.indices[entries].tolist()]
             read = self._read_sample
         else:
-            files = [self._placeholder_path() if i in bad else self.index.paths[i]
+            paths, aliases = self.index.paths, self._aliases
+            files = [self._placeholder_path() if i in bad else aliases.get(i) or paths[i]
                      for i in plan.indices[entries].tolist()]
         codes = None
         if s.augment == "cifar" and s.train:

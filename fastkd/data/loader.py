@@ -22,9 +22,11 @@ from .base import (  # noqa: F401
     Batch,
     BaseLoader,
     CorruptImageError,
+    MAX_IMAGE_SIZE,
     LoaderSpec,
     Normalizer,
     View,
+    check_image_size,
 )
 from .index import build_index
 
@@ -122,6 +124,7 @@ def create_loader(root, *, train: bool, batch_size: int, image_size: int, backen
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     batch_size = _positive_int("batch_size", batch_size)
     image_size = _positive_int("image_size", image_size)
+    check_image_size("image_size", image_size, "--image-size")
     num_shards = _positive_int("num_shards", num_shards)
     if not isinstance(shard_id, (int, np.integer)) or not 0 <= shard_id < num_shards:
         raise ValueError(f"shard_id must be an integer in [0, num_shards={num_shards}), got {shard_id!r}")
@@ -138,6 +141,8 @@ def create_loader(root, *, train: bool, batch_size: int, image_size: int, backen
             student.size if teacher_image_size is None else _positive_int("teacher_image_size", teacher_image_size),
             student.mean if teacher_mean is None else _check_norm("teacher_mean", teacher_mean),
             student.std if teacher_std is None else _check_norm("teacher_std", teacher_std))
+    if teacher is not None:
+        check_image_size("teacher_image_size", teacher.size, "--teacher-image-size")
     if augment not in AUGMENTATIONS:
         raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
     dev = resolve_device(device)

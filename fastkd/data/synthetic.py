@@ -21,6 +21,7 @@ IMAGENET_CLASSES = 1000
 
 class SyntheticLoader(BaseLoader):
     backend = "synthetic"
+    decoder = "random tensors"
 
     def __init__(self, spec, *, index=None, num_samples: Optional[int] = None, num_classes: Optional[int] = None):
         if index is not None:

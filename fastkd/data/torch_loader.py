@@ -253,6 +253,7 @@ class TorchLoader(BaseLoader):
         # the main process (no hardware JPEG engine), so on a many-core machine the workers' PIL
         # decoding is as fast and leaves the training loop its CPU.
         self.gpu_decode = bool(gpu_decode)
+        self.decoder = "nvJPEG (torchvision)" if self.gpu_decode else "PIL"
         self._norms = [Normalizer(v, spec) for v in self._views]
         # On a CPU target the workers normalise sample by sample (in parallel, in cache); on a CUDA
         # target the uint8 batch travels (4x smaller than fp32) and is normalised on the GPU.

@@ -62,5 +62,7 @@ def main(args: argparse.Namespace) -> int:
     result = train(cfg)
     final = result.get("final")
     if final is not None:
-        logger.info("fastkd train: done; best top-1 %.2f%%, outputs in %s", result["best_top1"], result["output"])
+        loader = f" ({final['loader']} loader, {final['decoder']})" if "loader" in final else ""
+        logger.info("fastkd train: done; best top-1 %.2f%%%s, outputs in %s", result["best_top1"], loader,
+                    result["output"])
     return 0

@@ -568,6 +568,11 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("val_batch_size", "teacher_image_size", "synthetic_samples", "synthetic_classes"):
         v = getattr(cfg, name)
         need(v is None or v >= 1, f"{flag(name)} must be >= 1, got {v}")
+    from ..data.base import MAX_IMAGE_SIZE
+
+    for name in ("image_size", "teacher_image_size"):
+        v = getattr(cfg, name)
+        need(v is None or v <= MAX_IMAGE_SIZE, f"{flag(name)} must be <= {MAX_IMAGE_SIZE} pixels, got {v}")
     for name in ("save_every", "checkpoint_interval", "workers"):
         v = getattr(cfg, name)
         need(v is None or v >= 0, f"{flag(name)} must be >= 0, got {v}")

@@ -94,8 +94,10 @@ def _run(name: str, out: Path, common: dict, **kw) -> dict:
             "epochs": cfg.epochs}
 
 
-def _evaluate(checkpoint: Path, model_name: str, folder: Path, image_size: int, device, num_classes: int) -> float:
-    """Top-1 (%) of a checkpoint on an image folder, with the evaluation transform of training."""
+def _evaluate(checkpoint: Path, model_name: str, folder: Path, image_size: int, device,
+              num_classes: int) -> tuple[float, str]:
+    """Top-1 (%) of a checkpoint on an image folder, with the evaluation transform of training,
+    and the loader that read the images (``"torch loader, PIL"``)."""
     import torch
 
     from ..data import create_loader
@@ -108,7 +110,7 @@ def _evaluate(checkpoint: Path, model_name: str, folder: Path, image_size: int, 
     with torch.inference_mode():
         for b in loader:
             correct += int((model(b.images).argmax(1) == b.labels.to(device)).sum())
-    return 100.0 * correct / loader.num_samples
+    return 100.0 * correct / loader.num_samples, loader.description
 
 
 def _diagnostic(ckpts: dict, folder: Path, image_size: int, device, num_classes: int) -> dict:
@@ -125,8 +127,9 @@ def _diagnostic(ckpts: dict, folder: Path, image_size: int, device, num_classes:
     t1s = sorted({p[0] for p in ATS_GRID} | set(DIAGONAL))
     t2s = sorted({p[1] for p in ATS_GRID} | set(DIAGONAL))
     res = analyze(models, loader, [M.SoftLabel(temperature=4.0)], device=device, ats_grid=(t1s, t2s))
-    return {k: {"accuracy": t["accuracy"], "ats_label_on_top": t["ats_label_on_top"],
-                "wrong_target_ratio": t["wrong_target_ratio"]} for k, t in res["teachers"].items()}
+    return {k: {"accuracy": t["accuracy"], "loader": loader.backend, "decoder": loader.decoder,
+                "ats_label_on_top": t["ats_label_on_top"], "wrong_target_ratio": t["wrong_target_ratio"]}
+            for k, t in res["teachers"].items()}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -185,8 +188,8 @@ def main(args: argparse.Namespace) -> int:
         extra = {} if teacher is None else {"teacher": teacher, "teacher_checkpoint": str(teacher_ckpt[teacher])}
         r = _run(f"student-{s_short}-{name}", out, common, student=STUDENT, epochs=args.student_epochs, **extra,
                  **params)
-        r["holdout_top1"] = _evaluate(Path(r["output"]) / "last.pt", STUDENT, holdout, args.image_size, device,
-                                      num_classes)
+        r["holdout_top1"], r["holdout_loader"] = _evaluate(Path(r["output"]) / "last.pt", STUDENT, holdout,
+                                                           args.image_size, device, num_classes)
         rows.append({**r, "student": s_short, "teacher": teacher.split(":")[1] if teacher else "-",
                      "method": _method_label(params), "key": name, "params": params})
 
@@ -218,7 +221,7 @@ def main(args: argparse.Namespace) -> int:
           f"(val/), the validation split {HOLDOUT:.0%} of train/ (holdout/). Runs, configs and metrics: {out}")
     summary = [{k: v for k, v in row.items()} for row in rows]
     (out / "demo_results.json").write_text(json.dumps(
-        {"device": str(device), "total_s": total, "diagnostic": diag, "numbers": numbers,
+        {"device": str(device), "data_backend": args.data_backend, "total_s": total, "diagnostic": diag, "numbers": numbers,
          "conclusions": conclusions(numbers), "runs": summary}, indent=2, default=str))
     return 0
 
@@ -239,7 +242,8 @@ def format_diagnostic(diag: dict, ats_sel: dict) -> str:
              "(largest wrong logit)/(target logit) < tau2/tau1 for row-centred logits):"]
     for k, d in diag.items():
         r = d["wrong_target_ratio"]
-        lines.append(f"  {k}: train top-1 {100 * d['accuracy']:.1f}%; label on top under the released ATS(4,2) "
+        loader = f" ({d['loader']} loader, {d['decoder']})" if "loader" in d else ""
+        lines.append(f"  {k}: train top-1 {100 * d['accuracy']:.1f}%{loader}; label on top under the released ATS(4,2) "
                      f"(tau2/tau1 0.5) {100 * d['ats_label_on_top']['4,2']:.1f}% of rows, under the chosen "
                      f"ATS({a:g},{b:g}) (tau2/tau1 {b / a:.2g}) {100 * d['ats_label_on_top'][f'{a:g},{b:g}']:.1f}%; "
                      f"wrong/target ratio median {r['q50']:.3f} (q95 {r['q95']:.3f})")
@@ -274,6 +278,13 @@ def format_table(rows: list[dict], student_epochs: int, teacher_epochs: int) -> 
             f"{teacher_epochs} for teachers): 'test' is val/, 'val' the validation split carved from train/. "
             "KL(t||s) is KL(sm(v)||sm(z)) at temperature 1 on the test images (the KL the training loss uses differs: "
             "T=4 for KD, the ATS temperatures for ATS). * = chosen by validation top-1 (ATS grid, diagonal).")
+    # Decoders differ slightly (DALI vs PIL): name the loader behind each column.
+    test_loaders = sorted({f"{r['final']['loader']} loader, {r['final']['decoder']}" for r in rows
+                           if "loader" in r["final"]})
+    val_loaders = sorted({r["holdout_loader"] for r in rows if "holdout_loader" in r})
+    if test_loaders or val_loaders:
+        note += (" Images read by: 'test' and 'teacher test' the " + (" / ".join(test_loaders) or "-")
+                 + "; 'val' the " + (" / ".join(val_loaders) or "-") + ".")
     return "\n".join([fmt(lines[0]), sep] + [fmt(row) for row in lines[1:]] + [note])
 
 

@@ -64,6 +64,29 @@ def is_timeout(exc: BaseException) -> bool:
     return "timed out" in text or "timeout" in text
 
 
+def is_peer_lost(exc: BaseException) -> bool:
+    """True for the error a gloo / NCCL collective raises when another rank's process died (its
+    connection reset or closed: a killed process, a lost node)."""
+    text = str(exc).lower()
+    return any(k in text for k in ("connection reset by peer", "connection closed by peer", "connection refused",
+                                   "broken pipe", "socket closed", "remote process exited"))
+
+
+def collective_error(exc: BaseException, rank: int, timeout_s: float) -> Optional[CollectiveTimeout]:
+    """The one-line error for a collective that failed because another rank stopped or died
+    (None for any other error, which keeps its traceback)."""
+    if is_timeout(exc):
+        return CollectiveTimeout(
+            f"rank {rank}: a collective with the other processes timed out after {timeout_s:g} s (--dist-timeout): "
+            f"another rank stopped, crashed or fell far behind (resume with --resume auto; raise --dist-timeout if "
+            f"that rank was legitimately busy)")
+    if is_peer_lost(exc):
+        return CollectiveTimeout(
+            f"rank {rank}: another rank's process ended during a collective (killed, crashed, or its node was lost): "
+            f"stopping; resume every node with --resume auto")
+    return None
+
+
 def init(device_spec: str = "auto", timeout_s: Optional[float] = DEFAULT_TIMEOUT_S) -> DistInfo:
     """Join torchrun's process group if launched by it (NCCL on CUDA, gloo on CPU).
 
@@ -115,6 +138,23 @@ def broadcast_object(obj, info: DistInfo, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def agree_on_checkpoint(state: Optional[dict], info: DistInfo, where) -> None:
+    """Every rank must resume from the same checkpoint (or none): on several nodes each rank reads
+    ``--output`` itself, and a folder that is not shared (or not yet synced) would let the ranks
+    start from different steps. Raises :class:`UsageError` on every rank, naming what each sees."""
+    if not info.distributed:
+        return
+    mine = None if state is None else (int(state.get("global_step", -1)), state.get("checksum"))
+    seen = all_gather_object(mine, info)
+    if any(s != seen[0] for s in seen):
+        views = ", ".join(f"rank {r}: " + ("no checkpoint" if s is None else f"global step {s[0]}"
+                                             + (f" (checksum {str(s[1])[:12]})" if s[1] else ""))
+                          for r, s in enumerate(seen))
+        raise UsageError(f"rank {info.rank}: the ranks resume from different checkpoints in {where} ({views}): "
+                         f"give every node one --output folder they all share (rank 0 writes it), or copy rank 0's "
+                         f"checkpoint to every node's --output")
 
 
 def barrier(info: DistInfo) -> None:

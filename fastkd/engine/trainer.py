@@ -233,11 +233,12 @@ class Trainer:
             raise ValueError("the training loader yields no batches")
 
     def _make_models(self) -> None:
-        from ..models import create_model, load_weights
+        from ..models import check_input_size, create_model, load_weights
 
         cfg = self.cfg
         num_classes = len(self.classes)
         student = create_model(cfg.student, num_classes)
+        check_input_size(student, cfg.student, cfg.image_size)
         if cfg.student_checkpoint:
             load_weights(student, cfg.student_checkpoint)
         student.to(self.device)
@@ -263,6 +264,8 @@ class Trainer:
                 check_teacher_classes(recorded_classes(cfg.teacher_checkpoint), self.classes,
                                       teacher=f"{cfg.teacher} ({cfg.teacher_checkpoint})", data=f"--data {cfg.data}")
             teacher = create_model(cfg.teacher, num_classes)
+            check_input_size(teacher, cfg.teacher, cfg.teacher_image_size or cfg.image_size,
+                             "--teacher-image-size" if cfg.teacher_image_size else "--image-size")
             if cfg.teacher_checkpoint:
                 load_weights(teacher, cfg.teacher_checkpoint)
             else:
@@ -459,6 +462,7 @@ class Trainer:
                 ckpt.remove_stale_temp_files(self.out)
             D.barrier(self.dist)
             found = ckpt.find_latest(self.out)
+            D.agree_on_checkpoint(None if found is None else found[1], self.dist, self.out)
             if found is None:
                 logger.info("fastkd: --resume auto: no checkpoint in %s, starting from scratch", self.out)
                 return False
@@ -466,6 +470,7 @@ class Trainer:
         else:
             path = Path(cfg.resume)
             state = ckpt.load(path)
+            D.agree_on_checkpoint(state, self.dist, path)
         logger.info("fastkd: resuming from %s (epoch %d, step %d of it, global step %d)", path, state["epoch"],
                     state["step_in_epoch"], state["global_step"])
         saved = state.get("config", {})
@@ -781,6 +786,8 @@ class Trainer:
                 record.update(evaluate(self.student, self.val_loader, self.device,
                                        teacher=source if source is not None and source.has_model else None,
                                        amp_dtype=self.amp_dtype, dist=self.dist))
+                # accuracies depend slightly on the decoder (DALI vs PIL): every record names it
+                record.update(loader=self.val_loader.backend, decoder=getattr(self.val_loader, "decoder", "?"))
                 is_best = record["val_top1"] > self.best_top1
                 self.best_top1 = max(self.best_top1, record["val_top1"])
                 record["best_top1"] = self.best_top1
@@ -794,11 +801,9 @@ class Trainer:
             return {"output": str(self.out), "epochs": records, "best_top1": self.best_top1,
                     "final": records[-1] if records else None, "global_step": self.global_step}
         except RuntimeError as exc:
-            if self.dist.distributed and D.is_timeout(exc):
-                raise D.CollectiveTimeout(
-                    f"rank {self.dist.rank}: a collective with the other processes timed out after "
-                    f"{cfg.dist_timeout:g} s (--dist-timeout): another rank stopped, crashed or fell far behind "
-                    f"(resume with --resume auto; raise --dist-timeout if that rank was legitimately busy)") from exc
+            error = D.collective_error(exc, self.dist.rank, cfg.dist_timeout) if self.dist.distributed else None
+            if error is not None:  # another rank stopped (timeout) or died (connection reset): one line
+                raise error from exc
             raise
         finally:
             torch.set_num_threads(previous_threads)
@@ -821,6 +826,8 @@ class Trainer:
                  f"top1 {r['val_top1']:.2f}", f"top5 {r['val_top5']:.2f}"]
         if "teacher_top1" in r:
             parts += [f"teacher {r['teacher_top1']:.2f}", f"agree {r['agreement']:.2f}", f"KL {r['kl']:.4f}"]
+        if "loader" in r:
+            parts.append(f"(val: {r['loader']} loader, {r['decoder']})")
         parts.append(f"{r['images_per_s']:.0f} img/s")
         if r.get("skipped_files_total"):
             parts.append(f"skipped {r['skipped_files']} corrupt file(s) ({r['skipped_files_total']} in all)")

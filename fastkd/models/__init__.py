@@ -16,7 +16,8 @@ from .. import _compat
 from .cifar_resnet import CONFIGS as FASTKD_MODELS
 from .cifar_resnet import CifarResNet, cifar_resnet
 
-__all__ = ["create_model", "load_weights", "split_name", "FASTKD_MODELS", "CifarResNet"]
+__all__ = ["create_model", "load_weights", "split_name", "fixed_input_size", "check_input_size", "FASTKD_MODELS",
+           "CifarResNet"]
 
 PREFIXES = ("fastkd", "timm", "torchvision")
 
@@ -60,6 +61,40 @@ def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     if arch not in known:
         raise ValueError(f"torchvision has no classification model named {arch!r} (see torchvision.models.list_models())")
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+
+
+def fixed_input_size(model: nn.Module):
+    """``(height, width)`` when ``model`` only takes inputs of that size, else None.
+
+    timm marks such models in their ``pretrained_cfg`` (``fixed_input_size``: ViT, DeiT, Swin,
+    MLP-Mixer, LeViT...) unless built with ``dynamic_img_size=True``; the size is the patch
+    embedding's (``patch_embed.img_size``, which follows an ``img_size=`` given at build time) or the
+    config's ``input_size``. torchvision's VisionTransformer keeps it in ``image_size``.
+    """
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, Mapping) and cfg.get("fixed_input_size") and not getattr(model, "dynamic_img_size", False):
+        embed = getattr(model, "patch_embed", None)
+        if embed is not None and getattr(embed, "strict_img_size", True) is False:
+            return None
+        size = getattr(embed, "img_size", None) if embed is not None else None
+        if size is None and cfg.get("input_size"):
+            size = tuple(cfg["input_size"][-2:])
+        if size is not None:
+            return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if type(model).__name__ == "VisionTransformer" and type(model).__module__.startswith("torchvision."):
+        return (int(model.image_size), int(model.image_size))
+    return None
+
+
+def check_input_size(model: nn.Module, name: str, image_size: int, flag: str = "--image-size") -> None:
+    """Refuse ``image_size`` for a model with a fixed input size of another size (ValueError naming
+    the model, its size and ``flag``), before any training step would fail on it."""
+    size = fixed_input_size(model)
+    if size is not None and size != (image_size, image_size):
+        shown = f"{size[0]}" if size[0] == size[1] else f"{size[0]} x {size[1]}"
+        raise ValueError(f"{name} has a fixed input size of {size[0]} x {size[1]} pixels, but {flag} is {image_size}: "
+                         f"use {flag} {shown}" + (" (or a timm model built with dynamic_img_size=True)"
+                                                  if name.startswith("timm:") else ""))
 
 
 def _extract_state_dict(obj, path) -> dict:

@@ -74,6 +74,8 @@ def test_tiny_preset_end_to_end(tmp_path, capsys):
     readme = (out / "README.md").read_text()
     assert readme.index("## Criteria") < readme.index("## Results") < readme.index("## Verdicts")
     full = json.loads((out / "study.json").read_text())
+    # the accuracies name how the images were read (no decoder here: in-memory tensors)
+    assert full["loader"].startswith("in-memory tensors") and f"Loader: {full['loader']}" in readme
     assert full["selection"]["ats_detail"]["rule"].startswith("the grid point with the highest mean validation")
     assert "Verdicts" in capsys.readouterr().out
 

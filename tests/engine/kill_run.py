@@ -2,7 +2,9 @@
 
 ``step:N`` SIGKILLs the process right after optimizer step N (the global step); ``save:N`` inside
 the N-th checkpoint write of this process, with only half of the temporary file on disk (a torn
-write); ``stop:N`` SIGSTOPs it after step N (a hung DDP rank). The faults are installed here by
+write); ``stop:N`` SIGSTOPs it after step N (a hung DDP rank); ``node:N`` (run under ``torchrun``)
+SIGKILLs the process group of its torchrun agent and then itself after step N (a node lost
+mid-epoch); ``stopnode:N`` SIGSTOPs them instead (a frozen node). The faults are installed here by
 wrapping functions the engine already calls (``Trainer._step``, the rename that publishes a
 checkpoint); the library has no fault hooks and reads no test variable.
 """
@@ -16,13 +18,15 @@ from fastkd.engine import checkpoint as ckpt
 from fastkd.engine.trainer import Trainer
 
 
-def _after_step(n: int, sig: int) -> None:
+def _after_step(n: int, sig: int, *, node: bool = False) -> None:
     step = Trainer._step
 
     @functools.wraps(step)
     def wrapped(self, *args, **kwargs):
         loss = step(self, *args, **kwargs)
         if self.global_step + 1 == n:  # the loop counts the step right after _step returns
+            if node:  # torchrun starts each worker in a session of its own:
+                os.killpg(os.getpgid(os.getppid()), sig)  # the agent's process group, then this process
             os.kill(os.getpid(), sig)
         return loss
 
@@ -54,13 +58,14 @@ def _in_save(n: int) -> None:
 def main() -> int:
     spec, argv = sys.argv[1], sys.argv[2:]
     kind, _, n = spec.partition(":")
-    if kind not in ("step", "save", "stop") or not n.isdigit():
-        raise SystemExit(f"kill_run.py: expected step:N, save:N or stop:N, got {spec!r}")
+    if kind not in ("step", "save", "stop", "node", "stopnode") or not n.isdigit():
+        raise SystemExit(f"kill_run.py: expected step:N, save:N, stop:N, node:N or stopnode:N, got {spec!r}")
     n = int(n)
     if kind == "save":
         _in_save(n)
     else:
-        _after_step(n, signal.SIGKILL if kind == "step" else signal.SIGSTOP)
+        _after_step(n, signal.SIGKILL if kind in ("step", "node") else signal.SIGSTOP,
+                    node=kind in ("node", "stopnode"))
     return cli.main(argv)
 
 

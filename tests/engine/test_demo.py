@@ -35,6 +35,9 @@ def test_demo_runs_every_stage_and_prints_the_table(tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "test top-1" in text and "resnet8 <- resnet8x4 [ats (4,2) s=1]" in text
+    # every accuracy names the loader that read its images (the demo reads through the torch loader)
+    assert "train top-1" in text and "% (torch loader, PIL); label on top" in text
+    assert "Images read by: 'test' and 'teacher test' the torch loader, PIL; 'val' the torch loader, PIL." in text
     assert "label on top under the released ATS(4,2)" in text and "KL(t||s) T=1" in text and "1 of 1 for students" in text
     (demo_dir,) = (tmp_path / "runs").iterdir()
     results = json.loads((demo_dir / "demo_results.json").read_text())
@@ -44,6 +47,7 @@ def test_demo_runs_every_stage_and_prints_the_table(tmp_path, capsys):
     for name, r in runs.items():
         f = r["final"]
         assert 0 <= f["val_top1"] <= 100 and f["images_per_s"] > 0
+        assert (f["loader"], f["decoder"]) == ("torch", "PIL")
         if "-from-" in name:  # a student reports the accuracy of its teacher's checkpoint
             t = teachers[name.rsplit("-from-", 1)[1]]
             assert f["teacher_top1"] == t["final"]["val_top1"]
@@ -55,6 +59,8 @@ def test_demo_runs_every_stage_and_prints_the_table(tmp_path, capsys):
     assert max(r["holdout_top1"] for r in ats) == [r for r in chosen if "-ats" in r["run"]][0]["holdout_top1"]
     assert results["conclusions"] == conclusions(results["numbers"]) and len(results["conclusions"]) == 3
     assert all(0 <= d["ats_label_on_top"]["4,2"] <= 1 for d in results["diagnostic"].values())
+    assert all((d["loader"], d["decoder"]) == ("torch", "PIL") for d in results["diagnostic"].values())
+    assert all(r["holdout_loader"] == "torch loader, PIL" for r in runs.values() if "holdout_top1" in r)
     # the data set is real JPEG files, cached for the next demo; the fit split leaves the holdout out
     assert len(list((tmp_path / "cache").rglob("*.jpg"))) == 1797
     n_fit = len(list((demo_dir / "data" / "fit" / "train").rglob("*.jpg")))
