@@ -29,6 +29,15 @@ Compressed teachers: wherever teacher logits go, a :class:`~fastkd.losses.compre
 is accepted too (then ``target`` is needed to place the label's logit); it is densified on the
 device and the normal path runs (see :mod:`fastkd.losses.compressed`).
 
+Temperatures: every temperature-like parameter (``temperature``, ``tau_target``, ``tau_other``,
+``student_temperature``, ISATS ``candidates``) must lie in ``[1e-3, 100]``. Above 100 fp32 cannot
+hold the KD losses: ``T^2`` multiplies a KL of order ``1/T^2`` that fp32 computes with an absolute
+error of about 1e-7, so the loss's absolute error grows like ``1e-7 T^2`` (against fp64 on logits
+of standard deviation 3: at most 1e-4 relative at T = 100, 1e-2 at 1000, 70 % at 1e4 and a
+negative value at 1e5, on both backends; the gradient's error grows only like ``1e-7 T``). Below 1e-3 logits / T
+overflow sooner; within the range every logit of magnitude up to 1e33 keeps ``x / T`` and the KL
+finite, so the losses are finite (never NaN) for such logits and weights up to 100. Both backends accept and refuse the same values.
+
 NaN and Inf: a NaN anywhere in a row makes that row's loss NaN; ``-inf`` marks a masked class
 (probability 0, contributing 0 where the teacher also gives it 0); nothing is clamped or
 dropped silently.
@@ -52,7 +61,17 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_CLASSES = 262_144
 FP32_TINY = float(torch.finfo(torch.float32).tiny)  # smallest normal fp32, 1.18e-38
 FP32_MAX = float(torch.finfo(torch.float32).max)    # 3.40e+38
-TEMPERATURE_MAX = math.sqrt(FP32_MAX)               # 1.84e+19: the losses' T^2 factor stays finite in fp32
+# The accepted temperatures (every temperature-like parameter: temperature, tau_target, tau_other,
+# student_temperature, ISATS candidates). Above TEMPERATURE_MAX fp32 cannot hold the KD losses:
+# T^2 multiplies a KL of order 1/T^2 that fp32 computes with an absolute error of ~1e-7 (the
+# rounding of two log-normalisers), so the loss's absolute error grows like 1e-7 T^2 (relative to
+# fp64, logits of standard deviation 3, C = 10..1000, both backends: <= 1e-4 at T = 100, 1e-2 at
+# 1e3, 70 % at 1e4, a negative "KL" at 1e5). Below TEMPERATURE_MIN nothing is gained and logits / T
+# overflow sooner: with T >= 1e-3 every logit |x| <= 1e33 keeps x / T, the difference of two such
+# and the KL finite, so the losses are finite (never NaN) for such logits (with weights up to 100).
+TEMPERATURE_MIN = 1e-3
+TEMPERATURE_MAX = 100.0
+LOGIT_MAX = 1e33                                     # |logits| with finite losses at every accepted T
 
 
 
@@ -197,13 +216,17 @@ def _check_int(name: str, value) -> int:
 
 
 def _check_temperature(name: str, value) -> float:
-    """A temperature: finite, > 0, at least fp32's smallest normal (the kernels divide by it in fp32)
-    and at most sqrt(fp32 max), so that the T^2 factor of the KD losses is finite."""
+    """A temperature: a finite number in ``[TEMPERATURE_MIN, TEMPERATURE_MAX]`` = [1e-3, 100], the
+    range where the fp32 losses stay within 1e-4 (relative) of fp64 on logits of moderate range and
+    finite for every logit ``|x| <= 1e33`` (see the constants above)."""
     f = _number(name, value)
-    if not (math.isfinite(f) and FP32_TINY <= f <= TEMPERATURE_MAX):
-        raise ValueError(f"{name} must be a finite number > 0 within fp32's normal range, at most "
-                         f"sqrt(fp32 max) so that T^2 is finite: [{FP32_TINY:.4g}, {TEMPERATURE_MAX:.4g}], "
-                         f"got {value!r}")
+    if not (math.isfinite(f) and TEMPERATURE_MIN <= f <= TEMPERATURE_MAX):
+        why = ""
+        if math.isfinite(f) and f > TEMPERATURE_MAX:
+            why = " (above it fp32 cannot hold the loss: T^2 times a KL of order 1/T^2 loses its digits to rounding)"
+        elif math.isfinite(f) and f > 0:
+            why = " (below it logits / T overflow fp32 into NaN)"
+        raise ValueError(f"{name} must be a number in [{TEMPERATURE_MIN:g}, {TEMPERATURE_MAX:g}], got {value!r}{why}")
     return f
 
 
@@ -368,7 +391,7 @@ def kd_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmea
         student_logits: ``(..., C)`` fp16/bf16/fp32/fp64 tensor; the gradient flows into it only.
         teacher_logits: a tensor shaped like ``student_logits`` (detached here), or a
             :class:`~fastkd.losses.compressed.TopKTeacher` (then ``target`` is needed).
-        temperature: ``T``, a number in fp32's normal range (> 0).
+        temperature: ``T``, a number in ``[1e-3, 100]`` (see "Temperatures" in the module docstring).
         reduction: ``"batchmean"`` (sum over classes, mean over the rows that count), ``"sum"``
             or ``"none"`` (one value per row, shaped like the leading dimensions).
         backend: ``"auto"`` (fused Triton kernel on CUDA tensors, the PyTorch reference
@@ -386,7 +409,7 @@ def kd_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmea
 
     Raises:
         TypeError / ValueError: non-tensors, non-floating logits, mismatched shapes or devices,
-        a temperature that is not a number in fp32's normal range (strings and bools are
+        a temperature that is not a number in ``[1e-3, 100]`` (strings and bools are
         refused), an unknown reduction or backend.
         RuntimeError: ``backend="triton"`` where the kernels cannot run.
 
@@ -414,7 +437,7 @@ def ats_loss(student_logits, teacher_logits, target, tau_target=4.0, tau_other=2
         student_logits, teacher_logits: as in :func:`kd_loss` (a ``TopKTeacher`` is accepted).
         target: integer labels shaped like the leading dimensions; rows labelled
             ``ignore_index`` contribute 0 and are not counted (ATS needs the label).
-        tau_target, tau_other, student_temperature: temperatures (numbers in fp32's normal range).
+        tau_target, tau_other, student_temperature: temperatures (numbers in ``[1e-3, 100]``).
         reduction, backend, valid, check_labels: as in :func:`kd_loss`.
         ignore_index: the label that skips a row (compared as int64: it applies only where the
             label dtype can hold it).
@@ -475,7 +498,7 @@ def dkd_loss(student_logits, teacher_logits, target, alpha=1.0, beta=8.0, temper
 
     Args:
         alpha, beta: weights of TCKD and NCKD (finite numbers >= 0; ``None`` is an error).
-        temperature: T (a number in fp32's normal range).
+        temperature: T (a number in ``[1e-3, 100]``).
         Everything else: as in :func:`ats_loss`.
 
     Returns / Raises: as in :func:`ats_loss`.
@@ -503,7 +526,7 @@ def dist_loss(student_logits, teacher_logits, beta=1.0, gamma=1.0, temperature=1
 
     Args:
         beta, gamma: weights of the inter- and intra-class terms (finite numbers >= 0).
-        temperature: tau (a number in fp32's normal range).
+        temperature: tau (a number in ``[1e-3, 100]``).
         valid: optional row mask: only rows with ``True`` enter either term (no host sync);
             no valid row gives 0.
         backend: both backends compute the PyTorch reference formula (DIST has no fused kernel;

@@ -74,7 +74,7 @@ class DistillLoss(nn.Module):
 
     Raises:
         ValueError / TypeError: an unknown method, backend or parameter, a parameter of the
-        wrong type or range (temperatures: numbers in fp32's normal range; strings and bools
+        wrong type or range (temperatures: numbers in [1e-3, 100]; strings and bools
         refused), and at call time mismatched shapes, devices or labels.
 
     ``last_terms`` holds the detached batch means ``{"ce": ..., "kd": ...}`` of the last call
