@@ -71,9 +71,10 @@ FP32_MAX = float(torch.finfo(torch.float32).max)    # 3.40e+38
 # T^2 multiplies a KL of order 1/T^2 that fp32 computes with an absolute error of ~1e-7 (the
 # rounding of two log-normalisers), so the loss's absolute error grows like 1e-7 T^2 (relative to
 # fp64, logits of standard deviation 3, C = 10..1000, both backends: <= 1e-4 at T = 100, 1e-2 at
-# 1e3, 70 % at 1e4, a negative "KL" at 1e5). Below TEMPERATURE_MIN nothing is gained and logits / T
-# overflow sooner: with T >= 1e-3 every logit |x| <= 1e33 keeps x / T, the difference of two such
-# and the KL finite, so the losses are finite (never NaN) for such logits (with weights up to 100).
+# 1e3, 70 % at 1e4, a negative "KL" at 1e5). TEMPERATURE_MIN is derived from the logit range the
+# losses promise finite results for, |x| <= LOGIT_MAX = 1e33: at T >= 1e-3, x / T <= 1e36, the
+# difference of two such and the KL <= 2e36, and weights up to 100 keep the loss below fp32's max
+# (3.4e38). At fp32's smallest normal (1.2e-38) even a logit of 5 overflows to inf and the loss is NaN.
 TEMPERATURE_MIN = 1e-3
 TEMPERATURE_MAX = 100.0
 LOGIT_MAX = 1e33                                     # |logits| with finite losses at every accepted T
