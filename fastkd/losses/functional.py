@@ -35,7 +35,7 @@ Temperatures: every temperature-like parameter (``temperature``, ``tau_target``,
 ``student_temperature``, ISATS ``candidates``) must lie in ``[1e-3, 100]``. Above 100 fp32 cannot
 hold the KD losses: ``T^2`` multiplies a KL of order ``1/T^2`` that fp32 computes with an absolute
 error of about 1e-7, so the loss's absolute error grows like ``1e-7 T^2`` (against fp64 on logits
-of standard deviation 3: at most 1e-4 relative at T = 100, 1e-2 at 1000, 70 % at 1e4 and a
+of standard deviation 3: about 1e-4 relative at T = 100, 1e-2 at 1000, 70 % at 1e4 and a
 negative value at 1e5, on both backends; the gradient's error grows only like ``1e-7 T``).
 Below 1e-3 logits / T overflow sooner; within the range every logit of magnitude up to 1e33
 keeps ``x / T`` and the KL finite, so the losses are finite (never NaN) for such logits and
@@ -70,7 +70,7 @@ FP32_MAX = float(torch.finfo(torch.float32).max)    # 3.40e+38
 # student_temperature, ISATS candidates). Above TEMPERATURE_MAX fp32 cannot hold the KD losses:
 # T^2 multiplies a KL of order 1/T^2 that fp32 computes with an absolute error of ~1e-7 (the
 # rounding of two log-normalisers), so the loss's absolute error grows like 1e-7 T^2 (relative to
-# fp64, logits of standard deviation 3, C = 10..1000, both backends: <= 1e-4 at T = 100, 1e-2 at
+# fp64, logits of standard deviation 3, C = 10..1000, both backends: about 1e-4 at T = 100, 1e-2 at
 # 1e3, 70 % at 1e4, a negative "KL" at 1e5). TEMPERATURE_MIN is derived from the logit range the
 # losses promise finite results for, |x| <= LOGIT_MAX = 1e33: at T >= 1e-3, x / T <= 1e36, the
 # difference of two such and the KL <= 2e36, and weights up to 100 keep the loss below fp32's max
@@ -223,8 +223,8 @@ def _check_int(name: str, value) -> int:
 
 def _check_temperature(name: str, value) -> float:
     """A temperature: a finite number in ``[TEMPERATURE_MIN, TEMPERATURE_MAX]`` = [1e-3, 100], the
-    range where the fp32 losses stay within 1e-4 (relative) of fp64 on logits of moderate range and
-    finite for every logit ``|x| <= 1e33`` (see the constants above)."""
+    range where the fp32 losses stay within 1e-3 (typically 1e-4, relative) of fp64 on logits of
+    moderate range and finite for every logit ``|x| <= 1e33`` (see the constants above)."""
     f = _number(name, value)
     if not (math.isfinite(f) and TEMPERATURE_MIN <= f <= TEMPERATURE_MAX):
         why = ""
