@@ -108,10 +108,11 @@ def _terms_and_grad(z, v, cols, y, in_row, g_ptrs, norms, scales, temps, coefs, 
                 gk = tl.where(is_y, s * alpha * d, s * (beta * (ps - pt) - alpha * d * ps))
             else:
                 gk = s * (ps - pt)
-            g += kd_scale * gk
+            # A row that does not count (scale 0) gets exactly 0, whatever it holds (0 * NaN = NaN).
+            g += tl.where(kd_scale == 0.0, 0.0, kd_scale * gk)
     if CE_GRAD:
         p = tl.exp((z - mz) - lsz)
-        g += ce_scale * (p - tl.where(is_y, 1.0 - eps, 0.0) - eps_c)
+        g += tl.where(ce_scale == 0.0, 0.0, ce_scale * (p - tl.where(is_y, 1.0 - eps, 0.0) - eps_c))
     if WRITE_GRAD:
         g = tl.where(grad_nan, float("nan"), g)
         tl.store(g_ptrs, g.to(g_ptrs.dtype.element_ty), mask=in_row)

@@ -8,9 +8,11 @@ softmax mass outside ``S`` is preserved exactly; at other temperatures the absen
 treated as equal (the compression's only error).
 
 The label's logit is kept apart from the top-K (``label_logit``), so the label is needed to
-rebuild the row: :func:`densify` takes it, and every loss that accepts a :class:`TopKTeacher`
-in place of teacher logits also needs ``target``. Rows whose label is ``ignore_index`` (or
-cannot be a class: out of ``[0, C)``) store ``S`` = the top-K only.
+rebuild the row: :func:`compress_topk` stores it (``label_index``), so :func:`densify` and every
+loss that accepts a :class:`TopKTeacher` in place of teacher logits (``kd_loss`` and
+``dist_loss`` too, which read no labels) need nothing else. A ``TopKTeacher`` built without
+``label_index`` (e.g. from a teacher cache) needs the labels passed as ``target``. Rows whose
+label is ``ignore_index`` (or cannot be a class: out of ``[0, C)``) store ``S`` = the top-K only.
 
 Every loss in :mod:`fastkd.losses` accepts a :class:`TopKTeacher` wherever teacher logits go:
 it is densified on the tensors' device (no host round trip, no host synchronisation) into an
@@ -24,7 +26,7 @@ densifying takes 0.1 ms at C = 1000, 2 ms at C = 8192 and 4 ms at C = 32000, aga
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -40,6 +42,9 @@ class TopKTeacher(NamedTuple):
     label_logit: ``(N,)`` float, the logit of each row's label (unused where the label is ignored).
     fill: ``(N,)`` fp32, ``LSE`` of the absent logits minus ``log(#absent)`` (0 where none is absent).
     num_classes: C.
+    label_index: ``(N,)`` int64, the class ``label_logit`` belongs to, -1 for a row without a label
+        (:func:`compress_topk` fills it in); ``None``: not stored, the labels are then passed as
+        ``target`` to :func:`densify` and the losses.
     """
 
     values: Tensor
@@ -47,6 +52,7 @@ class TopKTeacher(NamedTuple):
     label_logit: Tensor
     fill: Tensor
     num_classes: int
+    label_index: Optional[Tensor] = None
 
     @property
     def device(self) -> torch.device:
@@ -77,7 +83,8 @@ def compress_topk(teacher_logits: Tensor, target: Tensor, k: int, ignore_index: 
 
     Returns:
         A :class:`TopKTeacher` on the logits' device; ``fill`` is computed in fp32 (fp64 for fp64
-        input) as ``LSE_{c not in S}(v_c) - log(C - |S|)``.
+        input) as ``LSE_{c not in S}(v_c) - log(C - |S|)``; ``label_index`` holds each row's
+        label (-1 where ignored), so using it needs no ``target``.
 
     Raises:
         TypeError / ValueError: for a non-tensor, a non-2-D or non-floating tensor, labels of the
@@ -105,26 +112,35 @@ def compress_topk(teacher_logits: Tensor, target: Tensor, k: int, ignore_index: 
     absent = C - in_s.sum(-1)
     lse = torch.logsumexp(torch.where(in_s, torch.full((), -math.inf, dtype=acc, device=v.device), v.to(acc)), -1)
     fill = torch.where(absent > 0, lse - absent.clamp_min(1).to(acc).log(), torch.zeros_like(lse))
-    return TopKTeacher(values, indices.long(), label_logit, fill, int(C))
+    label_index = torch.where(has, y, torch.full_like(y, -1))
+    return TopKTeacher(values, indices.long(), label_logit, fill, int(C), label_index)
 
 
-def densify(t: TopKTeacher, target: Tensor, ignore_index: int = -100) -> Tensor:
+def densify(t: TopKTeacher, target: Optional[Tensor] = None, ignore_index: int = -100) -> Tensor:
     """The dense ``(N, C)`` teacher row block ``v'`` that ``t`` stands for, on ``t``'s device.
 
     ``v'_c`` is the stored logit for ``c`` in the top-K or the (non-ignored) label, and the
     row's fill value elsewhere. fp32 (fp64 if ``t`` holds fp64 values). No host round trip.
+    The label comes from ``t.label_index`` when ``t`` carries it (``target`` and
+    ``ignore_index`` are then not read: the stored index is the one ``label_logit`` belongs
+    to), else from ``target`` (integer labels, rows labelled ``ignore_index`` have none).
     """
     check_topk(t)
     N, C = t.shape
-    if not isinstance(target, Tensor) or target.is_floating_point() or target.dtype == torch.bool:
-        raise TypeError("densifying a TopKTeacher needs integer labels (target): the label's logit is "
-                        "stored apart from the top-K")
-    if target.numel() != N:
-        raise ValueError(f"target holds {target.numel()} labels; the TopKTeacher has {N} rows")
+    if t.label_index is None:
+        if not isinstance(target, Tensor) or target.is_floating_point() or target.dtype == torch.bool:
+            raise TypeError("densifying a TopKTeacher built without label_index needs integer labels (target): "
+                            "the label's logit is stored apart from the top-K")
+        if target.numel() != N:
+            raise ValueError(f"target holds {target.numel()} labels; the TopKTeacher has {N} rows")
     dtype = torch.float64 if torch.float64 in (t.values.dtype, t.fill.dtype) else torch.float32
     out = t.fill.to(dtype)[:, None].expand(N, C).clone()
     out.scatter_(-1, t.indices, t.values.to(dtype))
-    has, y = _label_rows(target.to(out.device), C, ignore_index)
+    if t.label_index is not None:
+        has = t.label_index >= 0
+        y = torch.where(has, t.label_index, torch.zeros_like(t.label_index))
+    else:
+        has, y = _label_rows(target.to(out.device), C, ignore_index)
     # Rows without a label rewrite their first top-K entry with its own value: no host sync.
     idx = torch.where(has, y, t.indices[:, 0])
     src = torch.where(has, t.label_logit.to(dtype), t.values[:, 0].to(dtype))
@@ -151,3 +167,15 @@ def check_topk(t: TopKTeacher) -> None:
     C = t.num_classes
     if isinstance(C, bool) or not isinstance(C, int) or C < 2 or v.shape[1] > C:
         raise ValueError(f"TopKTeacher.num_classes must be an int >= max(2, K), got {C!r}")
+    _check_label_index(t)
+
+
+def _check_label_index(t: TopKTeacher) -> None:
+    li = t.label_index
+    if li is None:
+        return
+    N = t.values.shape[0]
+    if not (isinstance(li, Tensor) and li.dtype == torch.int64 and tuple(li.shape) == (N,)):
+        raise ValueError(f"TopKTeacher.label_index must be None or an int64 ({N},) tensor (-1: no label)")
+    if li.device != t.values.device:
+        raise ValueError("TopKTeacher's tensors must live on one device")

@@ -266,6 +266,12 @@ class DPKLoss(nn.Module):
                 # backward (the projection saves its input), an ordinary copy can.
                 f_t = f_t.clone()
             f_t = self._match_teacher(i, f_s, f_t.detach())
+            if valid is not None:
+                # Padding rows zeroed (a where, not a product): they add exactly 0 to the loss and
+                # to every gradient (the convolutions' weights included), whatever they held.
+                keep = valid.reshape(-1, 1, 1, 1)
+                f_s = torch.where(keep, f_s, torch.zeros((), dtype=f_s.dtype, device=f_s.device))
+                f_t = torch.where(keep, f_t, torch.zeros((), dtype=f_t.dtype, device=f_t.device))
             if self.training:
                 # CKA in fp32 even under autocast (whose matmuls would run in bf16/fp16 and move
                 # r visibly: 0.96875 against 0.96538); linear_cka upcasts its inputs itself.

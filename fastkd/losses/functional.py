@@ -26,10 +26,24 @@ fused kernel family in :mod:`fastkd.kernels` (CUDA tensors, or CPU tensors under
 says once in the log when it falls back. The two backends compute the same numbers.
 
 Compressed teachers: wherever teacher logits go, a :class:`~fastkd.losses.compressed.TopKTeacher`
-is accepted too (then ``target`` is needed to place the label's logit); it is densified on the
-device and the normal path runs (see :mod:`fastkd.losses.compressed`).
+is accepted too; it is densified on the device and the normal path runs (see
+:mod:`fastkd.losses.compressed`). One from :func:`~fastkd.losses.compressed.compress_topk`
+carries its labels (``label_index``); one built without them needs ``target`` to place the
+label's logit (``kd_loss`` and ``dist_loss`` take ``target=`` for that only).
 
-NaN and Inf: a NaN anywhere in a row makes that row's loss NaN; ``-inf`` marks a masked class
+Temperatures: every temperature-like parameter (``temperature``, ``tau_target``, ``tau_other``,
+``student_temperature``, ISATS ``candidates``) must lie in ``[1e-3, 100]``. Above 100 fp32 cannot
+hold the KD losses: ``T^2`` multiplies a KL of order ``1/T^2`` that fp32 computes with an absolute
+error of about 1e-7, so the loss's absolute error grows like ``1e-7 T^2`` (against fp64 on logits
+of standard deviation 3: about 1e-4 relative at T = 100, 1e-2 at 1000, 70 % at 1e4 and a
+negative value at 1e5, on both backends; the gradient's error grows only like ``1e-7 T``).
+Below 1e-3 logits / T overflow sooner; within the range every logit of magnitude up to 1e33
+keeps ``x / T`` and the KL finite, so the losses are finite (never NaN) for such logits and
+weights up to 100. Both backends accept and refuse the same values.
+
+NaN and Inf: a NaN anywhere in a row that counts makes that row's loss NaN (a row left out by
+``valid`` or ``ignore_index`` contributes exactly 0 to the loss and the gradient, whatever it
+holds: it is replaced with ``torch.where``, never multiplied by 0); ``-inf`` marks a masked class
 (probability 0, contributing 0 where the teacher also gives it 0); nothing is clamped or
 dropped silently.
 """
@@ -52,7 +66,18 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_CLASSES = 262_144
 FP32_TINY = float(torch.finfo(torch.float32).tiny)  # smallest normal fp32, 1.18e-38
 FP32_MAX = float(torch.finfo(torch.float32).max)    # 3.40e+38
-TEMPERATURE_MAX = math.sqrt(FP32_MAX)               # 1.84e+19: the losses' T^2 factor stays finite in fp32
+# The accepted temperatures (every temperature-like parameter: temperature, tau_target, tau_other,
+# student_temperature, ISATS candidates). Above TEMPERATURE_MAX fp32 cannot hold the KD losses:
+# T^2 multiplies a KL of order 1/T^2 that fp32 computes with an absolute error of ~1e-7 (the
+# rounding of two log-normalisers), so the loss's absolute error grows like 1e-7 T^2 (relative to
+# fp64, logits of standard deviation 3, C = 10..1000, both backends: about 1e-4 at T = 100, 1e-2 at
+# 1e3, 70 % at 1e4, a negative "KL" at 1e5). TEMPERATURE_MIN is derived from the logit range the
+# losses promise finite results for, |x| <= LOGIT_MAX = 1e33: at T >= 1e-3, x / T <= 1e36, the
+# difference of two such and the KL <= 2e36, and weights up to 100 keep the loss below fp32's max
+# (3.4e38). At fp32's smallest normal (1.2e-38) even a logit of 5 overflows to inf and the loss is NaN.
+TEMPERATURE_MIN = 1e-3
+TEMPERATURE_MAX = 100.0
+LOGIT_MAX = 1e33                                     # |logits| with finite losses at every accepted T
 
 
 
@@ -173,9 +198,9 @@ def _dense_teacher(teacher, student: Tensor, y_raw: Optional[Tensor], ignore_ind
                              f"{(N, C)} after flattening the leading dimensions")
         if teacher.device != student.device:
             raise ValueError(f"device mismatch: student_logits on {student.device}, TopKTeacher on {teacher.device}")
-        if y_raw is None:
-            raise ValueError("a TopKTeacher needs target (its label logit is stored apart from the top-K): "
-                             "pass target=")
+        if y_raw is None and teacher.label_index is None:
+            raise ValueError("this TopKTeacher was built without label_index, so it needs target= (the labels "
+                             "its label logit belongs to; compress_topk stores them, a cache does not)")
         teacher = densify(teacher, y_raw, ignore_index).reshape(student.shape)
     _check_pair(student, teacher)
     return teacher
@@ -197,13 +222,17 @@ def _check_int(name: str, value) -> int:
 
 
 def _check_temperature(name: str, value) -> float:
-    """A temperature: finite, > 0, at least fp32's smallest normal (the kernels divide by it in fp32)
-    and at most sqrt(fp32 max), so that the T^2 factor of the KD losses is finite."""
+    """A temperature: a finite number in ``[TEMPERATURE_MIN, TEMPERATURE_MAX]`` = [1e-3, 100], the
+    range where the fp32 losses stay within 1e-3 (typically 1e-4, relative) of fp64 on logits of
+    moderate range and finite for every logit ``|x| <= 1e33`` (see the constants above)."""
     f = _number(name, value)
-    if not (math.isfinite(f) and FP32_TINY <= f <= TEMPERATURE_MAX):
-        raise ValueError(f"{name} must be a finite number > 0 within fp32's normal range, at most "
-                         f"sqrt(fp32 max) so that T^2 is finite: [{FP32_TINY:.4g}, {TEMPERATURE_MAX:.4g}], "
-                         f"got {value!r}")
+    if not (math.isfinite(f) and TEMPERATURE_MIN <= f <= TEMPERATURE_MAX):
+        why = ""
+        if math.isfinite(f) and f > TEMPERATURE_MAX:
+            why = " (above it fp32 cannot hold the loss: T^2 times a KL of order 1/T^2 loses its digits to rounding)"
+        elif math.isfinite(f) and f > 0:
+            why = " (below it logits / T overflow fp32 into NaN)"
+        raise ValueError(f"{name} must be a number in [{TEMPERATURE_MIN:g}, {TEMPERATURE_MAX:g}], got {value!r}{why}")
     return f
 
 
@@ -353,9 +382,10 @@ def _kd_term(method, student_logits, teacher_logits, target, valid, reduction, i
         loss, _ = _fused(z, v, y, method=method, ce_weight=0.0, kd_weight=1.0, label_smoothing=0.0,
                          ignore_index=ignore_index, reduction=reduction, **params)
         return loss.reshape(lead) if reduction == "none" else loss
-    rows = ref_rows(z, v, y)
-    if method == "kd":
-        rows = _zero_masked(rows, mask)
+    if method == "kd":  # rows left out by the mask are zeroed first: exactly 0 and a zero gradient, even if NaN
+        rows = _zero_masked(ref_rows(ref.zero_rows(z, mask), ref.zero_rows(v, mask), y), mask)
+    else:
+        rows = ref_rows(z, v, y)
     count = None if y is None else _valid_count(y, ignore_index)
     return _reduce(rows, reduction, count, lead)
 
@@ -367,26 +397,29 @@ def kd_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmea
     Args:
         student_logits: ``(..., C)`` fp16/bf16/fp32/fp64 tensor; the gradient flows into it only.
         teacher_logits: a tensor shaped like ``student_logits`` (detached here), or a
-            :class:`~fastkd.losses.compressed.TopKTeacher` (then ``target`` is needed).
-        temperature: ``T``, a number in fp32's normal range (> 0).
+            :class:`~fastkd.losses.compressed.TopKTeacher` (one built without ``label_index``
+            also needs ``target``).
+        temperature: ``T``, a number in ``[1e-3, 100]`` (see "Temperatures" in the module docstring).
         reduction: ``"batchmean"`` (sum over classes, mean over the rows that count), ``"sum"``
             or ``"none"`` (one value per row, shaped like the leading dimensions).
         backend: ``"auto"`` (fused Triton kernel on CUDA tensors, the PyTorch reference
             elsewhere), ``"torch"`` or ``"triton"``.
         valid: optional bool tensor shaped like the leading dimensions; rows with ``False``
-            contribute 0 and are not counted.
-        target: only to densify a ``TopKTeacher`` (KD itself reads no label: every row with
-            ``valid`` True counts, whatever its label).
+            contribute 0 and are not counted, and their gradient is exactly 0, whatever they
+            hold (NaN included; likewise rows labelled ``ignore_index``).
+        target: only to densify a ``TopKTeacher`` built without ``label_index`` (KD itself
+            reads no label: every row with ``valid`` True counts, whatever its label).
         check_labels: check that ``target`` holds classes in ``[0, C)`` (one host sync on CUDA);
-            ``False`` skips it (an out-of-range label then gives that row NaN on the Triton
-            backend and an index error on the torch backend).
+            ``False`` skips it: use it only with labels validated elsewhere. An out-of-range
+            label (not ``ignore_index``) is then never used as an index and never a crash: it
+            makes its row's loss and gradient NaN (the row is counted), on both backends.
 
     Returns:
         An fp32 (fp64 for fp64 inputs on the torch backend) scalar, or per-row values.
 
     Raises:
         TypeError / ValueError: non-tensors, non-floating logits, mismatched shapes or devices,
-        a temperature that is not a number in fp32's normal range (strings and bools are
+        a temperature that is not a number in ``[1e-3, 100]`` (strings and bools are
         refused), an unknown reduction or backend.
         RuntimeError: ``backend="triton"`` where the kernels cannot run.
 
@@ -414,7 +447,7 @@ def ats_loss(student_logits, teacher_logits, target, tau_target=4.0, tau_other=2
         student_logits, teacher_logits: as in :func:`kd_loss` (a ``TopKTeacher`` is accepted).
         target: integer labels shaped like the leading dimensions; rows labelled
             ``ignore_index`` contribute 0 and are not counted (ATS needs the label).
-        tau_target, tau_other, student_temperature: temperatures (numbers in fp32's normal range).
+        tau_target, tau_other, student_temperature: temperatures (numbers in ``[1e-3, 100]``).
         reduction, backend, valid, check_labels: as in :func:`kd_loss`.
         ignore_index: the label that skips a row (compared as int64: it applies only where the
             label dtype can hold it).
@@ -475,7 +508,7 @@ def dkd_loss(student_logits, teacher_logits, target, alpha=1.0, beta=8.0, temper
 
     Args:
         alpha, beta: weights of TCKD and NCKD (finite numbers >= 0; ``None`` is an error).
-        temperature: T (a number in fp32's normal range).
+        temperature: T (a number in ``[1e-3, 100]``).
         Everything else: as in :func:`ats_loss`.
 
     Returns / Raises: as in :func:`ats_loss`.
@@ -503,12 +536,12 @@ def dist_loss(student_logits, teacher_logits, beta=1.0, gamma=1.0, temperature=1
 
     Args:
         beta, gamma: weights of the inter- and intra-class terms (finite numbers >= 0).
-        temperature: tau (a number in fp32's normal range).
+        temperature: tau (a number in ``[1e-3, 100]``).
         valid: optional row mask: only rows with ``True`` enter either term (no host sync);
             no valid row gives 0.
         backend: both backends compute the PyTorch reference formula (DIST has no fused kernel;
             ``"triton"`` says so once in the log).
-        target, check_labels: only to densify a ``TopKTeacher``.
+        target, check_labels: only to densify a ``TopKTeacher`` built without ``label_index``.
         Everything else: as in :func:`kd_loss`.
 
     Returns:

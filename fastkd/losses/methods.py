@@ -44,7 +44,7 @@ class Param(NamedTuple):
     name: str       # the DistillLoss / functional keyword
     default: Any    # the default (None only for ISATS' candidates: the grid derived from tau_target)
     field: str      # the TrainConfig field / YAML key; the CLI flag is --field-with-dashes
-    kind: str       # "temperature" (finite, in [smallest normal fp32, fp32 max]), "weight" (finite >= 0),
+    kind: str       # "temperature" (a number in [1e-3, 100], see functional.py), "weight" (finite >= 0),
                     # "epochs" (finite >= 0), "candidates" (a sequence of temperatures, or None)
     help: str
 

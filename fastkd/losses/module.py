@@ -45,8 +45,10 @@ class DistillLoss(nn.Module):
         backend: ``"auto"`` (fused Triton kernel on CUDA tensors, the PyTorch reference
             elsewhere, said once in the log), ``"torch"`` or ``"triton"``.
         check_labels: check that labels are in ``[0, C)`` (one device-to-host sync per call on
-            CUDA). ``False`` skips it: then an out-of-range label gives that row a NaN loss on
-            the Triton backend and an index error on the torch backend.
+            CUDA). ``False`` skips it: use it only with labels validated elsewhere (the engine
+            validates its data set once). An out-of-range label (not ``ignore_index``) is then
+            never used as an index and never a crash: its row's loss and gradient are NaN, on
+            both backends.
         **method_params: the method's parameters (temperature, tau_target, tau_other,
             student_temperature, candidates, alpha, beta, gamma, warmup_epochs); unknown
             names for the method are an error.
@@ -68,13 +70,14 @@ class DistillLoss(nn.Module):
         or a :class:`~fastkd.losses.compressed.TopKTeacher` (densified on the device).
         ``valid`` is an optional ``(N,)`` bool row mask (e.g. the padding rows of a sharded
         epoch's last batch are ``False``): such rows contribute nothing to any term and are
-        not counted in any denominator, for every method. A batch without a counted row gives
+        not counted in any denominator, for every method; like rows labelled ``ignore_index``
+        their gradient is exactly 0 whatever they hold (NaN included). A batch without a counted row gives
         0 and a zero gradient. Returns an fp32 scalar (fp64 for fp64 inputs on the torch
         backend).
 
     Raises:
         ValueError / TypeError: an unknown method, backend or parameter, a parameter of the
-        wrong type or range (temperatures: numbers in fp32's normal range; strings and bools
+        wrong type or range (temperatures: numbers in [1e-3, 100]; strings and bools
         refused), and at call time mismatched shapes, devices or labels.
 
     ``last_terms`` holds the detached batch means ``{"ce": ..., "kd": ...}`` of the last call

@@ -8,7 +8,10 @@ validation live in :mod:`fastkd.losses.functional`; this module assumes valid in
 Conventions shared with the Triton kernels (the kernels are tested against this file):
 
 * A row whose label equals ``ignore_index`` contributes 0 to CE and to every label-dependent KD
-  term (ATS, ISATS, DKD), and gets a zero gradient.
+  term (ATS, ISATS, DKD), and gets a zero gradient, whatever its logits hold (NaN included: such
+  rows are replaced by zeros with ``torch.where`` before any arithmetic, :func:`zero_rows`).
+* A label outside ``[0, C)`` that is not ``ignore_index`` (possible only with the label check off)
+  is never used as an index: it makes its row's loss and gradient NaN (:func:`label_rows`).
 * ``-inf`` logits are "masked" classes. A class whose teacher probability is exactly 0
   contributes 0 to a KL sum (``0 * log 0 = 0``), also where the student logit is ``-inf`` at
   the same place. A class the teacher gives mass but the student masks makes the row ``+inf``.
@@ -26,6 +29,8 @@ from .._isats_grid import isats_default_candidates
 
 __all__ = [
     "upcast",
+    "zero_rows",
+    "label_rows",
     "cross_entropy",
     "kd",
     "ats_teacher_log_probs",
@@ -53,9 +58,35 @@ def _valid_rows(target: Tensor, ignore_index: int) -> Tensor:
     return target != ignore_index
 
 
-def _safe_target(target: Tensor, ignore_index: int) -> Tensor:
-    """Labels usable for gather: ignored rows point at class 0 (their result is masked out)."""
-    return torch.where(target == ignore_index, torch.zeros_like(target), target).long()
+def _bad_labels(target: Tensor, C: int, ignore_index: int) -> Tensor:
+    """Rows whose label is neither ``ignore_index`` nor a class in ``[0, C)``."""
+    return ((target < 0) | (target >= C)) & (target != ignore_index)
+
+
+def _safe_target(target: Tensor, ignore_index: int, C: int) -> Tensor:
+    """Labels usable for gather: ignored rows and labels outside ``[0, C)`` point at class 0 (an
+    out-of-range label is never used as an index; the callers mask or poison those rows)."""
+    off = (target == ignore_index) | (target < 0) | (target >= C)
+    return torch.where(off, torch.zeros_like(target), target).long()
+
+
+def zero_rows(x: Tensor, keep: Optional[Tensor]) -> Tensor:
+    """``x`` (N, C) with the rows outside ``keep`` (N,) replaced by zeros (``torch.where``, not a
+    product with 0): a row left out contributes exactly 0 to the loss and its gradient is exactly 0,
+    whatever it held (NaN included)."""
+    if keep is None:
+        return x
+    return torch.where(keep[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def label_rows(x: Tensor, target: Tensor, ignore_index: int) -> Tensor:
+    """``x`` (N, C) as a label-reading loss uses it: rows labelled ``ignore_index`` zeroed
+    (:func:`zero_rows`), rows with a label outside ``[0, C)`` made NaN so that their loss and
+    gradient are NaN, as in the fused kernels (reachable only with the label check off)."""
+    x = zero_rows(x, target != ignore_index)
+    bad = _bad_labels(target, x.shape[-1], ignore_index)
+    # An addition, not a where: the NaN row's gradient is then NaN too (a where would give 0).
+    return x + torch.where(bad, math.nan, 0.0).to(x.dtype)[:, None]
 
 
 def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -71,10 +102,10 @@ def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 def cross_entropy(z: Tensor, target: Tensor, label_smoothing: float = 0.0, ignore_index: int = -100) -> Tensor:
     """Per-row CE = LSE(z) - sum_i t_i z_i with target t = (1-eps) e_y + eps/C; ignored rows 0."""
-    z = upcast(z)
+    z = label_rows(upcast(z), target, ignore_index)
     C = z.shape[-1]
     valid = _valid_rows(target, ignore_index)
-    y = _safe_target(target, ignore_index)
+    y = _safe_target(target, ignore_index, C)
     lse = torch.logsumexp(z, dim=-1)
     z_y = z.gather(-1, y[:, None]).squeeze(-1)
     ce = lse - z_y
@@ -108,7 +139,7 @@ def ats_teacher_log_probs(v: Tensor, target: Tensor, tau_target, tau_other, igno
     computed with class 0 as their "target" (their value is masked out by the callers).
     """
     v = upcast(v)
-    y = _safe_target(target, ignore_index)
+    y = _safe_target(target, ignore_index, v.shape[-1])
     on_target = torch.zeros_like(v, dtype=torch.bool)
     on_target.scatter_(-1, y[:, None], True)
     if isinstance(tau_other, Tensor):
@@ -130,7 +161,8 @@ def ats(
     ignore_index: int = -100,
 ) -> Tensor:
     """Per-row ATS = s^2 * KL(q || sm(z/s)); ignored rows 0. ``tau_other`` float or (N,)."""
-    z = upcast(z)
+    z = label_rows(upcast(z), target, ignore_index)
+    v = label_rows(upcast(v), target, ignore_index)
     s = float(student_temperature)
     log_q = ats_teacher_log_probs(v, target, tau_target, tau_other, ignore_index).to(z.dtype)
     log_ps = torch.log_softmax(z / s, dim=-1)
@@ -159,7 +191,7 @@ def isats_select_tau(
     if v.dtype != torch.float64:
         v = v.double()
     N, C = v.shape
-    y = _safe_target(target, ignore_index)
+    y = _safe_target(target, ignore_index, C)
     on_target = torch.zeros_like(v, dtype=torch.bool)
     on_target.scatter_(-1, y[:, None], True)
     v_y = v.gather(-1, y[:, None]).squeeze(-1)
@@ -189,6 +221,7 @@ def isats(
     ignore_index: int = -100,
 ) -> Tensor:
     """Per-row ISATS: ATS with each row's ``tau_other`` from :func:`isats_select_tau`."""
+    v = label_rows(upcast(v), target, ignore_index)
     tau = isats_select_tau(v, target, tau_target, candidates, ignore_index)
     return ats(z, v, target, tau_target, tau.to(upcast(z).dtype), student_temperature, ignore_index)
 
@@ -200,9 +233,9 @@ def dkd_parts(z: Tensor, v: Tensor, target: Tensor, temperature: float = 4.0, ig
     """Per-row (TCKD, NCKD), both without the T^2 factor, through log-sum-exp forms on max-shifted
     logits: ``log p_y = x_y - LSE(x)`` and ``log(1 - p_y) = LSE_{c != y}(x) - LSE(x)`` with
     ``x = z/T - max(z/T)`` (methods.md section 4); never the log of a rounded probability."""
-    z, v = upcast(z), upcast(v)
+    z, v = label_rows(upcast(z), target, ignore_index), label_rows(upcast(v), target, ignore_index)
     T = float(temperature)
-    y = _safe_target(target, ignore_index)
+    y = _safe_target(target, ignore_index, z.shape[-1])
     on_target = torch.zeros_like(z, dtype=torch.bool)
     on_target.scatter_(-1, y[:, None], True)
 
@@ -260,7 +293,8 @@ def kd_term_rows(method: str, z: Tensor, v: Tensor, target: Tensor, ignore_index
     convention: rows labelled ``ignore_index`` give 0, also for plain ``kd``. ``params`` are the
     method's keywords of :data:`fastkd.losses.methods.METHOD_TABLE` (without ``warmup_epochs``)."""
     if method == "kd":
-        rows = kd(z, v, params["temperature"])
+        rows = kd(label_rows(upcast(z), target, ignore_index), label_rows(upcast(v), target, ignore_index),
+                  params["temperature"])
         return torch.where(_valid_rows(target, ignore_index), rows, torch.zeros_like(rows))
     if method == "ats":
         return ats(z, v, target, params["tau_target"], params["tau_other"], params["student_temperature"],
@@ -297,6 +331,9 @@ def dist(zs: Tensor, zt: Tensor, beta: float = 1.0, gamma: float = 1.0, temperat
     the ImageNet shape 256 x 1000).
     """
     zs, zt = upcast(zs), upcast(zt)
+    if valid is None and zs.shape[0] == 0:
+        valid = torch.ones(0, dtype=torch.bool, device=zs.device)  # an empty batch: 0, never NaN
+    zs, zt = zero_rows(zs, valid), zero_rows(zt, valid)
     tau = float(temperature)
     ys = torch.softmax(zs / tau, dim=-1)
     yt = torch.softmax(zt / tau, dim=-1)
@@ -341,7 +378,7 @@ def tolerant_teacher_loss(
 ) -> Tensor:
     """Teacher-training loss CE + eta * gap, mean over non-ignored rows (scalar)."""
     ce = cross_entropy(logits, target, label_smoothing, ignore_index)
-    gap = tolerant_gap(logits, k)
+    gap = tolerant_gap(label_rows(upcast(logits), target, ignore_index), k)
     valid = _valid_rows(target, ignore_index)
     per_row = torch.where(valid, ce + float(eta) * gap, torch.zeros_like(ce))
     return per_row.sum() / valid.sum().clamp_min(1)

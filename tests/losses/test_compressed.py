@@ -94,8 +94,8 @@ def test_distill_loss_takes_a_topk_teacher(method):
 def test_topk_teacher_errors_are_clear():
     z, v, y = data()
     t = compress_topk(v, y, 4)
-    with pytest.raises(ValueError, match="TopKTeacher needs target"):
-        fastkd.kd_loss(z, t)
+    with pytest.raises(ValueError, match="built without label_index, so it needs target="):
+        fastkd.kd_loss(z, t._replace(label_index=None))
     with pytest.raises(ValueError, match=r"stands for teacher logits \(6, 12\)"):
         fastkd.kd_loss(z[:, :10], t, target=y % 10)
     with pytest.raises(ValueError, match="k must be an integer in"):
@@ -103,5 +103,31 @@ def test_topk_teacher_errors_are_clear():
     with pytest.raises(ValueError, match="indices must be an int64"):
         densify(t._replace(indices=t.indices.int()), y)
     with pytest.raises(TypeError, match="needs integer labels"):
-        densify(t, None)
+        densify(t._replace(label_index=None), None)
+    with pytest.raises(ValueError, match="label_index must be None or an int64"):
+        densify(t._replace(label_index=t.label_index.int()))
     assert isinstance(t, TopKTeacher) and t.device == z.device
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compressed_teacher_carries_its_labels(backend):
+    # issue 18 item 17: kd_loss(z, compress_topk(v, y, k)) asked for target= although KD reads no label.
+    z, v, y = data()
+    y[2] = -100
+    t = compress_topk(v, y, 4)
+    assert t.label_index.tolist() == [int(c) if i != 2 else -1 for i, c in enumerate(y)]
+    dense = explicit_dense(v, y, 4).float()
+    torch.testing.assert_close(densify(t).double(), dense.double(), rtol=1e-6, atol=1e-6)
+    for T in (1.0, 4.0):
+        torch.testing.assert_close(fastkd.kd_loss(z, t, T, backend=backend),
+                                   fastkd.kd_loss(z, dense, T, backend=backend), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fastkd.dist_loss(z, t, backend=backend), fastkd.dist_loss(z, dense, backend=backend))
+    # target= still works for one built without label_index (e.g. from a teacher cache)
+    bare = t._replace(label_index=None)
+    torch.testing.assert_close(fastkd.kd_loss(z, bare, 2.0, backend=backend, target=y),
+                               fastkd.kd_loss(z, dense, 2.0, backend=backend), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(densify(bare, y), densify(t))
+    # the stored labels are the ones label_logit belongs to: a target passed along is not read
+    torch.testing.assert_close(fastkd.ats_loss(z, t, y, backend=backend), fastkd.ats_loss(z, dense, y, backend=backend),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(densify(t, (y + 1) % 12), densify(t))

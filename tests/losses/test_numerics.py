@@ -118,9 +118,9 @@ Z, V, Y = torch.randn(3, 5), torch.randn(3, 5), torch.tensor([0, 1, 2])
 
 
 @pytest.mark.parametrize("call,exc,match", [
-    (lambda: fastkd.kd_loss(Z, V, temperature=TINY / 4), ValueError, "temperature must be .*normal range"),
-    (lambda: fastkd.kd_loss(Z, V, temperature=BIG * 4.0), ValueError, "temperature must be .*normal range"),
-    (lambda: fastkd.kd_loss(Z, V, temperature=2e19), ValueError, "so that T\\^2 is finite"),
+    (lambda: fastkd.kd_loss(Z, V, temperature=TINY / 4), ValueError, r"temperature must be a number in \[0.001, 100\]"),
+    (lambda: fastkd.kd_loss(Z, V, temperature=BIG * 4.0), ValueError, "temperature must be a number in"),
+    (lambda: fastkd.kd_loss(Z, V, temperature=2e19), ValueError, "above it fp32 cannot hold the loss"),
     (lambda: fastkd.ats_loss(Z, V, Y, tau_target=1e30), ValueError, "tau_target"),
     (lambda: fastkd.dkd_loss(Z, V, Y, temperature=1e-39), ValueError, "temperature"),
     (lambda: fastkd.ats_loss(Z, V, Y, tau_other=1e39), ValueError, "tau_other"),
@@ -141,17 +141,15 @@ def test_bad_parameters_are_clear_errors(call, exc, match):
         call()
 
 
-# At T = fp32's smallest normal, logits / T overflow by design of the test (inf / NaN are not hidden).
+# At T = 1e-3 the kernel's DKD overflows exp on the label column of the non-target terms, a value
+# it never uses (the interpreter's numpy warns).
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_temperatures_at_the_edges_of_the_normal_range_are_accepted(backend):
-    # Accepted, never a crash; at the smallest normal, logits / T may overflow fp32 (inf / NaN, not
-    # hidden); at the largest accepted temperature T^2 is finite and so is the loss.
-    for T in (TINY, math.sqrt(BIG)):
-        fastkd.kd_loss(Z, V, temperature=T, backend=backend)
-        fastkd.dkd_loss(Z, V, Y, temperature=T, backend=backend)
-    assert fastkd.kd_loss(Z, V, temperature=math.sqrt(BIG), backend=backend).isfinite()
+def test_temperatures_at_the_edges_of_the_accepted_range_are_accepted(backend):
+    # (issue 18 narrowed the range to [1e-3, 100]; tests/losses/test_extreme_numerics.py checks it)
+    for T in (1e-3, 100.0):
+        assert fastkd.kd_loss(Z, V, temperature=T, backend=backend).isfinite()
+        assert fastkd.dkd_loss(Z, V, Y, temperature=T, backend=backend).isfinite()
     assert fastkd.kd_loss(Z, V, temperature=torch.tensor(2.0)).isfinite()
 
 

@@ -101,10 +101,9 @@ def test_check_labels_is_an_argument_not_a_process_switch():
     y[2] = 9
     with pytest.raises(ValueError, match="label 9 outside"):
         fastkd.DistillLoss("ats", backend="torch")(z, v, y)
-    with pytest.raises((IndexError, RuntimeError)):  # not checked: torch's own index error
-        fastkd.DistillLoss("ats", backend="torch", check_labels=False)(z, v, y)
-    with pytest.raises((IndexError, RuntimeError)):
-        fastkd.ats_loss(z, v, y, backend="torch", check_labels=False)
+    # not checked: the row is NaN (never an index; issue 18 item 15)
+    assert fastkd.DistillLoss("ats", backend="torch", check_labels=False)(z, v, y).isnan()
+    assert fastkd.ats_loss(z, v, y, backend="torch", check_labels=False).isnan()
     # a checked call elsewhere is unaffected by an unchecked loss object
     with pytest.raises(ValueError, match="label 9 outside"):
         fastkd.ats_loss(z, v, y)
