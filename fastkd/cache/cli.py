@@ -25,7 +25,9 @@ logger = logging.getLogger("fastkd")
 
 #: TrainConfig fields that decide the teacher views or how the teacher runs.
 TRAIN_FIELDS = ("data", "data_backend", "augment", "batch_size", "image_size", "teacher_image_size", "workers",
-                "seed", "teacher", "teacher_checkpoint", "device", "amp", "channels_last", "compile", "skip_corrupt")
+                "seed", "teacher", "teacher_checkpoint", "device", "amp", "channels_last", "compile", "skip_corrupt",
+                "teacher_pretrained", "teacher_weights", "teacher_mean", "teacher_std", "teacher_classes",
+                "check_teacher")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kw["metavar"] = f.metadata["metavar"]
         if kind == "bool":
             g.add_argument(C.flag(name), action=argparse.BooleanOptionalAction, **kw)
+        elif kind.endswith("_list"):
+            g.add_argument(C.flag(name), nargs="+", type=float if kind == "float_list" else str, **kw)
         else:
             g.add_argument(C.flag(name), type={"int": int, "float": float, "str": str}[kind],
                            choices=f.metadata.get("choices"), **kw)
@@ -62,6 +66,12 @@ def config_from_args(args: argparse.Namespace) -> C.TrainConfig:
             raise C.ConfigError(f"{C.flag(name)} must be >= 1, got {getattr(cfg, name)}")
     if cfg.teacher_image_size is not None and cfg.teacher_image_size < 1:
         raise C.ConfigError(f"--teacher-image-size must be >= 1, got {cfg.teacher_image_size}")
+
+    def need(cond, msg):
+        if not cond:
+            raise C.ConfigError(msg)
+
+    C._validate_pretrained(cfg, need)  # hub weights, the teacher's normalisation and classes
     return cfg
 
 

@@ -88,6 +88,7 @@ class TeacherView:
     mean: tuple
     std: tuple
     source: str  # where the values come from (logged)
+    stated: bool = True  # False: nothing about the teacher said; the student's values were taken
 
 
 def teacher_preprocessing(cfg: C.TrainConfig, student: Optional[tuple] = None, *, what: str = "fastkd") -> TeacherView:
@@ -117,7 +118,21 @@ def teacher_preprocessing(cfg: C.TrainConfig, student: Optional[tuple] = None, *
         source = "--teacher-mean/--teacher-std" + (f" (else {source})" if source else "")
     elif source is None:
         source = "the student's (no pretrained config or checkpoint record says otherwise)"
-    return TeacherView(tuple(float(v) for v in mean), tuple(float(v) for v in std), source)
+    stated = own is not None or given != (None, None)
+    return TeacherView(tuple(float(v) for v in mean), tuple(float(v) for v in std), source, stated)
+
+
+def loader_norms(cfg: C.TrainConfig, *, teacher: bool, what: str = "fastkd") -> tuple[dict, Optional[TeacherView]]:
+    """``create_loader`` keywords of both views' normalisation (the teacher's only when it differs
+    from the student's, so that no second view is made for nothing), and the teacher's view."""
+    student = student_preprocessing(cfg)
+    out = {"mean": student[0], "std": student[1]}
+    view = None
+    if teacher:
+        view = teacher_preprocessing(cfg, student, what=what)
+        if (view.mean, view.std) != tuple(student):
+            out.update(teacher_mean=view.mean, teacher_std=view.std)
+    return out, view
 
 
 # --------------------------------------------------------------------------------------------
