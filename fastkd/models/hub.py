@@ -5,8 +5,9 @@
   ``HF_HUB_OFFLINE=1``). Without ``.TAG`` timm picks the architecture's default tag.
 * ``torchvision:NAME``: a weights enum of ``torchvision.models.get_model_weights(NAME)``
   (``DEFAULT`` unless another member is named, e.g. ``IMAGENET1K_V2``), read with
-  ``weights.get_state_dict`` from ``$TORCH_HOME/hub/checkpoints`` (downloaded there when missing,
-  its hash prefix checked as torchvision's own builders check it).
+  ``weights.get_state_dict`` from ``$TORCH_HOME/hub/checkpoints/<the URL's file name>``. As in
+  torchvision's own builders (``check_hash=True``), a download is checked against the hash prefix
+  in the file name; a file already in the cache is read as it is (torch.hub checks only downloads).
 
 Besides the model, :class:`Pretrained` says what the weights expect: the input normalisation and
 size (timm's ``pretrained_cfg`` through ``timm.data.resolve_data_config``; torchvision's
@@ -141,19 +142,19 @@ def torchvision_file(w) -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(w.url))
 
 
-def _load_torchvision(arch: str, weights: Optional[str], num_classes: Optional[int], kwargs: dict,
-                      check_hash: bool) -> tuple[nn.Module, Pretrained]:
+def _load_torchvision(arch: str, weights: Optional[str], num_classes: Optional[int],
+                      kwargs: dict) -> tuple[nn.Module, Pretrained]:
     import torchvision
 
     w = _tv_weights(arch, weights)
     info = _tv_info(w)
     path = torchvision_file(w)
     try:
-        state = w.get_state_dict(progress=False, check_hash=check_hash, weights_only=True)
+        state = w.get_state_dict(progress=False, check_hash=True, weights_only=True)
     except RuntimeError as exc:
         if "invalid hash value" in str(exc):
-            raise ValueError(f"torchvision:{arch} {info.identity['weights']}: {path} does not match the hash in its "
-                             f"name (a partial or altered download?): delete it to download it again") from None
+            raise ValueError(f"torchvision:{arch} {info.identity['weights']}: the download of {w.url} does not match "
+                             f"the hash in its name (a broken transfer?): {_first_line(exc)}") from None
         raise
     except OSError as exc:  # URLError, no network, a read-only cache
         raise PretrainedNotFound(f"torchvision:{arch} {info.identity['weights']}: {os.path.basename(path)} is not in "
@@ -195,12 +196,11 @@ def preprocessing(name: str, weights: Optional[str] = None) -> Pretrained:
 
 
 def load_pretrained(name: str, num_classes: Optional[int] = None, *, weights: Optional[str] = None,
-                    check_hash: bool = True, **kwargs) -> tuple[nn.Module, Pretrained]:
+                    **kwargs) -> tuple[nn.Module, Pretrained]:
     """Build ``name`` with its pretrained weights (timm or torchvision); returns (model, :class:`Pretrained`).
 
     ``num_classes``: None keeps the weights' own classifier; another count gives a newly initialised
     classifier (fine-tuning a student). ``weights``: the torchvision enum member (default ``DEFAULT``).
-    ``check_hash``: verify a torchvision file against the hash prefix in its name (torchvision's builders do).
     Offline without the weights in the cache: :class:`PretrainedNotFound`, naming the cache looked in.
     """
     from . import split_name
@@ -212,5 +212,5 @@ def load_pretrained(name: str, num_classes: Optional[int] = None, *, weights: Op
     if source == "timm":
         return _load_timm(arch, num_classes, kwargs)
     if source == "torchvision":
-        return _load_torchvision(arch, weights, num_classes, kwargs, check_hash)
+        return _load_torchvision(arch, weights, num_classes, kwargs)
     raise ValueError(f"{name}: fastkd's own models have no hub weights; give a checkpoint file instead")
