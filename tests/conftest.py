@@ -138,3 +138,9 @@ def write_wnid_jpegs(root, counts: dict, wnids=("n01440764", "n01443537", "n0148
         for k, wnid in enumerate(wnids[:len(next(iter(counts.values())))]):
             (root / split / f"class{k}").rename(root / split / wnid)
     return root
+
+
+@pytest.fixture(scope="session")
+def wnid_jpegs():
+    """:func:`write_wnid_jpegs`, for the test folders' own data-set fixtures."""
+    return write_wnid_jpegs
