@@ -294,8 +294,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--teacher", action="append", required=True, metavar="[LABEL=]NAME:CHECKPOINT",
                         help="a teacher to analyse, e.g. fastkd:resnet8:runs/t8/last.pt or "
                              "big=timm:resnet50:r50.pth (a state_dict or safetensors file), or with its pretrained "
-                             "hub weights timm:resnet50.a1_in1k:pretrained, torchvision:resnet50:pretrained=IMAGENET1K_V2 "
-                             "(repeat for several)")
+                             "hub weights timm:resnet50.a1_in1k:pretrained, "
+                             "torchvision:resnet50:pretrained=IMAGENET1K_V2 (repeat for several)")
     parser.add_argument("--teacher-classes", default=None, metavar="imagenet|FILE",
                         help="map each teacher's outputs to the data's class folders by name: 'imagenet' (ImageNet "
                              "teachers, folders named by WordNet id such as n01440764) or FILE (one name per output)")

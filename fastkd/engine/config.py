@@ -504,7 +504,8 @@ def check_teacher_weights(cfg: TrainConfig) -> None:
     benchmarks build such runs on purpose.)
     """
     if (cfg.teacher is not None and needs_teacher(cfg) and cfg.teacher_checkpoint is None and not cfg.random_teacher
-            and cfg.teacher_cache is None and not cfg.teacher_pretrained):  # a cache holds the teacher's outputs: --teacher only names it
+            and cfg.teacher_cache is None  # a cache holds the teacher's outputs: --teacher only names it
+            and not cfg.teacher_pretrained):
         raise ConfigError(f"--method {cfg.method} distils from the teacher {cfg.teacher}, but no --teacher-checkpoint "
                           f"PATH or --teacher-pretrained is given: its weights would be random; pass --random-teacher "
                           f"to allow that "

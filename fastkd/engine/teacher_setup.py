@@ -99,7 +99,8 @@ def teacher_preprocessing(cfg: C.TrainConfig, student: Optional[tuple] = None, *
         from ..models.hub import preprocessing
 
         info = preprocessing(cfg.teacher, cfg.teacher_weights)
-        own, source = (info.mean, info.std), f"the pretrained config of {info.identity.get('name') or info.identity.get('weights')}"
+        label = info.identity.get("name") or info.identity.get("weights")
+        own, source = (info.mean, info.std), f"the pretrained config of {label}"
     elif cfg.teacher is not None and cfg.teacher_checkpoint:
         rec = recorded_input(cfg.teacher_checkpoint)
         if "mean" in rec and "std" in rec:

@@ -101,7 +101,8 @@ def load_weights(model: nn.Module, path) -> nn.Module:
         try:
             obj = load_file(path, device="cpu")
         except (SafetensorError, OSError, ValueError) as exc:
-            raise ValueError(f"{path}: cannot be read as a safetensors file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ValueError(f"{path}: cannot be read as a safetensors file ({first})") from None
         return _load_state_dict(model, _strip_wrapper_prefix(dict(obj), path), path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
