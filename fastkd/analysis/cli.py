@@ -475,7 +475,7 @@ def main(args) -> int:
                            backend=args.data_backend, device=str(device), num_threads=args.workers, **loader_kw)
     num_classes = len(loader.classes)
     for s in specs:
-        classes = recorded[s.label].get("classes")
+        classes = recorded[s.label].get("classes") if args.teacher_classes is None else None  # mapped by name
         if classes is not None and len(classes) != num_classes:
             raise ValueError(f"teacher {s.label!r} was trained on {len(classes)} classes, --data {data_dir} holds "
                              f"{num_classes}: point --data at the data set it was trained on")

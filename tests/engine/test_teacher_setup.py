@@ -222,3 +222,46 @@ def test_cache_manifest_records_the_hub_teacher_and_refuses_a_mismatch(hub_home,
     assert cli.main([*run, "--teacher-mean", "0.4", "0.4", "0.4", "--output", str(tmp_path / "r1")]) == 2
     assert "normalisation mean: cache has [0.5, 0.5, 0.5], this run has [0.4, 0.4, 0.4]" in _errors(caplog)[0]
     assert cli.main([*run, "--output", str(tmp_path / "r2")]) == 0
+
+
+def test_analyze_a_hub_teacher_on_a_subset(hub_home, wnid_data, tmp_path):
+    """fastkd analyze: the hub teacher with its own normalisation and its logits mapped to the folders."""
+    from fastkd.data import create_loader
+    from fastkd.models.classes import ClassMap, class_index, teacher_class_names
+    from fastkd.models.hub import load_pretrained
+
+    out = tmp_path / "an"
+    assert cli.main(["analyze", "--data", str(wnid_data), "--teacher", f"{TEACHER}:pretrained", "--teacher-classes",
+                     "imagenet", "--image-size", "24", "--data-backend", "torch", "--workers", "0", "--device", "cpu",
+                     "--no-plots", "--temperatures", "1", "--ats", "none", "--ats-grid", "none",
+                     "--output", str(out)]) == 0
+    got = json.loads((out / "metrics.json").read_text())["teachers"]["test_resnet.r160_in1k"]["accuracy"]
+    teacher, _ = load_pretrained(TEACHER)
+    loader = create_loader(wnid_data / "val", train=False, batch_size=4, image_size=24, backend="torch",
+                           num_threads=0, device="cpu", mean=(0.5,) * 3, std=(0.5,) * 3)
+    ClassMap(teacher.eval(), class_index(teacher_class_names("imagenet", 1000), loader.classes))
+    hits = n = 0
+    with torch.inference_mode():
+        for b in loader:
+            hits += int((teacher(b.images).argmax(1) == b.labels).sum())
+            n += len(b.labels)
+    assert n == 6 and got == pytest.approx(hits / n)
+
+
+def test_student_pretrained_brings_its_normalisation(hub_home):
+    cfg = C.make_config(data="d", student=TEACHER, student_pretrained=True, method="ce")
+    assert TS.student_preprocessing(cfg) == ((0.5,) * 3, (0.5,) * 3)
+    student = TS.build_student(cfg, 3)
+    assert student.state_dict()["fc.weight"].shape[0] == 3
+    assert torch.equal(student.state_dict()["conv1.0.weight"], hub_home["state"]["conv1.0.weight"])
+
+
+def test_offline_without_the_weights_is_one_line(hub_home, wnid_data, tmp_path, caplog):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", str(wnid_data), "--student", "fastkd:resnet8", "--teacher",
+                     "timm:resnet18.a1_in1k", "--teacher-pretrained", "--teacher-classes", "imagenet",
+                     "--image-size", "16", "--workers", "0", "--device", "cpu", "--output", str(out)]) == 2
+    err = _errors(caplog)
+    assert len(err) == 1 and "\n" not in err[0]
+    assert "timm:resnet18.a1_in1k: pretrained weights not found in the Hugging Face cache" in err[0]
+    assert str(hub_home["home"] / "hub") in err[0] and not out.exists()
