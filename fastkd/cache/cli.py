@@ -9,7 +9,9 @@
 
 The data, augmentation and view flags are those of ``fastkd train`` (same names, same
 defaults); a training run must use the same values (the cache refuses otherwise, naming the
-field). Several processes: ``torchrun --nproc_per_node N -m fastkd cache build ...``.
+field). A hub teacher: ``--teacher timm:resnet50.a1_in1k --teacher-pretrained`` (its normalisation
+comes with it; ``--teacher-classes imagenet`` for a subset of ImageNet's classes); the manifest
+records the weights' identity. Before the first epoch the teacher is checked on the validation split. Several processes: ``torchrun --nproc_per_node N -m fastkd cache build ...``.
 A killed build continues where it stopped when run again with the same command.
 """
 from __future__ import annotations

@@ -116,3 +116,21 @@ def test_class_map_selects_the_data_classes_by_name(tmp_path):
     assert m(x).shape == (5, 2)
     with pytest.raises(ValueError, match="3 names for a teacher with 4 outputs"):
         teacher_class_names(str(listing), 4)
+
+
+def test_torchvision_weights_not_cached_and_not_downloadable_is_one_line(torch_home, monkeypatch):
+    """No network (simulated: torch.hub's download raises what urllib raises offline): one line
+    naming the missing file and the TORCH_HOME folder it was looked for in."""
+    import urllib.error
+
+    import torch.hub
+
+    def offline(url, dst, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(PretrainedNotFound) as e:
+        load_pretrained("torchvision:squeezenet1_1")
+    msg = str(e.value)
+    assert "\n" not in msg and "squeezenet1_1-b8a52dc0.pth is not in" in msg
+    assert str(torch_home / "hub" / "checkpoints") in msg and "SqueezeNet1_1_Weights.IMAGENET1K_V1" in msg
