@@ -191,7 +191,9 @@ def build_rate(args, data: Path, ckpt: Path, out: Path, fmt: str, top_k=None) ->
     from fastkd.cache.build import CacheSpec, build_cache
     from fastkd.engine import config as C
 
-    cfg = C.TrainConfig(**common_cfg(args, data), teacher=args.teacher, teacher_checkpoint=str(ckpt))
+    # check_teacher=False: the teacher's weights are random on purpose (this measures speed only).
+    cfg = C.TrainConfig(**common_cfg(args, data), teacher=args.teacher, teacher_checkpoint=str(ckpt),
+                        check_teacher=False)
     t0, c0 = time.perf_counter(), time.process_time()
     summary = build_cache(cfg, out, CacheSpec(fmt, args.dtype, top_k))
     rows = len(summary["epochs_built"]) * summary["rows_per_epoch"]
@@ -345,7 +347,7 @@ def main(argv=None) -> int:
           f"{r['build_topk']['rows_per_s_last_epoch']:.0f} rows/s", flush=True)
     runs = {
         "student-only": dict(method="ce"),
-        "online KD": dict(method="kd", teacher=args.teacher, teacher_checkpoint=str(ckpt)),
+        "online KD": dict(method="kd", teacher=args.teacher, teacher_checkpoint=str(ckpt), check_teacher=False),
         f"cached KD full {args.dtype}": dict(method="kd", teacher_cache=str(work / "cache-full")),
         f"cached KD top-{top_k} {args.dtype}": dict(method="kd", teacher_cache=str(work / "cache-topk")),
     }

@@ -104,3 +104,61 @@ def _run_fastkd(args, *, env=None, module=("-m", "fastkd"), timeout=300):
 @pytest.fixture
 def run_fastkd():
     return _run_fastkd
+
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def write_hub_teacher(hf_home, name: str = "test_resnet.r160_in1k", seed: int = 1234) -> dict:
+    """Lay out a Hugging Face hub cache under ``hf_home`` holding timm's ``timm/NAME`` weights that
+    this function makes (a randomly initialised timm model, saved with safetensors): what
+    ``timm.create_model(NAME, pretrained=True)`` finds offline. Returns the saved state_dict."""
+    from pathlib import Path
+
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = timm.create_model(name.split(".")[0], pretrained=False)
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    repo = Path(hf_home) / "hub" / f"models--timm--{name}"
+    snapshot = repo / "snapshots" / HUB_COMMIT
+    snapshot.mkdir(parents=True)
+    save_file(state, str(snapshot / "model.safetensors"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HUB_COMMIT)
+    return state
+
+
+@pytest.fixture
+def hub_home(tmp_path, monkeypatch):
+    """An offline Hugging Face cache in a temporary HF_HOME (holding the weights of
+    :func:`write_hub_teacher`), for this process (huggingface_hub reads its settings once, at
+    import: they are set on its constants) and for subprocesses (the environment)."""
+    from huggingface_hub import constants
+
+    home = tmp_path / "hf_home"
+    home.mkdir()
+    state = write_hub_teacher(home)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return {"home": home, "state": state, "name": "test_resnet.r160_in1k"}
+
+
+def write_wnid_jpegs(root, counts: dict, wnids=("n01440764", "n01443537", "n01484850")):
+    """:func:`write_digit_jpegs` with class folders named by ImageNet WordNet ids (an Imagenette-style subset)."""
+    write_digit_jpegs(root, counts)
+    for split in counts:
+        for k, wnid in enumerate(wnids[:len(next(iter(counts.values())))]):
+            (root / split / f"class{k}").rename(root / split / wnid)
+    return root
+
+
+@pytest.fixture(scope="session")
+def wnid_jpegs():
+    """:func:`write_wnid_jpegs`, for the test folders' own data-set fixtures."""
+    return write_wnid_jpegs

@@ -33,14 +33,24 @@ __all__ = ["TeacherSpec", "parse_teacher", "analyze", "write_outputs", "format_r
 class TeacherSpec:
     label: str
     model: str  # a fastkd.models name, e.g. fastkd:resnet8, timm:resnet50
-    checkpoint: Path
+    checkpoint: Optional[Path]  # None: the model's pretrained hub weights
+    weights: Optional[str] = None  # with hub weights: a torchvision enum member (default DEFAULT)
+
+    @property
+    def pretrained(self) -> bool:
+        return self.checkpoint is None
+
+    @property
+    def source(self) -> str:
+        return "pretrained" + (f"={self.weights}" if self.weights else "") if self.pretrained else str(self.checkpoint)
 
 
 def parse_teacher(spec: str) -> TeacherSpec:
     """``[LABEL=]SOURCE:ARCH:CHECKPOINT`` -> :class:`TeacherSpec` (the label defaults to ARCH).
 
     The model name itself holds one colon (``fastkd:resnet8``), so the checkpoint is everything
-    after the second colon and may contain colons of its own.
+    after the second colon and may contain colons of its own. ``pretrained`` in its place takes the
+    model's hub weights (``timm:resnet50.a1_in1k:pretrained``; ``torchvision:resnet50:pretrained=IMAGENET1K_V2``).
     """
     label = None
     text = spec
@@ -54,6 +64,12 @@ def parse_teacher(spec: str) -> TeacherSpec:
         raise ValueError(f"--teacher {spec!r}: expected [LABEL=]NAME:CHECKPOINT with NAME like fastkd:resnet8, "
                          f"timm:resnet50 or torchvision:resnet18 (e.g. fastkd:resnet8:runs/t/last.pt)")
     source, arch, checkpoint = parts
+    if checkpoint == "pretrained" or checkpoint.startswith("pretrained="):
+        weights = checkpoint.partition("=")[2] or None
+        if weights is not None and source != "torchvision":
+            raise ValueError(f"--teacher {spec!r}: pretrained=WEIGHTS names a torchvision weights enum member; a timm "
+                             f"model takes its weights from the tag in its name (timm:NAME.TAG:pretrained)")
+        return TeacherSpec(label or arch, f"{source}:{arch}", None, weights)
     return TeacherSpec(label or arch, f"{source}:{arch}", Path(checkpoint))
 
 
@@ -62,8 +78,8 @@ def _unique_labels(specs: Sequence[TeacherSpec]) -> list[TeacherSpec]:
     counts = {}
     for s in specs:
         counts[s.label] = counts.get(s.label, 0) + 1
-    out = [TeacherSpec(f"{s.label}@{s.checkpoint.stem}", s.model, s.checkpoint) if counts[s.label] > 1 else s
-           for s in specs]
+    out = [TeacherSpec(f"{s.label}@{s.checkpoint.stem if s.checkpoint else 'pretrained'}", s.model, s.checkpoint,
+                       s.weights) if counts[s.label] > 1 else s for s in specs]
     labels = [s.label for s in out]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
@@ -281,7 +297,12 @@ def add_arguments(parser) -> None:
                              "folders, or a file of 'path label' lines")
     parser.add_argument("--teacher", action="append", required=True, metavar="[LABEL=]NAME:CHECKPOINT",
                         help="a teacher to analyse, e.g. fastkd:resnet8:runs/t8/last.pt or "
-                             "big=timm:resnet50:r50.pth (repeat for several)")
+                             "big=timm:resnet50:r50.pth (a state_dict or safetensors file), or with its pretrained "
+                             "hub weights timm:resnet50.a1_in1k:pretrained, "
+                             "torchvision:resnet50:pretrained=IMAGENET1K_V2 (repeat for several)")
+    parser.add_argument("--teacher-classes", default=None, metavar="imagenet|FILE",
+                        help="map each teacher's outputs to the data's class folders by name: 'imagenet' (ImageNet "
+                             "teachers, folders named by WordNet id such as n01440764) or FILE (one name per output)")
     parser.add_argument("--temperatures", default="1,2,4,8", help="comma-separated temperatures")
     parser.add_argument("--ats", default="4,2", metavar="TAU_TARGET,TAU_OTHER",
                         help="also report the metrics under ATS with these temperatures; 'none' to skip")
@@ -331,7 +352,8 @@ def read_checkpoint_settings(path: Path) -> dict:
         return {}  # load_weights reports unreadable files with a clear error later
     if not isinstance(obj, dict) or not isinstance(obj.get("config"), dict):
         return {}
-    cfg = obj["config"]
+    # The checkpoint's "input" record (the student's normalisation; fastkd.engine.trainer), else its config.
+    cfg = {**obj["config"], **(obj["input"] if isinstance(obj.get("input"), dict) else {})}
     out = {}
     if cfg.get("image_size"):
         out["image_size"] = int(cfg["image_size"])
@@ -343,6 +365,43 @@ def read_checkpoint_settings(path: Path) -> dict:
     if obj.get("model_name"):
         out["model_name"] = str(obj["model_name"])
     return out
+
+
+def _pretrained_settings(spec: TeacherSpec) -> dict:
+    """What a teacher's hub weights expect (its pretrained config): image size, mean, std."""
+    from ..models.hub import preprocessing
+
+    info = preprocessing(spec.model, spec.weights)
+    out = {"mean": info.mean, "std": info.std}
+    if info.image_size:
+        out["image_size"] = info.image_size
+    return out
+
+
+def _build(spec: TeacherSpec, classes: list, teacher_classes: Optional[str]) -> nn.Module:
+    """The teacher with its weights, its logits those of the data's ``classes``."""
+    from ..models import create_model, load_weights
+    from ..models.classes import map_teacher_classes, teacher_class_names
+
+    n_data = len(classes)
+    if spec.pretrained:
+        from ..models.hub import load_pretrained
+
+        model, info = load_pretrained(spec.model, None, weights=spec.weights)
+        n_out = getattr(model, "num_classes", None) or info.num_classes
+    else:
+        n_out = n_data if teacher_classes is None else len(teacher_class_names(teacher_classes, None))
+        model = create_model(spec.model, num_classes=n_out)
+        try:
+            load_weights(model, spec.checkpoint)
+        except ValueError as e:
+            raise ValueError(f"teacher {spec.label!r} ({spec.model}, {n_out} classes): {e}") from None
+    if teacher_classes is not None:
+        model.fastkd_class_map = map_teacher_classes(model, teacher_classes, classes, n_out)
+    elif n_out != n_data:
+        raise ValueError(f"teacher {spec.label!r} ({spec.model}) has {n_out} outputs and --data {n_data} classes: "
+                         f"give --teacher-classes imagenet (class folders named by WordNet id) or FILE")
+    return model
 
 
 def _settle(name: str, flag: Optional[tuple], recorded: dict, specs) -> Optional[tuple]:
@@ -382,7 +441,7 @@ def main(args) -> int:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     specs = _unique_labels([parse_teacher(s) for s in args.teacher])
     for s in specs:
-        if not s.checkpoint.is_file():
+        if s.checkpoint is not None and not s.checkpoint.is_file():
             raise FileNotFoundError(f"teacher {s.label!r}: checkpoint {s.checkpoint} does not exist")
     data_root = Path(args.data).expanduser()
     if not data_root.exists():
@@ -395,9 +454,9 @@ def main(args) -> int:
 
     from ..data import create_loader
     from ..data.index import resolve_split_root
-    from ..models import check_input_size, create_model, load_weights
 
-    recorded = {s.label: read_checkpoint_settings(s.checkpoint) for s in specs}
+    recorded = {s.label: _pretrained_settings(s) if s.pretrained else read_checkpoint_settings(s.checkpoint)
+                for s in specs}
     for s in specs:
         name = recorded[s.label].get("model_name")
         if name is not None and name != s.model:
@@ -420,7 +479,7 @@ def main(args) -> int:
                            backend=args.data_backend, device=str(device), num_threads=args.workers, **loader_kw)
     num_classes = len(loader.classes)
     for s in specs:
-        classes = recorded[s.label].get("classes")
+        classes = recorded[s.label].get("classes") if args.teacher_classes is None else None  # mapped by name
         if classes is not None and len(classes) != num_classes:
             raise ValueError(f"teacher {s.label!r} was trained on {len(classes)} classes, --data {data_dir} holds "
                              f"{num_classes}: point --data at the data set it was trained on")
@@ -428,14 +487,12 @@ def main(args) -> int:
             first = next((a, b) for a, b in zip(classes, loader.classes) if a != b)
             raise ValueError(f"teacher {s.label!r} was trained on other class names than the folders of --data "
                              f"{data_dir} (first difference: {first}): labels would not match")
+    from ..models import check_input_size
+
     models = {}
     for s in specs:
-        model = create_model(s.model, num_classes=num_classes)
+        model = _build(s, loader.classes, args.teacher_classes)
         check_input_size(model, s.model, image_size)
-        try:
-            load_weights(model, s.checkpoint)
-        except ValueError as e:
-            raise ValueError(f"teacher {s.label!r} ({s.model}, {num_classes} classes from --data): {e}") from None
         models[s.label] = model.to(device)
     logger.info(f"analysing {len(models)} teacher(s) on {data_dir} ({loader.num_samples} images, "
                 f"{num_classes} classes, {image_size} px, {loader.description}) on {device}")
@@ -449,7 +506,7 @@ def main(args) -> int:
     results = {"config": {"data": str(data_dir), "num_classes": num_classes, "image_size": image_size,
                           "loader": loader.backend, "decoder": loader.decoder,
                           "device": str(device), "seconds": round(time.perf_counter() - start, 2),
-                          "teachers": [{"label": s.label, "model": s.model, "checkpoint": str(s.checkpoint)}
+                          "teachers": [{"label": s.label, "model": s.model, "checkpoint": s.source}
                                        for s in specs],
                           "soft_labels": [s.name for s in soft_labels]},
                **results}

@@ -29,6 +29,7 @@ import torch
 from .. import __version__
 from ..engine import config as C
 from ..engine import distributed as D
+from ..engine.teacher_setup import weights_identity
 from . import store
 
 logger = logging.getLogger("fastkd")
@@ -46,11 +47,13 @@ def teacher_view_size(cfg: C.TrainConfig) -> int:
 def train_loader(cfg: C.TrainConfig, dist: D.DistInfo, *, teacher_view: bool):
     """The training loader exactly as :meth:`fastkd.engine.trainer.Trainer._make_loaders` builds it."""
     from ..data import create_loader
+    from ..engine.teacher_setup import loader_norms
 
     tis = None
     if teacher_view and cfg.teacher_image_size not in (None, cfg.image_size):
         tis = cfg.teacher_image_size
     extra = {"augment": cfg.augment} if cfg.augment != "imagenet" else {}
+    extra.update(loader_norms(cfg, teacher=teacher_view, what="fastkd cache build")[0])
     return create_loader(cfg.data, train=True, batch_size=cfg.batch_size, backend=cfg.data_backend,
                          image_size=cfg.image_size, teacher_image_size=tis, shard_id=dist.rank,
                          num_shards=dist.world_size, seed=cfg.seed, num_threads=cfg.workers, device=dist.device,
@@ -79,17 +82,16 @@ def augmentation_settings(loader) -> dict:
 
 def run_fields(cfg: C.TrainConfig, loader) -> dict:
     """The manifest fields a training run must match (besides the epochs it needs)."""
-    from ..data import IMAGENET_MEAN, IMAGENET_STD
-
     index = loader.index
+    view = loader.spec.teacher or loader.spec.student  # the normalisation the teacher view gets
     if index is None:
         raise ValueError("the teacher cache needs a real data set (--data DIR): synthetic data has no sample index")
     return {
         "data": {"index_sha256": store.index_sha256(index), "num_samples": len(index),
                  "num_classes": len(loader.classes), "classes": list(loader.classes)},
         "augmentation": augmentation_settings(loader),
-        "view": {"teacher_image_size": teacher_view_size(cfg), "mean": list(IMAGENET_MEAN),
-                 "std": list(IMAGENET_STD)},
+        "view": {"teacher_image_size": teacher_view_size(cfg), "mean": [float(v) for v in view.mean],
+                 "std": [float(v) for v in view.std]},
         "seed": cfg.seed,
     }
 
@@ -208,9 +210,10 @@ def build_cache(cfg: C.TrainConfig, output, spec: CacheSpec) -> dict:
     device, AMP, channels_last, compile, teacher and teacher checkpoint fields are used.
     """
     if cfg.teacher is None:
-        raise ValueError("no teacher: give --teacher NAME and --teacher-checkpoint PATH")
-    if not cfg.teacher_checkpoint:
-        raise ValueError("no --teacher-checkpoint: a cache of a randomly initialised teacher would match no run")
+        raise ValueError("no teacher: give --teacher NAME and --teacher-checkpoint PATH (or --teacher-pretrained)")
+    if not cfg.teacher_checkpoint and not cfg.teacher_pretrained:
+        raise ValueError("no --teacher-checkpoint (nor --teacher-pretrained): a cache of a randomly initialised "
+                         "teacher would match no run")
     if cfg.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {cfg.epochs}")
     if cfg.data is None:
@@ -226,17 +229,21 @@ def build_cache(cfg: C.TrainConfig, output, spec: CacheSpec) -> dict:
     try:
         loader = train_loader(cfg, dist, teacher_view=True)
         classes = loader.classes
-        from ..models.classes import check_teacher_classes, recorded_classes
+        if cfg.teacher_checkpoint and cfg.teacher_classes is None:  # before the output folder exists
+            from ..models.classes import check_teacher_classes, recorded_classes
 
-        check_teacher_classes(recorded_classes(cfg.teacher_checkpoint), classes,
-                              teacher=f"{cfg.teacher} ({cfg.teacher_checkpoint})", data=f"--data {cfg.data}")
+            check_teacher_classes(recorded_classes(cfg.teacher_checkpoint), classes,
+                                  teacher=f"{cfg.teacher} ({cfg.teacher_checkpoint})", data=f"--data {cfg.data}")
         spec.validate(len(classes))
         fields = run_fields(cfg, loader)
+        sha = store.file_sha256(cfg.teacher_checkpoint) if dist.is_main and cfg.teacher_checkpoint else None
         manifest = {
             "version": store.FORMAT,
             **fields,
             "teacher": cfg.teacher,
-            "teacher_checkpoint_sha256": store.file_sha256(cfg.teacher_checkpoint) if dist.is_main else None,
+            "teacher_checkpoint_sha256": sha,
+            "teacher_weights": weights_identity(cfg, file_hash=lambda path: sha),
+            "teacher_classes": cfg.teacher_classes,
             "format": spec.fmt,
             "dtype": spec.dtype,
             "top_k": spec.top_k,
@@ -268,14 +275,20 @@ def build_cache(cfg: C.TrainConfig, output, spec: CacheSpec) -> dict:
             return summary
 
         from ..engine.runner import TeacherRunner
-        from ..models import check_input_size, create_model, load_weights
+        from ..engine.teacher_setup import build_teacher
+        from ..models import check_input_size
 
-        teacher = create_model(cfg.teacher, len(classes))
+        teacher = build_teacher(cfg, classes)  # its weights (file or hub), its logits mapped to the data's classes
         check_input_size(teacher, cfg.teacher, teacher_view_size(cfg),
                          "--teacher-image-size" if cfg.teacher_image_size else "--image-size")
-        load_weights(teacher, cfg.teacher_checkpoint)
         runner = TeacherRunner(teacher, device, amp_dtype=AMP_DTYPES[amp], channels_last=cfg.channels_last,
                                concurrent=device.type == "cuda", compile=cfg.compile)
+        if cfg.check_teacher:
+            try:
+                _check_teacher(cfg, runner, dist, classes)
+            except BaseException:
+                runner.close()
+                raise
         logger.info("fastkd cache build: %s on %d samples x %d classes, epochs %s, %s %s%s -> %s (%s/row), "
                     "device %s x %d", cfg.teacher, n, len(classes), _ranges(todo), spec.fmt, spec.dtype,
                     f" K={spec.top_k}" if spec.top_k else "", out, _size(summary["bytes_per_row"]), device,
@@ -307,6 +320,37 @@ def build_cache(cfg: C.TrainConfig, output, spec: CacheSpec) -> dict:
         D.shutdown(dist)
 
 
+def _has_val_split(root) -> bool:
+    from ..data.index import resolve_split_root
+
+    try:
+        return resolve_split_root(root, train=False) != resolve_split_root(root, train=True)
+    except OSError:
+        return False
+
+
+def _check_teacher(cfg: C.TrainConfig, runner, dist, classes) -> None:
+    """The teacher's top-1 on a few batches of the validation split (when there is one), before the
+    build pays for every epoch (:func:`fastkd.engine.teacher_setup.check_teacher`)."""
+    from ..data import create_loader
+    from ..engine.teacher_setup import check_teacher, loader_norms
+
+    if not _has_val_split(cfg.data):
+        logger.info("fastkd cache build: %s has no val/ split: the teacher is not checked", cfg.data)
+        return
+    norms, view = loader_norms(cfg, teacher=True, what="fastkd cache build")
+    tis = cfg.teacher_image_size if cfg.teacher_image_size not in (None, cfg.image_size) else None
+    extra = {"augment": cfg.augment} if cfg.augment != "imagenet" else {}
+    val = create_loader(cfg.data, train=False, batch_size=cfg.batch_size, backend=cfg.data_backend,
+                        image_size=cfg.image_size, teacher_image_size=tis, shard_id=dist.rank,
+                        num_shards=dist.world_size, seed=cfg.seed, num_threads=cfg.workers, device=dist.device,
+                        channels_last=cfg.channels_last, skip_corrupt=cfg.skip_corrupt, **norms, **extra)
+    if list(val.classes) != list(classes):
+        raise ValueError(f"the training and validation splits of {cfg.data} hold different classes")
+    check_teacher(runner, val, dist.device, len(classes), name=cfg.teacher, view=view, what="fastkd cache build",
+                  dist=dist)
+
+
 #: How the teacher forward was computed: a continued build must keep them (the trainer warns on them).
 NUMERICS = ("amp", "channels_last", "device")
 
@@ -320,7 +364,10 @@ def _open_or_start(out: Path, manifest: dict) -> dict:
     if path.exists():
         old = store.read_manifest(out)
         problem = first_mismatch(old, manifest)
-        for key in ("teacher", "teacher_checkpoint_sha256", "format", "dtype", "top_k"):
+        for key in ("teacher", "teacher_checkpoint_sha256", "teacher_weights", "teacher_classes", "format", "dtype",
+                    "top_k"):
+            if key in ("teacher_weights", "teacher_classes") and key not in old:
+                continue  # a cache from before these were recorded: teacher_checkpoint_sha256 decides
             if problem is None and old.get(key) != manifest.get(key):
                 problem = f"{key}: cache has {old.get(key)!r}, this build has {manifest.get(key)!r}"
         if problem is not None:

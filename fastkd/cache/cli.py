@@ -9,7 +9,9 @@
 
 The data, augmentation and view flags are those of ``fastkd train`` (same names, same
 defaults); a training run must use the same values (the cache refuses otherwise, naming the
-field). Several processes: ``torchrun --nproc_per_node N -m fastkd cache build ...``.
+field). A hub teacher: ``--teacher timm:resnet50.a1_in1k --teacher-pretrained`` (its normalisation
+comes with it; ``--teacher-classes imagenet`` for a subset of ImageNet's classes); the manifest
+records the weights' identity. Before the first epoch the teacher is checked on the validation split. Several processes: ``torchrun --nproc_per_node N -m fastkd cache build ...``.
 A killed build continues where it stopped when run again with the same command.
 """
 from __future__ import annotations
@@ -25,7 +27,9 @@ logger = logging.getLogger("fastkd")
 
 #: TrainConfig fields that decide the teacher views or how the teacher runs.
 TRAIN_FIELDS = ("data", "data_backend", "augment", "batch_size", "image_size", "teacher_image_size", "workers",
-                "seed", "teacher", "teacher_checkpoint", "device", "amp", "channels_last", "compile", "skip_corrupt")
+                "seed", "teacher", "teacher_checkpoint", "device", "amp", "channels_last", "compile", "skip_corrupt",
+                "teacher_pretrained", "teacher_weights", "teacher_mean", "teacher_std", "teacher_classes",
+                "check_teacher")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kw["metavar"] = f.metadata["metavar"]
         if kind == "bool":
             g.add_argument(C.flag(name), action=argparse.BooleanOptionalAction, **kw)
+        elif kind.endswith("_list"):
+            g.add_argument(C.flag(name), nargs="+", type=float if kind == "float_list" else str, **kw)
         else:
             g.add_argument(C.flag(name), type={"int": int, "float": float, "str": str}[kind],
                            choices=f.metadata.get("choices"), **kw)
@@ -62,6 +68,12 @@ def config_from_args(args: argparse.Namespace) -> C.TrainConfig:
             raise C.ConfigError(f"{C.flag(name)} must be >= 1, got {getattr(cfg, name)}")
     if cfg.teacher_image_size is not None and cfg.teacher_image_size < 1:
         raise C.ConfigError(f"--teacher-image-size must be >= 1, got {cfg.teacher_image_size}")
+
+    def need(cond, msg):
+        if not cond:
+            raise C.ConfigError(msg)
+
+    C._validate_pretrained(cfg, need)  # hub weights, the teacher's normalisation and classes
     return cfg
 
 

@@ -79,6 +79,38 @@ def warn_topk_temperature(cfg) -> None:
                        ", ".join(f"{t:g}" for t in temps))
 
 
+def _expect(trainer) -> dict:
+    """The run's manifest fields. A run that says nothing of the teacher's normalisation (no
+    --teacher-pretrained, --teacher-mean/--teacher-std or checkpoint record) takes the cache's: it
+    never runs the teacher, so only a normalisation it states can contradict the cache."""
+    expect = run_fields(trainer.cfg, trainer.train_loader)
+    view = getattr(trainer, "teacher_view", None)
+    if view is not None and not view.stated:
+        try:
+            cached = store.read_manifest(trainer.cfg.teacher_cache).get("view", {})
+        except (OSError, ValueError):
+            return expect  # the reader reports it
+        for key in ("mean", "std"):
+            if key in cached:
+                expect["view"][key] = cached[key]
+    return expect
+
+
+def _check_hub_teacher(cfg, manifest: dict) -> None:
+    """A run naming hub weights (--teacher-pretrained) or --teacher-classes must name the cache's."""
+    if cfg.teacher_pretrained:
+        from ..engine.teacher_setup import weights_identity
+
+        mine, theirs = weights_identity(cfg), manifest.get("teacher_weights")
+        if mine != theirs:
+            raise store.CacheMismatchError(f"teacher cache {cfg.teacher_cache}: does not match this run: teacher "
+                                           f"weights: cache has {theirs!r}, this run names {mine!r}")
+    if cfg.teacher_classes is not None and cfg.teacher_classes != manifest.get("teacher_classes"):
+        raise store.CacheMismatchError(f"teacher cache {cfg.teacher_cache}: does not match this run: teacher classes: "
+                                       f"cache has {manifest.get('teacher_classes')!r}, this run names "
+                                       f"{cfg.teacher_classes!r}")
+
+
 class CachedTeacher(TeacherSource):
     """Teacher outputs read from a cache built by ``fastkd cache build``.
 
@@ -115,8 +147,9 @@ class CachedTeacher(TeacherSource):
         """The source for a :class:`~fastkd.engine.trainer.Trainer` whose config has ``teacher_cache``
         (pass it as ``Trainer(cfg, teacher_source=CachedTeacher.for_trainer)``)."""
         cfg = trainer.cfg
-        src = cls(cfg.teacher_cache, trainer.device, expect=run_fields(cfg, trainer.train_loader),
-                  epochs=epochs_needed(cfg), teacher=cfg.teacher, teacher_checkpoint=cfg.teacher_checkpoint)
+        src = cls(cfg.teacher_cache, trainer.device, expect=_expect(trainer), epochs=epochs_needed(cfg),
+                  teacher=cfg.teacher, teacher_checkpoint=cfg.teacher_checkpoint)
+        _check_hub_teacher(cfg, src.reader.manifest)
         build = src.reader.manifest.get("build", {})
         here = {"amp": getattr(trainer, "amp", None), "channels_last": cfg.channels_last,
                 "device": trainer.device.type}

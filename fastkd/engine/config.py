@@ -94,6 +94,30 @@ class TrainConfig:
                               "benchmarks only, useless for distillation)", "models")
     teacher_cache: Optional[str] = _f(None, "read the teacher's logits from a cache built by 'fastkd cache build' "
                                       "instead of running the teacher (logit methods only)", "models", metavar="DIR")
+    teacher_pretrained: bool = _f(False, "the teacher's pretrained hub weights: timm:NAME.TAG through timm (Hugging "
+                                  "Face cache; HF_HOME, HF_HUB_OFFLINE), torchvision:NAME through its weights enum "
+                                  "(TORCH_HOME cache); its preprocessing (mean/std) comes with them", "models")
+    teacher_weights: Optional[str] = _f(None, "with --teacher-pretrained and a torchvision teacher: the weights enum "
+                                        "member, e.g. IMAGENET1K_V2 (default: DEFAULT)", "models", metavar="NAME")
+    teacher_mean: Optional[list[float]] = _f(None, "the teacher view's normalisation mean (3 values in [0, 1]); "
+                                             "default: the teacher's pretrained config, its fastkd checkpoint's "
+                                             "record, else the student's", "models")
+    teacher_std: Optional[list[float]] = _f(None, "the teacher view's normalisation std (3 values in [0, 1]); "
+                                            "default as --teacher-mean", "models")
+    teacher_classes: Optional[str] = _f(None, "map the teacher's outputs to the data's class folders by name: "
+                                        "'imagenet' (a teacher of ImageNet's classes, folders named by WordNet id "
+                                        "such as n01440764) or FILE (one class name per teacher output)", "models",
+                                        metavar="imagenet|FILE")
+    check_teacher: bool = _f(True, "before training (and before a cache build), evaluate the teacher on at most "
+                             "20 validation batches, print its top-1, and stop when it is near chance (below "
+                             "min(1.5 x chance, chance + 10 percent of the rest) over at least 100 images): wrong "
+                             "preprocessing, class order or weights; a randomly initialised teacher is not checked",
+                             "models")
+    student_pretrained: bool = _f(False, "start the student from its pretrained hub weights (as --teacher-pretrained; "
+                                  "a classifier of another class count is newly initialised); the student's "
+                                  "normalisation then comes from its pretrained config", "models")
+    student_weights: Optional[str] = _f(None, "with --student-pretrained and a torchvision student: the weights enum "
+                                        "member (default: DEFAULT)", "models", metavar="NAME")
     # ---- method ----------------------------------------------------------------------------
     method: str = _f("kd", "distillation method (ce trains without a teacher)", "method", choices=METHODS)
     ce_weight: Optional[float] = _f(None, "weight of the hard-label CE term (default per method: "
@@ -480,9 +504,11 @@ def check_teacher_weights(cfg: TrainConfig) -> None:
     benchmarks build such runs on purpose.)
     """
     if (cfg.teacher is not None and needs_teacher(cfg) and cfg.teacher_checkpoint is None and not cfg.random_teacher
-            and cfg.teacher_cache is None):  # a cache holds the teacher's outputs: --teacher only names it
+            and cfg.teacher_cache is None  # a cache holds the teacher's outputs: --teacher only names it
+            and not cfg.teacher_pretrained):
         raise ConfigError(f"--method {cfg.method} distils from the teacher {cfg.teacher}, but no --teacher-checkpoint "
-                          f"PATH is given: its weights would be random; pass --random-teacher to allow that "
+                          f"PATH or --teacher-pretrained is given: its weights would be random; pass --random-teacher "
+                          f"to allow that "
                           f"(benchmarks only)")
 
 
@@ -660,11 +686,40 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.random_teacher:
         need(cfg.teacher is not None and cfg.teacher_checkpoint is None,
              "--random-teacher means a teacher (--teacher NAME) without --teacher-checkpoint")
+    _validate_pretrained(cfg, need)
     if cfg.eskd_stop_epoch is not None:
         need(needs_teacher(cfg), "--eskd-stop-epoch needs a distillation method with a teacher")
         need(1 <= cfg.eskd_stop_epoch < cfg.epochs,
              f"--eskd-stop-epoch must be in [1, epochs) = [1, {cfg.epochs}) to have an effect, "
              f"got {cfg.eskd_stop_epoch}")
+
+
+def _validate_pretrained(cfg: TrainConfig, need) -> None:
+    """Hub weights, the teacher's preprocessing and class mapping: the combinations that make sense."""
+    for who in ("teacher", "student"):
+        name, pre, weights_ = getattr(cfg, who), getattr(cfg, f"{who}_pretrained"), getattr(cfg, f"{who}_weights")
+        if pre:
+            need(name is not None, f"--{who}-pretrained needs --{who} NAME")
+            need(getattr(cfg, f"{who}_checkpoint") is None,
+                 f"--{who}-pretrained and --{who}-checkpoint both give the {who}'s weights: choose one")
+            need(not name.startswith("fastkd:"), f"--{who}-pretrained: {name} is one of fastkd's own models, which "
+                 f"have no hub weights; give --{who}-checkpoint PATH")
+        if weights_ is not None:
+            need(pre and name is not None and name.startswith("torchvision:"),
+                 f"--{who}-weights names a torchvision weights enum member: it needs --{who} torchvision:NAME and "
+                 f"--{who}-pretrained (a timm model takes its weights from the tag in its name, timm:NAME.TAG)")
+    if cfg.random_teacher:
+        need(not cfg.teacher_pretrained, "--random-teacher and --teacher-pretrained contradict each other")
+    for name in ("teacher_mean", "teacher_std"):
+        v = getattr(cfg, name)
+        if v is not None:
+            need(cfg.teacher is not None or cfg.teacher_cache is not None, f"{flag(name)} given but no teacher")
+            need(len(v) == 3 and all(math.isfinite(x) and 0 <= x <= 1 for x in v),
+                 f"{flag(name)} takes 3 numbers in [0, 1] (pixel units: ImageNet's mean is 0.485 0.456 0.406), got {v}")
+            need(name == "teacher_mean" or all(x > 0 for x in v), f"--teacher-std must be > 0, got {v}")
+    if cfg.teacher_classes is not None:
+        need(cfg.teacher is not None, "--teacher-classes maps a teacher's outputs: it needs --teacher NAME")
+        need(cfg.teacher_classes.strip() != "", "--teacher-classes is empty: give 'imagenet' or a file")
 
 
 def resolve_lr(cfg: TrainConfig, world_size: int) -> float:

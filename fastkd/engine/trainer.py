@@ -201,6 +201,7 @@ class Trainer:
         if self.use_teacher_at_all and cfg.teacher_image_size not in (None, cfg.image_size):
             tis = cfg.teacher_image_size
         common = dict(backend=cfg.data_backend, image_size=cfg.image_size, teacher_image_size=tis,
+                      **self._view_norms(),
                       shard_id=self.dist.rank, num_shards=self.dist.world_size, seed=cfg.seed,
                       num_threads=cfg.workers, device=self.device, channels_last=cfg.channels_last,
                       skip_corrupt=cfg.skip_corrupt)
@@ -232,15 +233,30 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise ValueError("the training loader yields no batches")
 
+    def _view_norms(self) -> dict:
+        """The loaders' normalisation keywords: the student's, and the teacher's when it differs
+        (:mod:`fastkd.engine.teacher_setup`); the values are kept for checkpoints and the teacher check."""
+        from .teacher_setup import student_preprocessing, teacher_preprocessing
+
+        self.student_norm = student_preprocessing(self.cfg)
+        out = {"mean": self.student_norm[0], "std": self.student_norm[1]}
+        self.teacher_view = None
+        if self.use_teacher_at_all:
+            self.teacher_view = teacher_preprocessing(self.cfg, self.student_norm, what="fastkd train")
+            if (self.teacher_view.mean, self.teacher_view.std) != tuple(self.student_norm):
+                out.update(teacher_mean=self.teacher_view.mean, teacher_std=self.teacher_view.std)
+                logger.info("fastkd: teacher view normalised with mean %s, std %s (%s)",
+                            self.teacher_view.mean, self.teacher_view.std, self.teacher_view.source)
+        return out
+
     def _make_models(self) -> None:
-        from ..models import check_input_size, create_model, load_weights
+        from ..models import check_input_size
+        from .teacher_setup import build_student, build_teacher
 
         cfg = self.cfg
         num_classes = len(self.classes)
-        student = create_model(cfg.student, num_classes)
+        student = build_student(cfg, num_classes)
         check_input_size(student, cfg.student, cfg.image_size)
-        if cfg.student_checkpoint:
-            load_weights(student, cfg.student_checkpoint)
         student.to(self.device)
         if cfg.channels_last:
             student.to(memory_format=torch.channels_last)
@@ -258,17 +274,10 @@ class Trainer:
                                  f"does not provide: run DPK with the online teacher")
             self.teacher = getattr(self.teacher_source, "model", None)  # DPK sizes its projections with it
         elif self.use_teacher_at_all:
-            if cfg.teacher_checkpoint:
-                from ..models.classes import check_teacher_classes, recorded_classes
-
-                check_teacher_classes(recorded_classes(cfg.teacher_checkpoint), self.classes,
-                                      teacher=f"{cfg.teacher} ({cfg.teacher_checkpoint})", data=f"--data {cfg.data}")
-            teacher = create_model(cfg.teacher, num_classes)
+            teacher = build_teacher(cfg, self.classes)
             check_input_size(teacher, cfg.teacher, cfg.teacher_image_size or cfg.image_size,
                              "--teacher-image-size" if cfg.teacher_image_size else "--image-size")
-            if cfg.teacher_checkpoint:
-                load_weights(teacher, cfg.teacher_checkpoint)
-            else:
+            if not (cfg.teacher_checkpoint or cfg.teacher_pretrained):
                 logger.warning("fastkd: no --teacher-checkpoint: the teacher %s is randomly initialised "
                                "(fine for benchmarks, useless for distillation)", cfg.teacher)
             self.teacher = teacher
@@ -398,6 +407,8 @@ class Trainer:
                 self.teacher, self.device, amp_dtype=self.amp_dtype, channels_last=cfg.channels_last,
                 concurrent=not cfg.sequential, cuda_graph=cfg.teacher_cuda_graph, compile=cfg.compile,
                 feature_layers=self.teacher_stages, timer=self.timer)
+        if not self.resumed:
+            self._check_teacher()
         self.metrics = MetricsLogger(self.out, enabled=self.is_main, append=self.resumed)
         if self.is_main:
             extra = {"world_size": self.dist.world_size, "device": str(self.device), "classes": len(self.classes),
@@ -409,6 +420,19 @@ class Trainer:
                         "device %s x %d%s", cfg.teacher or "(no teacher)", cfg.student, cfg.method, len(self.classes),
                         self.steps_per_epoch, cfg.epochs, self.lr, self.amp, self.device, self.dist.world_size,
                         ", concurrent teacher stream" if extra["concurrent_teacher"] else "")
+
+    def _check_teacher(self) -> None:
+        """Before epoch 0: the teacher's top-1 on a few validation batches; near chance stops the run
+        (--check-teacher; see :func:`fastkd.engine.teacher_setup.check_teacher`)."""
+        from .teacher_setup import check_teacher, has_weights
+
+        cfg, source = self.cfg, self.teacher_source
+        if not cfg.check_teacher or source is None or not source.has_model or cfg.data_backend == "synthetic":
+            return
+        if not has_weights(cfg):
+            return  # a randomly initialised teacher (--random-teacher): nothing to check
+        check_teacher(source, self.val_loader, self.device, len(self.classes), name=cfg.teacher,
+                      view=self.teacher_view, what="fastkd train", dist=self.dist)
 
     # ---- checkpoints ----------------------------------------------------------------------
     def _state(self, epoch: int, step_in_epoch: int, loader_state: dict, progress: Optional[dict]) -> dict:
@@ -436,6 +460,9 @@ class Trainer:
             "config": dataclasses.asdict(cfg),
             "resolved_config": dataclasses.asdict(self._resolved_config()),  # defaults made explicit
             "teacher_cache": self._cache_identity(),
+            # What the student's input was: a run distilling from this checkpoint normalises its teacher view so.
+            "input": {"image_size": cfg.image_size, "mean": list(self.student_norm[0]),
+                      "std": list(self.student_norm[1])},
         }
 
     def _cache_identity(self) -> Optional[dict]:

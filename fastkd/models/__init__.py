@@ -1,8 +1,9 @@
 """Model factory: ``create_model("fastkd:resnet8" | "timm:NAME" | "torchvision:NAME", num_classes)``.
 
-Every model is built randomly initialised; weights come only from local files through
-:func:`load_weights` (nothing is ever downloaded). timm and torchvision are imported inside the
-branch that uses them.
+Every model is built randomly initialised; weights come from local files through
+:func:`load_weights` (a fastkd checkpoint, a state_dict or a safetensors file), or from the hubs
+through :func:`fastkd.models.hub.load_pretrained` (timm's and torchvision's own mechanisms and
+caches). timm and torchvision are imported inside the branch that uses them.
 """
 from __future__ import annotations
 
@@ -119,14 +120,25 @@ def _strip_wrapper_prefix(sd: dict, path) -> dict:
 
 
 def load_weights(model: nn.Module, path) -> nn.Module:
-    """Load a fastkd checkpoint (``{"model": state_dict, ...}``) or a bare ``state_dict`` into ``model``.
+    """Load a fastkd checkpoint (``{"model": state_dict, ...}``), a bare ``state_dict`` or a
+    safetensors file into ``model``.
 
-    The file is read with ``torch.load(weights_only=True)`` (no arbitrary code runs). Every key
+    A PyTorch file is read with ``torch.load(weights_only=True)`` (no arbitrary code runs). Every key
     must match in name and shape; otherwise a ``ValueError`` names the file and the mismatches.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file {path!r} does not exist")
+    if is_safetensors(path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            obj = load_file(path, device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ValueError(f"{path}: cannot be read as a safetensors file ({first})") from None
+        return _load_state_dict(model, _strip_wrapper_prefix(dict(obj), path), path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -140,6 +152,22 @@ def load_weights(model: nn.Module, path) -> nn.Module:
 
         verify(obj, path)
     sd = _strip_wrapper_prefix(_extract_state_dict(obj, path), path)
+    return _load_state_dict(model, sd, path)
+
+
+def is_safetensors(path) -> bool:
+    """A ``.safetensors`` file, or one that starts like one (8-byte header length, then ``{``)."""
+    if str(path).endswith(".safetensors"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 30)
+
+
+def _load_state_dict(model: nn.Module, sd: dict, path) -> nn.Module:
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
