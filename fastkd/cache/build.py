@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from .._runlock import lock_output
 from ..engine import config as C
 from ..engine import distributed as D
 from . import store
@@ -222,6 +223,7 @@ def build_cache(cfg: C.TrainConfig, output, spec: CacheSpec) -> dict:
     dist = D.init(cfg.device)
     device = dist.device
     amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
+    lock = None
     try:
         loader = train_loader(cfg, dist, teacher_view=True)
         classes = loader.classes
@@ -241,6 +243,7 @@ def build_cache(cfg: C.TrainConfig, output, spec: CacheSpec) -> dict:
                       "amp": amp, "channels_last": cfg.channels_last, "device": device.type,
                       "fastkd": __version__, "torch": str(torch.__version__)},
         }
+        lock = lock_output(out, "cache", dist)  # one build per folder; refuses a run's folder
         started = None
         if dist.is_main:
             try:
@@ -297,6 +300,8 @@ def build_cache(cfg: C.TrainConfig, output, spec: CacheSpec) -> dict:
             runner.close()
         return summary
     finally:
+        if lock is not None:
+            lock.release()
         D.shutdown(dist)
 
 

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .. import __version__
 from .._device import cpu_cores
+from .._runlock import lock_output
 from ..losses import DistillLoss
 from ..losses import reference as ref
 from ..losses.tolerant import TolerantTeacherLoss
@@ -358,6 +359,7 @@ class Trainer:
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         D.barrier(self.dist)
+        self._lock = lock_output(self.out, "run", self.dist)  # one run per folder; refuses a cache folder
         self._make_loaders()
         self._make_models()
         self._make_loss()
@@ -750,6 +752,8 @@ class Trainer:
             if getattr(self, "student_hooks", None) is not None:
                 self.student_hooks.remove()
             D.shutdown(self.dist)
+            if getattr(self, "_lock", None) is not None:
+                self._lock.release()
             if failed and self.is_main:
                 for folder in getattr(self, "_created_dirs", ()):
                     try:
