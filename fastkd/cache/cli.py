@@ -65,16 +65,42 @@ def config_from_args(args: argparse.Namespace) -> C.TrainConfig:
     return cfg
 
 
-def main(args: argparse.Namespace) -> int:
-    from .build import CacheSpec, build_cache
+class BuildInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during a build (raised in the main thread by the handler below)."""
 
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum, frame):
+    raise BuildInterrupted(signum)
+
+
+def main(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from .build import CacheSpec, build_cache, epochs_text
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         cfg = config_from_args(args)
         spec = CacheSpec(args.format, args.dtype, args.top_k)
         spec.validate()
         summary = build_cache(cfg, args.output, spec)
-    except (C.ConfigError, FileNotFoundError, ValueError, ImportError) as exc:
+    except (C.ConfigError, FileNotFoundError, ValueError, ImportError, OSError) as exc:
         logger.error("fastkd cache build: error: %s", exc)
         return 2
-    logger.info("fastkd cache build: done; %s holds epochs 0..%d", summary["output"], cfg.epochs - 1)
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        logger.error("fastkd cache build: error: interrupted by %s: the epoch being built is discarded, the finished "
+                     "ones are kept; run the same command to continue", signal.Signals(signum).name)
+        return 128 + int(signum)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    logger.info("fastkd cache build: done; %s holds %s", summary["output"], epochs_text(range(cfg.epochs)))
     return 0

@@ -398,7 +398,7 @@ class Trainer:
                      "concurrent_teacher": bool(self.teacher_source is not None and self.teacher_source.concurrent)}
             C.save_yaml(self._resolved_config(), self.out / "config.yaml", extra)
             logger.info("fastkd train: %s -> %s, method %s, %d classes, %d steps/epoch x %d epochs, lr %.4g, amp %s, "
-                        "device %s x %d%s", cfg.teacher or "(no teacher)", cfg.student, cfg.method, len(self.classes),
+                        "device %s x %d%s", getattr(self.teacher_source, "teacher_name", None) or cfg.teacher or "(no teacher)", cfg.student, cfg.method, len(self.classes),
                         self.steps_per_epoch, cfg.epochs, self.lr, self.amp, self.device, self.dist.world_size,
                         ", concurrent teacher stream" if extra["concurrent_teacher"] else "")
 
@@ -434,7 +434,14 @@ class Trainer:
         identity = getattr(self.teacher_source, "identity", None)
         return identity() if callable(identity) else None
 
+    def _source_report(self, epoch: Optional[int] = None) -> dict:
+        """The teacher source's check of the epoch (a cache: the epoch file's checksum, verified before
+        any checkpoint is written, and its teacher's top-1 on the training rows); {} for other sources."""
+        report = getattr(self.teacher_source, "epoch_report", None)
+        return report(epoch) if callable(report) else {}
+
     def _save(self, state: dict, *, best: bool = False, epoch_file: Optional[int] = None) -> None:
+        self._source_report()  # raises (on every rank) when the teacher rows just trained on were damaged
         if self.is_main:
             path = ckpt.save_atomic(state, self.out / ckpt.LAST)
             if best:
@@ -717,6 +724,7 @@ class Trainer:
                 logger.info("fastkd: the checkpoint has already finished all %d epochs", cfg.epochs)
             for epoch in range(self.start_epoch, cfg.epochs):
                 record = self._train_epoch(epoch)
+                record.update(self._source_report(epoch) if record["teacher_forward"] else {})
                 if cfg.skip_corrupt:
                     record.update(self._skipped_files())
                 D.broadcast_buffers(self.student, self.dist)
@@ -766,6 +774,8 @@ class Trainer:
                  f"top1 {r['val_top1']:.2f}", f"top5 {r['val_top5']:.2f}"]
         if "teacher_top1" in r:
             parts += [f"teacher {r['teacher_top1']:.2f}", f"agree {r['agreement']:.2f}", f"KL {r['kl']:.4f}"]
+        if "teacher_train_top1" in r:  # a teacher cache: its top-1 on this epoch's training views
+            parts.append(f"teacher (train views, cached) {r['teacher_train_top1']:.2f}")
         parts.append(f"{r['images_per_s']:.0f} img/s")
         if r.get("skipped_files_total"):
             parts.append(f"skipped {r['skipped_files']} corrupt file(s) ({r['skipped_files_total']} in all)")
