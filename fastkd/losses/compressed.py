@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["TopKTeacher", "compress_topk", "densify"]
+__all__ = ["TopKTeacher", "check_topk_indices", "compress_topk", "densify"]
 
 
 class TopKTeacher(NamedTuple):
@@ -108,13 +108,17 @@ def compress_topk(teacher_logits: Tensor, target: Tensor, k: int, ignore_index: 
     return TopKTeacher(values, indices.long(), label_logit, fill, int(C))
 
 
-def densify(t: TopKTeacher, target: Tensor, ignore_index: int = -100) -> Tensor:
+def densify(t: TopKTeacher, target: Tensor, ignore_index: int = -100, *, check_indices: bool = True) -> Tensor:
     """The dense ``(N, C)`` teacher row block ``v'`` that ``t`` stands for, on ``t``'s device.
 
     ``v'_c`` is the stored logit for ``c`` in the top-K or the (non-ignored) label, and the
-    row's fill value elsewhere. fp32 (fp64 if ``t`` holds fp64 values). No host round trip.
+    row's fill value elsewhere. fp32 (fp64 if ``t`` holds fp64 values). ``check_indices``: refuse
+    class indices outside ``[0, C)`` (:func:`check_topk_indices`, one host sync on CUDA); without
+    the check such an index reaches ``scatter_`` (a device assert on CUDA).
     """
     check_topk(t)
+    if check_indices:
+        check_topk_indices(t)
     N, C = t.shape
     if not isinstance(target, Tensor) or target.is_floating_point() or target.dtype == torch.bool:
         raise TypeError("densifying a TopKTeacher needs integer labels (target): the label's logit is "
@@ -151,3 +155,23 @@ def check_topk(t: TopKTeacher) -> None:
     C = t.num_classes
     if isinstance(C, bool) or not isinstance(C, int) or C < 2 or v.shape[1] > C:
         raise ValueError(f"TopKTeacher.num_classes must be an int >= max(2, K), got {C!r}")
+
+
+def check_topk_indices(t: TopKTeacher) -> None:
+    """Refuse a :class:`TopKTeacher` whose class indices fall outside ``[0, num_classes)``.
+
+    One reduction and one host read (a synchronisation on CUDA): the losses run it when
+    ``check_labels=True`` (the default), as they check the labels' range. ``ValueError`` names
+    the first offending row and index.
+    """
+    i = t.indices
+    if i.numel() == 0:
+        return
+    C = int(t.num_classes)
+    lo, hi = (int(x) for x in torch.stack([i.min(), i.max()]).tolist())
+    if lo < 0 or hi >= C:
+        bad = (i < 0) | (i >= C)
+        row = int(bad.any(-1).nonzero()[0])
+        value = int(i[row][bad[row]][0])
+        raise ValueError(f"TopKTeacher.indices row {row} holds class index {value}, outside [0, {C}) "
+                         f"(num_classes={C}): damaged or mismatched top-K rows")

@@ -46,7 +46,8 @@ class DistillLoss(nn.Module):
             elsewhere, said once in the log), ``"torch"`` or ``"triton"``.
         check_labels: check that labels are in ``[0, C)`` (one device-to-host sync per call on
             CUDA). ``False`` skips it: then an out-of-range label gives that row a NaN loss on
-            the Triton backend and an index error on the torch backend.
+            the Triton backend and an index error on the torch backend. The same check covers
+            a ``TopKTeacher``'s class indices (outside ``[0, C)``: ``ValueError``).
         **method_params: the method's parameters (temperature, tau_target, tau_other,
             student_temperature, candidates, alpha, beta, gamma, warmup_epochs); unknown
             names for the method are an error.
@@ -177,7 +178,7 @@ class DistillLoss(nn.Module):
         elif kd_w == 0 and isinstance(teacher_logits, F.TopKTeacher):
             teacher_logits = None  # unused (ce, zero weight, DKD warm-up at 0): not densified
         else:
-            teacher_logits = F._dense_teacher(teacher_logits, student_logits, y_raw, ii)
+            teacher_logits = F._dense_teacher(teacher_logits, student_logits, y_raw, ii, self.check_labels)
         z = F._flatten(student_logits)
         v = F._flatten(teacher_logits).detach() if teacher_logits is not None else None
         backend = F._resolve_backend(self.backend, z)
