@@ -438,9 +438,11 @@ def _create_epoch_file(tmp: Path, row_dtype, shape: tuple) -> None:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             need = int(row_dtype.itemsize * int(np.prod(shape, dtype=np.int64)))
             free = shutil.disk_usage(tmp.parent).free
-            raise OSError(exc.errno, f"no space left on device for {tmp.parent / tmp.name[1:-4]}: the epoch needs "
-                                     f"{_size(need)}, {_size(free)} are free (the finished epochs are kept; free "
-                                     "space and run the same command to continue)") from None
+            full = OSError(f"no space left on device for {tmp.parent / tmp.name[1:-4]}: the epoch needs "
+                           f"{_size(need)}, {_size(free)} are free (the finished epochs are kept; free space and run "
+                           "the same command to continue)")
+            full.errno = exc.errno  # one line (no "[Errno 28]" prefix), the errno kept for callers
+            raise full from None
         raise
 
 

@@ -77,6 +77,26 @@ def _on_signal(signum, frame):
     raise BuildInterrupted(signum)
 
 
+def _drop_quietly(exc: BaseException) -> None:
+    """Free the interrupted build's frames now (its data loader among them). The loader's worker
+    processes got the signal too (Ctrl-C and ``kill -TERM -PGID`` reach the whole process group);
+    PyTorch's SIGCHLD handler would report their deaths as a traceback while the loader shuts
+    down, so it is off while the frames go."""
+    import gc
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        exc.__traceback__ = None
+        exc.__context__ = None
+        gc.collect()
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+
+
 def main(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -96,6 +116,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
+        _drop_quietly(exc)
         logger.error("fastkd cache build: error: interrupted by %s: the epoch being built is discarded, the finished "
                      "ones are kept; run the same command to continue", signal.Signals(signum).name)
         return 128 + int(signum)
