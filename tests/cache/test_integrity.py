@@ -186,22 +186,36 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(data, teacher_ckpt
 
 
 @pytest.mark.slow
-def test_a_full_tmpfs_is_one_line_not_sigbus(data, teacher_ckpt, tmp_path, run_py):
-    """A real full filesystem (a 32 KiB tmpfs; needs root): before the space was reserved, the
-    memory-mapped write into the file's hole ended the build with SIGBUS."""
+def test_a_full_tmpfs_is_one_line_not_sigbus(digit_jpegs, teacher_ckpt, tmp_path, run_py):
+    """A real full filesystem (a small tmpfs; needs root): epoch files of three pages with two
+    free. Before the space was reserved, the memory map's write into the file's hole (creating
+    the file allocates its first and last page only) ended the build with SIGBUS."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(mnt)],
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
                                            capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
     try:
-        filler = mnt / "filler"
-        filler.write_bytes(b"\0" * (20 * 1024))  # leave a few pages: the manifest fits, the epochs do not all
-        proc = run_py(build_args(data, teacher_ckpt, mnt / "c", "--dtype", "fp32", epochs=30))
+        data = digit_jpegs(tmp_path / "d", {"train": (170, 170, 170, 170), "val": (1, 1, 1, 1)})
+        out = mnt / "c"
+        first = run_py(build_args(data, teacher_ckpt, out, epochs=1))  # 680 rows x 16 B: 3 pages per epoch
+        assert first.returncode == 0, first.stderr[-2000:]
+        pages = []
+        try:
+            while True:  # fill the filesystem page by page, then free exactly two
+                pages.append(mnt / f"fill{len(pages)}")
+                pages[-1].write_bytes(b"\1" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+        pages.pop().unlink(missing_ok=True)
+        pages.pop().unlink()
+        pages.pop().unlink()
+        proc = run_py(build_args(data, teacher_ckpt, out, epochs=2))
         assert proc.returncode == 2, proc.stderr[-2000:]
-        assert "fastkd cache build: error: no space left on device for" in proc.stderr
+        assert f"fastkd cache build: error: no space left on device for {out / 'epoch_0001.npy'}" in proc.stderr
         assert "Traceback" not in proc.stderr
-        assert not [p.name for p in (mnt / "c").iterdir() if p.name.endswith(".tmp") or ".tmp." in p.name]
+        assert not [p.name for p in out.iterdir() if ".tmp" in p.name], list(out.iterdir())
+        assert json.loads((out / "manifest.json").read_text())["epochs_done"] == [0]
     finally:
         subprocess.run(["umount", str(mnt)])
 
