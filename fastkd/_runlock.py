@@ -123,6 +123,12 @@ class FolderLock:
             pass
         os.close(fd)  # drops the flock
 
+    def __del__(self):  # a holder dropped without release() (e.g. a Trainer only set up)
+        try:
+            self.release()
+        except Exception:
+            pass
+
     @property
     def held(self) -> bool:
         return self._fd is not None

@@ -397,8 +397,9 @@ class Trainer:
                      "fastkd": __version__, "torch": str(torch.__version__),
                      "concurrent_teacher": bool(self.teacher_source is not None and self.teacher_source.concurrent)}
             C.save_yaml(self._resolved_config(), self.out / "config.yaml", extra)
+            teacher = getattr(self.teacher_source, "teacher_name", None) or cfg.teacher or "(no teacher)"
             logger.info("fastkd train: %s -> %s, method %s, %d classes, %d steps/epoch x %d epochs, lr %.4g, amp %s, "
-                        "device %s x %d%s", getattr(self.teacher_source, "teacher_name", None) or cfg.teacher or "(no teacher)", cfg.student, cfg.method, len(self.classes),
+                        "device %s x %d%s", teacher, cfg.student, cfg.method, len(self.classes),
                         self.steps_per_epoch, cfg.epochs, self.lr, self.amp, self.device, self.dist.world_size,
                         ", concurrent teacher stream" if extra["concurrent_teacher"] else "")
 
