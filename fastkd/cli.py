@@ -26,13 +26,14 @@ COMMANDS = {
     "analyze": ("fastkd.analysis.cli", "dark-knowledge metrics of one or more teachers (JSON, CSV, Markdown, plots)"),
     "bench": (None, "benchmarks on this machine: 'fastkd bench kernels' or 'fastkd bench data'"),
     "study": (None, "reproducible studies: 'fastkd study capacity'"),
-    "cache": (None, "teacher-output cache: 'fastkd cache build' (then fastkd train --teacher-cache DIR)"),
+    "cache": (None, "teacher-output cache: 'fastkd cache build' (then fastkd train --teacher-cache DIR), 'fastkd cache verify'"),
 }
 SUBCOMMANDS = {
     ("bench", "kernels"): ("fastkd.bench.kernels", "fused KD kernels vs eager / torch.compile / Liger on your GPU"),
     ("bench", "data"): ("fastkd.bench.data", "images/s of each data backend on a JPEG folder"),
     ("study", "capacity"): ("fastkd.analysis.study", "capacity-mismatch study: CNN teachers on MNIST digit pairs, ATS chosen on validation, verdicts"),
     ("cache", "build"): ("fastkd.cache.cli", "store a teacher's logits for the exact views 'fastkd train' will draw"),
+    ("cache", "verify"): ("fastkd.cache.verify", "re-hash a cache's epoch files (and with --data its images) against its build"),
 }
 
 

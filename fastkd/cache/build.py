@@ -16,8 +16,10 @@ that exactly N rows were written before it is marked done.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from .._runlock import lock_output
 from ..engine import config as C
 from ..engine import distributed as D
 from ..engine.teacher_setup import weights_identity
@@ -226,6 +229,7 @@ def build_cache(cfg: C.TrainConfig, output, spec: CacheSpec) -> dict:
     dist = D.init(cfg.device)
     device = dist.device
     amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
+    lock = None
     try:
         loader = train_loader(cfg, dist, teacher_view=True)
         classes = loader.classes
@@ -253,10 +257,11 @@ def build_cache(cfg: C.TrainConfig, output, spec: CacheSpec) -> dict:
                       "amp": amp, "channels_last": cfg.channels_last, "device": device.type,
                       "fastkd": __version__, "torch": str(torch.__version__)},
         }
+        lock = lock_output(out, "cache", dist)  # one build per folder; refuses a run's folder
         started = None
         if dist.is_main:
             try:
-                started = _open_or_start(out, manifest)
+                started = _open_or_start(out, manifest, loader.index.paths)
             except (ValueError, OSError) as exc:
                 started = exc
         started = D.broadcast_object(started, dist)  # every rank stops on the main rank's refusal
@@ -271,7 +276,7 @@ def build_cache(cfg: C.TrainConfig, output, spec: CacheSpec) -> dict:
                    "rows_per_s": [], "rows_per_epoch": n, "bytes_per_row": store.bytes_per_row(spec.fmt, spec.dtype, len(classes),
                                                                          spec.top_k)}
         if not todo:
-            logger.info("fastkd cache build: %s already holds epochs 0..%d", out, cfg.epochs - 1)
+            logger.info("fastkd cache build: %s already holds %s", out, epochs_text(range(cfg.epochs)))
             return summary
 
         from ..engine.runner import TeacherRunner
@@ -289,11 +294,12 @@ def build_cache(cfg: C.TrainConfig, output, spec: CacheSpec) -> dict:
             except BaseException:
                 runner.close()
                 raise
-        logger.info("fastkd cache build: %s on %d samples x %d classes, epochs %s, %s %s%s -> %s (%s/row), "
-                    "device %s x %d", cfg.teacher, n, len(classes), _ranges(todo), spec.fmt, spec.dtype,
+        logger.info("fastkd cache build: %s on %d samples x %d classes, %s, %s %s%s -> %s (%s/row), "
+                    "device %s x %d", cfg.teacher, n, len(classes), epochs_text(todo), spec.fmt, spec.dtype,
                     f" K={spec.top_k}" if spec.top_k else "", out, _size(summary["bytes_per_row"]), device,
                     dist.world_size)
         bar = _progress(n * len(todo), 0, dist.is_main)
+        epoch = None
         try:
             for epoch in todo:
                 t0 = time.perf_counter()
@@ -312,11 +318,18 @@ def build_cache(cfg: C.TrainConfig, output, spec: CacheSpec) -> dict:
                 dt = time.perf_counter() - t0
                 summary["rows_per_s"].append(n / max(dt, 1e-9))
                 logger.info("fastkd cache build: epoch %d: %d rows in %.1f s (%.0f rows/s)", epoch, n, dt, n / dt)
+            epoch = None
+        except BaseException:
+            if dist.is_main and epoch is not None:  # an error or a signal: the partial epoch is discarded
+                (out / store.temp_name(epoch)).unlink(missing_ok=True)
+            raise
         finally:
             bar.close()
             runner.close()
         return summary
     finally:
+        if lock is not None:
+            lock.release()
         D.shutdown(dist)
 
 
@@ -355,12 +368,17 @@ def _check_teacher(cfg: C.TrainConfig, runner, dist, classes) -> None:
 NUMERICS = ("amp", "channels_last", "device")
 
 
-def _open_or_start(out: Path, manifest: dict) -> dict:
-    """Continue the cache in ``out`` if it was built with the same settings, else start one."""
+def _open_or_start(out: Path, manifest: dict, paths=None) -> dict:
+    """Continue the cache in ``out`` if it was built with the same settings, else start one.
+
+    ``paths``: the data set's files in index order; a new cache records their sizes, times and
+    SHA-256 (``data_files.npy``), a continued one refuses files changed since it was started.
+    """
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".epoch_*.npy.tmp"):
         stale.unlink()  # a killed build's partial epoch: rebuilt from scratch, never used
     path = out / store.MANIFEST
+    old_files = None
     if path.exists():
         old = store.read_manifest(out)
         problem = first_mismatch(old, manifest)
@@ -381,10 +399,24 @@ def _open_or_start(out: Path, manifest: dict) -> dict:
                     f"--output {out} holds epochs {_ranges(done)} computed with {key} {was[key]!r}, this build "
                     f"would compute the rest with {manifest['build'][key]!r}; continue with the same setting, "
                     "or choose another --output")
+        old_files = store.read_data_files(out, old) if done else None
+        if old_files is not None and paths is not None:
+            changed = store.changed_files(old_files, paths)
+            if changed:
+                raise store.CacheMismatchError(
+                    f"--output {out} holds epochs {_ranges(done)} computed from data that changed since: "
+                    f"{paths[changed[0]]} (and {len(changed) - 1} more file(s)) differ in size or modification "
+                    "time; choose another --output, or delete it and build again")
         manifest = {**old, "epochs": max(int(old["epochs"]), manifest["epochs"]), "epochs_done": done,
                     "build": manifest["build"]}
         if done:
             logger.info("fastkd cache build: continuing %s (epochs %s already done)", out, _ranges(done))
+    if old_files is None and paths is not None:
+        t0 = time.perf_counter()
+        records = store.data_file_records(paths)
+        manifest["data_files_sha256"] = store.write_data_files(out, records)
+        logger.info("fastkd cache build: recorded the size, time and SHA-256 of %d data files in %.1f s", len(paths),
+                    time.perf_counter() - t0)
     store.write_json_atomic(path, manifest)
     return manifest
 
@@ -402,9 +434,15 @@ def _readable(out: Path, epoch: int) -> bool:
 def _build_epoch(out: Path, epoch: int, loader, runner, spec: CacheSpec, shape: tuple, row_dtype, dist, bar) -> int:
     """Write one epoch's rows of this rank into the shared temp file; returns the rows written."""
     tmp = out / store.temp_name(epoch)
+    error = None
     if dist.is_main:
-        np.lib.format.open_memmap(tmp, mode="w+", dtype=row_dtype, shape=shape).flush()
-    D.barrier(dist)
+        try:
+            _create_epoch_file(tmp, row_dtype, shape)
+        except OSError as exc:
+            error = exc
+    error = D.broadcast_object(error, dist)  # every rank stops on a full disk, none waits on a barrier
+    if error is not None:
+        raise error
     mm = np.load(tmp, mmap_mode="r+")
     written = 0
     loader.set_epoch(epoch)
@@ -415,6 +453,7 @@ def _build_epoch(out: Path, epoch: int, loader, runner, spec: CacheSpec, shape: 
         out_t = runner.result(pending)
         nxt = next(it, None)
         pending = runner.submit(_teacher_input(nxt)) if nxt is not None else None  # overlaps the copy below
+        _check_finite(out_t.logits, batch, epoch)
         rows = _encode(out_t.logits, batch.labels, spec, row_dtype)
         idx = batch.indices.numpy()
         if batch.valid is not None:
@@ -431,6 +470,59 @@ def _build_epoch(out: Path, epoch: int, loader, runner, spec: CacheSpec, shape: 
     return written + int(getattr(loader, "skipped_in_epoch", 0) or 0)
 
 
+def _create_epoch_file(tmp: Path, row_dtype, shape: tuple) -> None:
+    """The epoch's temporary ``.npy`` with its whole size reserved on disk (``posix_fallocate``): a
+    full disk is a clear ENOSPC here, not a SIGBUS when the memory map writes into a hole later."""
+    try:
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=row_dtype, shape=shape).flush()
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    _warn_no_fallocate(tmp, exc)
+                else:
+                    raise
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            need = int(row_dtype.itemsize * int(np.prod(shape, dtype=np.int64)))
+            free = shutil.disk_usage(tmp.parent).free
+            full = OSError(f"no space left on device for {tmp.parent / tmp.name[1:-4]}: the epoch needs "
+                           f"{_size(need)}, {_size(free)} are free (the finished epochs are kept; free space and run "
+                           "the same command to continue)")
+            full.errno = exc.errno  # one line (no "[Errno 28]" prefix), the errno kept for callers
+            raise full from None
+        raise
+
+
+_warned_fallocate = []
+
+
+def _warn_no_fallocate(tmp: Path, exc: OSError) -> None:
+    if not _warned_fallocate:
+        _warned_fallocate.append(True)
+        logger.warning("fastkd cache build: the filesystem of %s cannot reserve file space (%s): a disk that fills "
+                       "during the build may end it with SIGBUS instead of an error", tmp.parent, exc.strerror)
+
+
+def _check_finite(logits: torch.Tensor, batch, epoch: int) -> None:
+    """A teacher row with NaN or inf would poison every run that reads it: refuse (the rows go to the
+    host next anyway, so this costs no extra synchronisation worth counting)."""
+    finite = torch.isfinite(logits).all(1).cpu()
+    if batch.valid is not None:
+        finite |= ~batch.valid.cpu()
+    if not bool(finite.all()):
+        row = int((~finite).nonzero()[0])
+        sample = int(batch.indices[row])
+        raise ValueError(f"epoch {epoch}: the teacher's logits for sample {sample} are not finite (NaN or inf); a "
+                         "cache of them would make every run from it NaN: check the teacher and its checkpoint")
+
+
 def _teacher_input(batch):
     return batch.teacher_images if batch.teacher_images is not None else batch.images
 
@@ -438,10 +530,12 @@ def _teacher_input(batch):
 def _commit_epoch(out: Path, epoch: int) -> None:
     tmp, final = out / store.temp_name(epoch), out / store.epoch_name(epoch)
     store.fsync_path(tmp)
+    checksum = store.epoch_sha256(tmp)  # the bytes as written, read back once before the commit
     os.replace(tmp, final)
     store.fsync_path(out)
     manifest = store.read_manifest(out)
     manifest["epochs_done"] = sorted(set(manifest.get("epochs_done", [])) | {epoch})
+    manifest["epoch_sha256"] = {**manifest.get("epoch_sha256", {}), str(epoch): checksum}
     store.write_json_atomic(out / store.MANIFEST, manifest)
 
 
@@ -455,6 +549,14 @@ def _size(nbytes: float) -> str:
 
 def _ranges(values) -> str:
     return store._ranges(values)
+
+
+def epochs_text(epochs) -> str:
+    """``"1 epoch (epoch 0)"``, ``"3 epochs (0-2)"``: a count, then the 0-based indices."""
+    epochs = list(epochs)
+    if len(epochs) == 1:
+        return f"1 epoch (epoch {epochs[0]})"
+    return f"{len(epochs)} epochs ({_ranges(epochs)})"
 
 
 def storage_table(num_classes: int, num_samples: int, top_ks=(5, 10, 20)) -> list[dict]:

@@ -77,16 +77,63 @@ def config_from_args(args: argparse.Namespace) -> C.TrainConfig:
     return cfg
 
 
-def main(args: argparse.Namespace) -> int:
-    from .build import CacheSpec, build_cache
+class BuildInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during a build (raised in the main thread by the handler below)."""
 
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum, frame):
+    raise BuildInterrupted(signum)
+
+
+def _drop_quietly(exc: BaseException) -> None:
+    """Free the interrupted build's frames now (its data loader among them). The loader's worker
+    processes got the signal too (Ctrl-C and ``kill -TERM -PGID`` reach the whole process group);
+    PyTorch's SIGCHLD handler would report their deaths as a traceback while the loader shuts
+    down, so it is off while the frames go."""
+    import gc
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        exc.__traceback__ = None
+        exc.__context__ = None
+        gc.collect()
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+
+
+def main(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from .build import CacheSpec, build_cache, epochs_text
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         cfg = config_from_args(args)
         spec = CacheSpec(args.format, args.dtype, args.top_k)
         spec.validate()
         summary = build_cache(cfg, args.output, spec)
-    except (C.ConfigError, FileNotFoundError, ValueError, ImportError) as exc:
+    except (C.ConfigError, FileNotFoundError, ValueError, ImportError, OSError) as exc:
         logger.error("fastkd cache build: error: %s", exc)
         return 2
-    logger.info("fastkd cache build: done; %s holds epochs 0..%d", summary["output"], cfg.epochs - 1)
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        _drop_quietly(exc)
+        logger.error("fastkd cache build: error: interrupted by %s: the epoch being built is discarded, the finished "
+                     "ones are kept; run the same command to continue", signal.Signals(signum).name)
+        return 128 + int(signum)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    logger.info("fastkd cache build: done; %s holds %s", summary["output"], epochs_text(range(cfg.epochs)))
     return 0

@@ -15,8 +15,10 @@ one-line message naming the field.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Iterable, Optional
 
+import numpy as np
 import torch
 
 from ..engine.runner import TeacherOutput
@@ -127,11 +129,16 @@ class CachedTeacher(TeacherSource):
     concurrent = False
 
     def __init__(self, root, device: torch.device, *, expect: dict, epochs: Iterable[int],
-                 teacher: Optional[str] = None, teacher_checkpoint: Optional[str] = None):
+                 teacher: Optional[str] = None, teacher_checkpoint: Optional[str] = None, paths=None,
+                 labels=None):
         epochs = list(epochs)
         self.reader = store.CacheReader(root)
         check_cache(self.reader.manifest, expect, epochs, root=root, teacher=teacher,
                     teacher_checkpoint=teacher_checkpoint)
+        if paths is not None:
+            check_data_files(self.reader, paths)
+        self._labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        self._check: Optional[_EpochCheck] = None
         for epoch in epochs:  # a missing, truncated or misshapen epoch file is refused now, not epochs later
             self.reader.epoch(int(epoch))
         self.reader._open.clear()
@@ -147,8 +154,10 @@ class CachedTeacher(TeacherSource):
         """The source for a :class:`~fastkd.engine.trainer.Trainer` whose config has ``teacher_cache``
         (pass it as ``Trainer(cfg, teacher_source=CachedTeacher.for_trainer)``)."""
         cfg = trainer.cfg
+        index = trainer.train_loader.index
         src = cls(cfg.teacher_cache, trainer.device, expect=_expect(trainer), epochs=epochs_needed(cfg),
-                  teacher=cfg.teacher, teacher_checkpoint=cfg.teacher_checkpoint)
+                  teacher=cfg.teacher, teacher_checkpoint=cfg.teacher_checkpoint, paths=index.paths,
+                  labels=index.labels)
         _check_hub_teacher(cfg, src.reader.manifest)
         build = src.reader.manifest.get("build", {})
         here = {"amp": getattr(trainer, "amp", None), "channels_last": cfg.channels_last,
@@ -175,9 +184,30 @@ class CachedTeacher(TeacherSource):
     def format(self) -> str:
         return self.reader.format
 
+    @property
+    def teacher_name(self) -> str:
+        """How the run names its teacher: the cached teacher and the cache folder."""
+        return f"{self.reader.manifest.get('teacher')} (cached in {self.reader.root})"
+
     def set_epoch(self, epoch: int) -> None:
-        self.reader.epoch(int(epoch))  # maps the file (and checks its shape) before the first batch
+        arr = self.reader.epoch(int(epoch))  # maps the file (and checks its shape) before the first batch
+        if self.reader.format == "topk":  # a damaged class index would reach scatter_ (a device assert)
+            store.check_topk_rows(arr, self.reader.num_classes, self.reader.root / store.epoch_name(int(epoch)))
         self.epoch = int(epoch)
+        if self._check is None or self._check.epoch != self.epoch:
+            if self._check is not None:
+                self._check.join()
+            self._check = _EpochCheck(self.reader, self.epoch, self._labels)
+
+    def epoch_report(self, epoch: Optional[int] = None) -> dict:
+        """Wait for the background check of the open epoch (``epoch``: only if it is that one) and
+        return what it measured: ``teacher_train_top1``, the cached teacher's top-1 (%) on this
+        epoch's training views. Raises ``ValueError`` when the epoch file fails its checksum or
+        holds a non-finite row; the trainer calls this before writing any checkpoint."""
+        check = self._check
+        if check is None or (epoch is not None and check.epoch != int(epoch)):
+            return {}
+        return check.result()
 
     def submit(self, batch):
         if self.epoch is None:
@@ -200,7 +230,99 @@ class CachedTeacher(TeacherSource):
                                          num_classes=self.reader.num_classes))
 
     def close(self) -> None:
+        if self._check is not None:
+            self._check.join()
         self.reader._open.clear()
+
+
+def check_data_files(reader: store.CacheReader, paths) -> None:
+    """Refuse a cache whose training images changed (size or modification time) since its build:
+    their cached logits would be another image's. ``fastkd cache verify`` compares contents."""
+    records = store.read_data_files(reader.root, reader.manifest)
+    if records is None:
+        logger.warning("fastkd: the teacher cache %s was built before fastkd recorded the data files: images "
+                       "changed since its build cannot be detected", reader.root)
+        return
+    paths = list(paths)
+    if len(paths) != len(records):
+        return  # the sample count differs: check_cache has refused it already
+    changed = store.changed_files(records, paths)
+    if changed:
+        raise store.CacheMismatchError(
+            f"teacher cache {reader.root}: the data file {paths[changed[0]]} changed after the cache was built "
+            f"(size or modification time differ{f'; {len(changed) - 1} more file(s) too' if len(changed) > 1 else ''}"
+            f"): its cached teacher logits are stale; rebuild the cache, or check the contents with 'fastkd cache "
+            f"verify {reader.root} --data DIR'")
+
+
+class _EpochCheck:
+    """One epoch file, checked in a background thread while the epoch trains: its SHA-256 against
+    the manifest's, every row finite, and the teacher's top-1 on the training views (the rows'
+    argmax against the labels; all-zero rows, left by files skipped as corrupt, are not counted)."""
+
+    CHUNK_ROWS = 8192
+
+    def __init__(self, reader: store.CacheReader, epoch: int, labels: Optional[np.ndarray]):
+        self.reader, self.epoch, self.labels = reader, epoch, labels
+        self.path = reader.root / store.epoch_name(epoch)
+        self.want = reader.manifest.get("epoch_sha256", {}).get(str(epoch))
+        self.error: Optional[BaseException] = None
+        self.report: dict = {}
+        self._thread = threading.Thread(target=self._run, name=f"fastkd-cache-check-{epoch}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            if self.want is not None:
+                got = store.epoch_sha256(self.path)
+                if got != self.want:
+                    raise ValueError(f"teacher cache {self.reader.root}: {self.path.name} fails its checksum (its bytes "
+                                     "changed after the build: disk or copy damage); rebuild it with 'fastkd cache "
+                                     "build' (no checkpoint of this epoch was written)")
+            self.report = self._rows()
+        except BaseException as exc:  # handed to the training thread by result()
+            self.error = exc
+
+    def _rows(self) -> dict:
+        arr = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        r = self.reader
+        hits = counted = 0
+        for start in range(0, len(arr), self.CHUNK_ROWS):
+            rows = arr[start:start + self.CHUNK_ROWS]
+            if r.format == "full":
+                v = from_storage_float(rows, r.dtype)
+                pred, nonzero = v.argmax(1), (v != 0).any(1)
+            else:
+                v = torch.cat([from_storage_float(rows["values"], r.dtype),
+                               from_storage_float(rows["label"], r.dtype)[:, None],
+                               from_storage_float(rows["fill"], r.dtype)[:, None]], 1)
+                pred = torch.from_numpy(np.ascontiguousarray(rows["indices"][:, 0]).astype(np.int64))
+                nonzero = (v != 0).any(1)
+            bad = ~torch.isfinite(v).all(1)
+            if bool(bad.any()):
+                row = start + int(bad.nonzero()[0])
+                raise ValueError(f"teacher cache {r.root}: {self.path.name} row {row} is not finite (NaN or inf); "
+                                 "rebuild the cache with 'fastkd cache build'")
+            if self.labels is not None:
+                y = torch.from_numpy(self.labels[start:start + len(rows)])
+                hits += int(((pred == y) & nonzero).sum())
+                counted += int(nonzero.sum())
+        if self.labels is None or counted == 0:
+            return {}
+        return {"teacher_train_top1": 100.0 * hits / counted}
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def result(self) -> dict:
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.report
+
+
+def from_storage_float(a: np.ndarray, dtype: str) -> torch.Tensor:
+    return store.from_storage(np.array(a), dtype).float()  # a copy: the memory map is read-only
 
 
 __all__ = ["CachedTeacher", "check_cache", "epochs_needed"]

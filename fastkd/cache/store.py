@@ -14,6 +14,14 @@ Row formats (``N`` samples, ``C`` classes):
   ``C <= 32767``, else int32), ``label`` (the label's logit) and ``fill`` (methods.md section 10), the
   floats in the chosen dtype.
 
+Integrity: the manifest records each epoch file's SHA-256 (``epoch_sha256``, computed when the
+epoch is committed) and every training image's size, modification time and SHA-256 in a side
+file ``data_files.npy`` (its own SHA-256 in the manifest). A training run refuses a cache when an
+image's size or modification time changed since the build (its cached logits are stale), checks
+each top-K epoch's class indices when it opens the epoch, and verifies each epoch's checksum in a
+background thread before any checkpoint of that epoch is written; ``fastkd cache verify`` re-hashes
+the images and the epoch files.
+
 Crash safety: an epoch is written to ``.epoch_NNNN.npy.tmp``, flushed and fsync'ed, renamed to its
 final name, and only then listed in the manifest's ``epochs_done`` (the manifest itself is replaced
 atomically). A reader uses only the epochs listed there, so a killed build never hands out a half
@@ -66,12 +74,15 @@ def write_json_atomic(path: Path, data: dict) -> None:
     """Temp file in the same folder, fsync, rename over ``path``, fsync the folder."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=1, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a full disk: no temporary file left behind
     fsync_path(path.parent)
 
 
@@ -131,6 +142,104 @@ def index_sha256(index) -> str:
         h.update(str(int(label)).encode())
         h.update(b"\n")
     return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Integrity: epoch checksums and the data files' sizes, times and contents
+# --------------------------------------------------------------------------------------------
+DATA_FILES = "data_files.npy"
+FILE_RECORD = np.dtype([("size", "<i8"), ("mtime_ns", "<i8"), ("sha256", "u1", (32,))])
+
+
+def epoch_sha256(path) -> str:
+    """SHA-256 of an epoch file's bytes (header included), as stored in ``epoch_sha256``."""
+    return file_sha256(path)
+
+
+def _thread_count(n: int) -> int:
+    return max(1, min(8, os.cpu_count() or 1, n))
+
+
+def data_file_records(paths, *, contents: bool = True) -> np.ndarray:
+    """Size, modification time (ns) and (``contents``) SHA-256 of every file, in ``paths`` order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = list(paths)
+    out = np.zeros(len(paths), dtype=FILE_RECORD)
+
+    def one(i):
+        st = os.stat(paths[i])
+        out["size"][i], out["mtime_ns"][i] = st.st_size, st.st_mtime_ns
+        if contents:
+            out["sha256"][i] = np.frombuffer(bytes.fromhex(file_sha256(paths[i])), dtype=np.uint8)
+
+    with ThreadPoolExecutor(_thread_count(len(paths))) as pool:  # hashlib releases the GIL on big reads
+        list(pool.map(one, range(len(paths)), chunksize=256))
+    return out
+
+
+def write_data_files(root, records: np.ndarray) -> str:
+    """Write ``records`` atomically as ``root/data_files.npy``; returns the file's SHA-256."""
+    path = Path(root) / DATA_FILES
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            np.save(fh, records, allow_pickle=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return file_sha256(path)
+
+
+def read_data_files(root, manifest: dict) -> Optional[np.ndarray]:
+    """The build's records of the data files, or None for a cache built before they were kept."""
+    want = manifest.get("data_files_sha256")
+    if want is None:
+        return None
+    path = Path(root) / DATA_FILES
+    if not path.is_file() or file_sha256(path) != want:
+        raise ValueError(f"{path}: missing or damaged (its checksum differs from the manifest's); rebuild the "
+                         "cache with 'fastkd cache build'")
+    records = np.load(path, allow_pickle=False)
+    if records.dtype != FILE_RECORD or records.shape != (int(manifest["data"]["num_samples"]),):
+        raise ValueError(f"{path}: holds {records.dtype} {records.shape}, not one record per sample")
+    return records
+
+
+def changed_files(records: np.ndarray, paths) -> list[int]:
+    """Indices of the files whose size or modification time differ from ``records`` (or are gone)."""
+    paths = list(paths)
+    now = np.zeros(len(paths), dtype=[("size", "<i8"), ("mtime_ns", "<i8")])
+    missing = np.zeros(len(paths), dtype=bool)
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i):
+        try:
+            st = os.stat(paths[i])
+        except OSError:
+            missing[i] = True
+            return
+        now["size"][i], now["mtime_ns"][i] = st.st_size, st.st_mtime_ns
+
+    with ThreadPoolExecutor(_thread_count(len(paths))) as pool:
+        list(pool.map(one, range(len(paths)), chunksize=1024))
+    bad = missing | (now["size"] != records["size"]) | (now["mtime_ns"] != records["mtime_ns"])
+    return np.flatnonzero(bad).tolist()
+
+
+def check_topk_rows(arr: np.ndarray, num_classes: int, path) -> None:
+    """Refuse a top-K epoch whose class indices fall outside ``[0, num_classes)`` (damage)."""
+    if arr.dtype.names is None or "indices" not in arr.dtype.names or not len(arr):
+        return
+    idx = arr["indices"]
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= num_classes:
+        row = int(np.flatnonzero(((idx < 0) | (idx >= num_classes)).any(axis=1))[0])
+        bad = idx[row][(idx[row] < 0) | (idx[row] >= num_classes)][0]
+        raise ValueError(f"{path}: row {row} holds class index {int(bad)}, outside [0, {num_classes}): the file is "
+                         "damaged; rebuild it with 'fastkd cache build'")
 
 
 # --------------------------------------------------------------------------------------------

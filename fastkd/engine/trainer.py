@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .. import __version__
 from .._device import cpu_cores
+from .._runlock import lock_output
 from ..losses import DistillLoss
 from ..losses import reference as ref
 from ..losses.tolerant import TolerantTeacherLoss
@@ -377,6 +378,7 @@ class Trainer:
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         D.barrier(self.dist)
+        self._lock = lock_output(self.out, "run", self.dist)  # one run per folder; refuses a cache folder
         self._make_loaders()
         self._make_models()
         self._make_loss()
@@ -416,8 +418,9 @@ class Trainer:
                      "fastkd": __version__, "torch": str(torch.__version__),
                      "concurrent_teacher": bool(self.teacher_source is not None and self.teacher_source.concurrent)}
             C.save_yaml(self._resolved_config(), self.out / "config.yaml", extra)
+            teacher = getattr(self.teacher_source, "teacher_name", None) or cfg.teacher or "(no teacher)"
             logger.info("fastkd train: %s -> %s, method %s, %d classes, %d steps/epoch x %d epochs, lr %.4g, amp %s, "
-                        "device %s x %d%s", cfg.teacher or "(no teacher)", cfg.student, cfg.method, len(self.classes),
+                        "device %s x %d%s", teacher, cfg.student, cfg.method, len(self.classes),
                         self.steps_per_epoch, cfg.epochs, self.lr, self.amp, self.device, self.dist.world_size,
                         ", concurrent teacher stream" if extra["concurrent_teacher"] else "")
 
@@ -469,7 +472,14 @@ class Trainer:
         identity = getattr(self.teacher_source, "identity", None)
         return identity() if callable(identity) else None
 
+    def _source_report(self, epoch: Optional[int] = None) -> dict:
+        """The teacher source's check of the epoch (a cache: the epoch file's checksum, verified before
+        any checkpoint is written, and its teacher's top-1 on the training rows); {} for other sources."""
+        report = getattr(self.teacher_source, "epoch_report", None)
+        return report(epoch) if callable(report) else {}
+
     def _save(self, state: dict, *, best: bool = False, epoch_file: Optional[int] = None) -> None:
+        self._source_report()  # raises (on every rank) when the teacher rows just trained on were damaged
         self._require_finite_weights(state["epoch"] - (state["step_in_epoch"] == 0), state)  # never save NaN
         if self.is_main:
             path = ckpt.save_atomic(state, self.out / ckpt.LAST)
@@ -805,6 +815,8 @@ class Trainer:
             self._last_finite_step = self.global_step
             for epoch in range(self.start_epoch, cfg.epochs):
                 record = self._train_epoch(epoch)
+                # A damaged cache epoch is named first (it may be why the weights went non-finite).
+                record.update(self._source_report(epoch) if record["teacher_forward"] else {})
                 self._require_finite_weights(epoch)  # before validation reports anything of them
                 if cfg.skip_corrupt:
                     record.update(self._skipped_files())
@@ -841,6 +853,8 @@ class Trainer:
             if getattr(self, "student_hooks", None) is not None:
                 self.student_hooks.remove()
             D.shutdown(self.dist)
+            if getattr(self, "_lock", None) is not None:
+                self._lock.release()
             if failed and self.is_main:
                 for folder in getattr(self, "_created_dirs", ()):
                     try:
@@ -855,6 +869,8 @@ class Trainer:
             parts += [f"teacher {r['teacher_top1']:.2f}", f"agree {r['agreement']:.2f}", f"KL {r['kl']:.4f}"]
         if "loader" in r:
             parts.append(f"(val: {r['loader']} loader, {r['decoder']})")
+        if "teacher_train_top1" in r:  # a teacher cache: its top-1 on this epoch's training views
+            parts.append(f"teacher (train views, cached) {r['teacher_train_top1']:.2f}")
         parts.append(f"{r['images_per_s']:.0f} img/s")
         if r.get("skipped_files_total"):
             parts.append(f"skipped {r['skipped_files']} corrupt file(s) ({r['skipped_files_total']} in all)")

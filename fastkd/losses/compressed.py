@@ -31,7 +31,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["TopKTeacher", "compress_topk", "densify"]
+__all__ = ["TopKTeacher", "check_topk_indices", "compress_topk", "densify"]
 
 
 class TopKTeacher(NamedTuple):
@@ -116,7 +116,8 @@ def compress_topk(teacher_logits: Tensor, target: Tensor, k: int, ignore_index: 
     return TopKTeacher(values, indices.long(), label_logit, fill, int(C), label_index)
 
 
-def densify(t: TopKTeacher, target: Optional[Tensor] = None, ignore_index: int = -100) -> Tensor:
+def densify(t: TopKTeacher, target: Optional[Tensor] = None, ignore_index: int = -100, *,
+            check_indices: bool = True) -> Tensor:
     """The dense ``(N, C)`` teacher row block ``v'`` that ``t`` stands for, on ``t``'s device.
 
     ``v'_c`` is the stored logit for ``c`` in the top-K or the (non-ignored) label, and the
@@ -124,8 +125,12 @@ def densify(t: TopKTeacher, target: Optional[Tensor] = None, ignore_index: int =
     The label comes from ``t.label_index`` when ``t`` carries it (``target`` and
     ``ignore_index`` are then not read: the stored index is the one ``label_logit`` belongs
     to), else from ``target`` (integer labels, rows labelled ``ignore_index`` have none).
+    ``check_indices``: refuse class indices outside ``[0, C)`` (:func:`check_topk_indices`, one
+    host sync on CUDA); without the check such an index reaches ``scatter_`` (a device assert on CUDA).
     """
     check_topk(t)
+    if check_indices:
+        check_topk_indices(t)
     N, C = t.shape
     if t.label_index is None:
         if not isinstance(target, Tensor) or target.is_floating_point() or target.dtype == torch.bool:
@@ -179,3 +184,23 @@ def _check_label_index(t: TopKTeacher) -> None:
         raise ValueError(f"TopKTeacher.label_index must be None or an int64 ({N},) tensor (-1: no label)")
     if li.device != t.values.device:
         raise ValueError("TopKTeacher's tensors must live on one device")
+
+
+def check_topk_indices(t: TopKTeacher) -> None:
+    """Refuse a :class:`TopKTeacher` whose class indices fall outside ``[0, num_classes)``.
+
+    One reduction and one host read (a synchronisation on CUDA): the losses run it when
+    ``check_labels=True`` (the default), as they check the labels' range. ``ValueError`` names
+    the first offending row and index.
+    """
+    i = t.indices
+    if i.numel() == 0:
+        return
+    C = int(t.num_classes)
+    lo, hi = (int(x) for x in torch.stack([i.min(), i.max()]).tolist())
+    if lo < 0 or hi >= C:
+        bad = (i < 0) | (i >= C)
+        row = int(bad.any(-1).nonzero()[0])
+        value = int(i[row][bad[row]][0])
+        raise ValueError(f"TopKTeacher.indices row {row} holds class index {value}, outside [0, {C}) "
+                         f"(num_classes={C}): damaged or mismatched top-K rows")

@@ -58,7 +58,7 @@ from torch import Tensor
 
 from .. import _compat
 from . import reference as ref
-from .compressed import TopKTeacher, check_topk, densify
+from .compressed import TopKTeacher, check_topk, check_topk_indices, densify
 
 REDUCTIONS = ("batchmean", "sum", "none")
 BACKENDS = ("auto", "torch", "triton")
@@ -186,7 +186,8 @@ def _prepare(student, target, valid, ignore_index, check_labels):
     return y_raw, y, mask
 
 
-def _dense_teacher(teacher, student: Tensor, y_raw: Optional[Tensor], ignore_index: int) -> Tensor:
+def _dense_teacher(teacher, student: Tensor, y_raw: Optional[Tensor], ignore_index: int,
+                   check_indices: bool = True) -> Tensor:
     """Teacher logits as a tensor (a TopKTeacher is densified on its device), checked against
     the student."""
     if isinstance(teacher, TopKTeacher):
@@ -201,7 +202,9 @@ def _dense_teacher(teacher, student: Tensor, y_raw: Optional[Tensor], ignore_ind
         if y_raw is None and teacher.label_index is None:
             raise ValueError("this TopKTeacher was built without label_index, so it needs target= (the labels "
                              "its label logit belongs to; compress_topk stores them, a cache does not)")
-        teacher = densify(teacher, y_raw, ignore_index).reshape(student.shape)
+        if check_indices:  # with the label check (check_labels): one host sync on CUDA
+            check_topk_indices(teacher)
+        teacher = densify(teacher, y_raw, ignore_index, check_indices=False).reshape(student.shape)
     _check_pair(student, teacher)
     return teacher
 
@@ -371,7 +374,7 @@ def _kd_term(method, student_logits, teacher_logits, target, valid, reduction, i
     _check_reduction(reduction)
     _check_logits("student_logits", student_logits)
     y_raw, y, mask = _prepare(student_logits, target, valid, ignore_index, check_labels)
-    teacher_logits = _dense_teacher(teacher_logits, student_logits, y_raw, ignore_index)
+    teacher_logits = _dense_teacher(teacher_logits, student_logits, y_raw, ignore_index, check_labels)
     lead = tuple(student_logits.shape[:-1])
     z, v = _flatten(student_logits), _flatten(teacher_logits).detach()
     if method == "kd":
@@ -560,7 +563,7 @@ def dist_loss(student_logits, teacher_logits, beta=1.0, gamma=1.0, temperature=1
     tau = _check_temperature("temperature", temperature)
     _check_logits("student_logits", student_logits)
     y_raw, _, mask = _prepare(student_logits, target, valid, -100, check_labels)
-    teacher_logits = _dense_teacher(teacher_logits, student_logits, y_raw, -100)
+    teacher_logits = _dense_teacher(teacher_logits, student_logits, y_raw, -100, check_labels)
     z, v = _flatten(student_logits), _flatten(teacher_logits).detach()
     if _resolve_backend(backend, z) == "triton":
         _say_dist_uses_reference()

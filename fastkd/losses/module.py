@@ -48,7 +48,8 @@ class DistillLoss(nn.Module):
             CUDA). ``False`` skips it: use it only with labels validated elsewhere (the engine
             validates its data set once). An out-of-range label (not ``ignore_index``) is then
             never used as an index and never a crash: its row's loss and gradient are NaN, on
-            both backends.
+            both backends. The same check covers a ``TopKTeacher``'s class indices (outside
+            ``[0, C)``: ``ValueError``).
         **method_params: the method's parameters (temperature, tau_target, tau_other,
             student_temperature, candidates, alpha, beta, gamma, warmup_epochs); unknown
             names for the method are an error.
@@ -180,7 +181,7 @@ class DistillLoss(nn.Module):
         elif kd_w == 0 and isinstance(teacher_logits, F.TopKTeacher):
             teacher_logits = None  # unused (ce, zero weight, DKD warm-up at 0): not densified
         else:
-            teacher_logits = F._dense_teacher(teacher_logits, student_logits, y_raw, ii)
+            teacher_logits = F._dense_teacher(teacher_logits, student_logits, y_raw, ii, self.check_labels)
         z = F._flatten(student_logits)
         v = F._flatten(teacher_logits).detach() if teacher_logits is not None else None
         backend = F._resolve_backend(self.backend, z)

@@ -141,7 +141,7 @@ def test_rebuild_into_a_cache_of_other_settings_is_refused(caches, tiny_jpegs, t
     assert cli.main(build_args(tiny_jpegs, teacher_ckpt, out, "--dtype", "fp16")) == 2
     assert "dtype: cache has 'fp32', this build has 'fp16'" in caplog.text
     assert cli.main(build_args(tiny_jpegs, teacher_ckpt, out)) == 0  # same settings: nothing to do
-    assert "already holds epochs 0..1" in caplog.text
+    assert "already holds 2 epochs (0-1)" in caplog.text
     assert json.loads(before)["epochs_done"] == json.loads((out / "manifest.json").read_text())["epochs_done"]
 
 
