@@ -682,6 +682,7 @@ class Trainer:
 
         Nothing non-finite is saved; a ``stop`` record in metrics.jsonl marks the folder as
         stopped (not finished). ``--resume auto`` continues from the last good checkpoint."""
+        self._source_report()  # a damaged teacher-cache epoch is the more precise cause: it raises first
         first, last = getattr(self, "_last_finite_step", self.global_step) + 1, self.global_step
         where = f"at global step {last}" if first >= last else f"between global steps {first} and {last}"
         self.metrics.write("stop", {"reason": "non-finite", "epoch": epoch, "global_step": last,
