@@ -17,6 +17,8 @@ __all__ = [
     "isats_loss",
     "dkd_loss",
     "dist_loss",
+    "jsd_loss",
+    "rkl_loss",
     "cross_entropy",
     "DistillLoss",
     "TopKTeacher",

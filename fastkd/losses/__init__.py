@@ -6,7 +6,9 @@ from .functional import (
     dist_loss,
     dkd_loss,
     isats_loss,
+    jsd_loss,
     kd_loss,
+    rkl_loss,
 )
 from .methods import METHOD_TABLE, loss_kwargs, params_for
 from .module import METHOD_PARAMS, METHODS, DistillLoss
@@ -17,6 +19,8 @@ __all__ = [
     "isats_loss",
     "dkd_loss",
     "dist_loss",
+    "jsd_loss",
+    "rkl_loss",
     "cross_entropy",
     "DistillLoss",
     "METHODS",
