@@ -21,6 +21,8 @@ __all__ = [
     "rkl_loss",
     "cross_entropy",
     "DistillLoss",
+    "fused_linear_distill",
+    "FusedLinearDistillLoss",
     "TopKTeacher",
     "compress_topk",
     "__version__",

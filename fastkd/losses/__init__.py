@@ -10,6 +10,7 @@ from .functional import (
     kd_loss,
     rkl_loss,
 )
+from .linear import FusedLinearDistillLoss, fused_linear_distill
 from .methods import METHOD_TABLE, loss_kwargs, params_for
 from .module import METHOD_PARAMS, METHODS, DistillLoss
 
@@ -23,6 +24,8 @@ __all__ = [
     "rkl_loss",
     "cross_entropy",
     "DistillLoss",
+    "fused_linear_distill",
+    "FusedLinearDistillLoss",
     "METHODS",
     "METHOD_PARAMS",
     "METHOD_TABLE",
