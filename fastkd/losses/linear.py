@@ -31,7 +31,9 @@ parameters' dtype.
 
 Default chunk size (Liger-Kernel's rule for its fused-linear cross-entropy): ``next_pow2(ceil(N /
 ceil(V / H)))`` rows, so that a chunk's ``chunk x V`` logits are about as large as the ``N x H``
-hidden states themselves (at N = 8192, H = 4096, V = 128256: 256 rows, 33 M logits).
+hidden states themselves (at N = 8192, H = 4096, V = 128256: 256 rows, 33 M logits), but never
+fewer than 4 M logits per chunk (``CHUNK_MIN_LOGITS``; 131 rows at V = 32000) nor more than N
+rows: see :func:`default_chunk_size`.
 """
 from __future__ import annotations
 
@@ -49,11 +51,18 @@ from .module import DistillLoss
 __all__ = ["fused_linear_distill", "FusedLinearDistillLoss", "default_chunk_size"]
 
 
+CHUNK_MIN_LOGITS = 1 << 22  # the smallest chunk the default gives: 4 M logits (16 MB in fp32)
+
+
 def default_chunk_size(N: int, H: int, V: int) -> int:
-    """Liger-Kernel's rule: ``next_pow2(ceil(N / ceil(V / H)))`` rows (chunk x V ~ N x H), at least 1."""
+    """Rows per chunk: Liger-Kernel's rule ``next_pow2(ceil(N / ceil(V / H)))`` (chunk x V ~ N x H),
+    but at least ``CHUNK_MIN_LOGITS / V`` rows and at most N. The floor matters for small H: at
+    H = 256, V = 32000 Liger's rule gives 128-row chunks at N = 8192 but 16-row ones at N = 1024,
+    and such thin chunks ran 5x slower than 128-row ones on a CPU (per-chunk overheads)."""
     inc = max(1, -(-V // max(H, 1)))
     rows = max(1, -(-N // inc))
-    return 1 << (rows - 1).bit_length()
+    liger = 1 << (rows - 1).bit_length()
+    return max(1, min(N, max(liger, CHUNK_MIN_LOGITS // V)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,7 +328,8 @@ def fused_linear_distill(hidden, weight, teacher, labels=None, *, method="kd", b
         method: a row-local method of :data:`fastkd.losses.methods.METHOD_TABLE`: ``"kd"``,
             ``"jsd"``, ``"rkl"``, ``"ats"``, ``"isats"``, ``"dkd"`` or ``"ce"``.
         bias: ``(V,)`` or None.
-        chunk_size: rows per chunk (default: :func:`default_chunk_size`, Liger's rule).
+        chunk_size: rows per chunk (default: :func:`default_chunk_size`: Liger's rule, at least
+            4 M logits per chunk).
         ignore_index, backend: as in :class:`~fastkd.losses.DistillLoss` (``"auto"``: the fused
             Triton kernel on CUDA tensors, the PyTorch reference elsewhere; both chunk).
         **method_params: :class:`~fastkd.losses.DistillLoss`'s keywords (``ce_weight``,

@@ -203,11 +203,13 @@ def test_peak_logits_are_one_chunk(monkeypatch):
     assert shapes == [(6, 50)] * 6 + [(2, 50)] * 2  # student and teacher logits of 4 chunks (6, 6, 6, 2)
 
 
-def test_default_chunk_size_follows_liger():
-    assert LIN.default_chunk_size(8192, 4096, 128256) == 256
-    assert LIN.default_chunk_size(8192, 256, 32000) == 128
-    assert LIN.default_chunk_size(1, 4096, 128256) == 1
-    assert LIN.default_chunk_size(100, 1000, 10) == 128  # V < H: one chunk of all rows (rounded up)
+def test_default_chunk_size_follows_liger_with_a_floor():
+    assert LIN.default_chunk_size(8192, 4096, 128256) == 256  # Liger's rule: chunk x V ~ N x H
+    assert LIN.default_chunk_size(8192, 8192, 32000) == 2048
+    assert LIN.default_chunk_size(8192, 256, 32000) == 131    # the floor: 4 M logits per chunk
+    assert LIN.default_chunk_size(1024, 256, 32000) == 131
+    assert LIN.default_chunk_size(1, 4096, 128256) == 1       # never more than N rows
+    assert LIN.default_chunk_size(100, 1000, 10) == 100
 
 
 def test_errors_are_clear():
@@ -238,3 +240,29 @@ def test_errors_are_clear():
         f(h, W, dense, y, method="kd", beta=0.5)
     with pytest.raises(ValueError, match="outside"):
         f(h, W, dense, torch.full_like(y, 50))
+
+
+def test_readme_example_runs_and_equals_distill_loss():
+    """The README's "Distilling a language model's head" example, read from between its markers."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r"<!-- llm-head-example -->\s*```python\n(.*?)```\s*<!-- /llm-head-example -->", readme, re.S)
+    assert block, "README.md lost the llm-head-example block"
+    code = block.group(1)
+    assert len(code.strip().splitlines()) <= 13
+    torch.manual_seed(0)
+    ns = {}
+    exec(compile(code, "README.md:llm-head-example", "exec"), ns)
+    h, y, teacher, lm_head, hidden = ns["h"], ns["y"], ns["teacher"], ns["lm_head"], ns["hidden"]
+    assert torch.isfinite(ns["loss"]) and hidden.grad is not None and lm_head.weight.grad is not None
+    assert (y == -100).sum() == 2 * 3  # the shifted prompt tokens
+    W = lm_head.weight.detach().clone().requires_grad_()
+    hh = h.detach().clone().requires_grad_()
+    expect = fastkd.DistillLoss("jsd", beta=0.5, backend="torch")(hh @ W.T, fastkd.losses.densify(teacher, y), y)
+    expect.backward()
+    torch.testing.assert_close(ns["loss"].detach(), expect.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lm_head.weight.grad, W.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(hidden.grad[:, :-1].reshape(-1, h.shape[1]), hh.grad, rtol=1e-5, atol=1e-7)
+    assert torch.equal(hidden.grad[:, -1], torch.zeros_like(hidden.grad[:, -1]))
