@@ -266,3 +266,14 @@ def test_readme_example_runs_and_equals_distill_loss():
     torch.testing.assert_close(lm_head.weight.grad, W.grad, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(hidden.grad[:, :-1].reshape(-1, h.shape[1]), hh.grad, rtol=1e-5, atol=1e-7)
     assert torch.equal(hidden.grad[:, -1], torch.zeros_like(hidden.grad[:, -1]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["kd", "jsd", "rkl"])
+def test_gpu_fused_kernel_per_chunk_matches_the_reference(method):
+    """Compiled: bf16, V = 40000 (the kernel's chunked path), a teacher head, N not a multiple of the chunk."""
+    dev = torch.device("cuda")
+    h, W, b, head, y = make(N=300, H=64, V=40000, Ht=48, seed=9, dtype=torch.bfloat16, device=dev)
+    teacher, dense = teacher_form("head", head, y)
+    compare(method, h, W, b, teacher, dense, y, dict(ce_weight=0.5, kd_weight=0.5, **PARAMS[method]), "triton", 96,
+            dtype=torch.bfloat16)

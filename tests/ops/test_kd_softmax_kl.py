@@ -706,3 +706,32 @@ def test_create_graph_is_refused_not_silently_zero(device):
     loss = fastkd.kd_loss(z, v, 2.0, backend="torch")
     (g,) = torch.autograd.grad(loss, z, create_graph=True)
     assert g.requires_grad
+
+
+@pytest.mark.parametrize("method", ["jsd", "rkl"])
+def test_llm_divergences_take_the_chunked_path_for_split_rows_and_say_so(method, device, caplog):
+    """The split path has no jsd / rkl variant (their gradient needs a row sum over the final
+    normalisers): an explicit split configuration runs the chunked path, with the same numbers,
+    and says so once."""
+    z = rand((3, 700), torch.float32, 80, device=device)
+    v = rand((3, 700), torch.float32, 81, device=device)
+    y = labels(3, 700, 82, device)
+    _compat._said_once.clear()
+    with caplog.at_level(logging.INFO, logger="fastkd"):
+        a, _, ga = run_case(method, z, v, y, dtype=torch.float32, config=split())
+        b, _, gb = run_case(method, z, v, y, dtype=torch.float32, config=LaunchConfig(max_single=128, split=False))
+    assert caplog.text.count("split-row path has no jsd / rkl variant") == 1
+    assert torch.equal(a, b) and torch.equal(ga, gb)
+
+
+def test_jsd_end_points_run_as_kd_and_rkl(device):
+    """Liger's end points: beta 0 is the forward KL (the kd kernel), beta 1 the reverse KL."""
+    z = rand((5, 90), torch.float32, 83, device=device)
+    v = rand((5, 90), torch.float32, 84, device=device)
+    y = labels(5, 90, 85, device)
+    common = dict(ce_weight=0.0, kd_weight=1.0, label_smoothing=0.0, ignore_index=II, reduction="none")
+    for beta, other in ((0.0, dict(method="kd")), (1.0, dict(method="rkl"))):
+        a, _ = fused_distill(z, v, y, method="jsd", beta=beta, temperature=2.0, **common)
+        b, _ = fused_distill(z, v, y, temperature=2.0, **other, **common)
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a.double(), ref.jsd(z.double(), v.double(), beta, 2.0), rtol=1e-5, atol=1e-6)
