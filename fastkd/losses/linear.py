@@ -247,6 +247,11 @@ class _FusedLinearDistillFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradients were computed in forward and have no graph of their
+            # own, so a second derivative would silently be 0. Refuse instead.
+            raise RuntimeError("fastkd fused_linear_distill: higher-order gradients (create_graph=True) are not "
+                               "supported; compute the logits and use DistillLoss(backend='torch') for them")
         gh, gw, gb = ctx.saved_tensors
 
         one = torch.equal(grad_out, torch.ones_like(grad_out))  # Liger's shortcut (one host sync)
