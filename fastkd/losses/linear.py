@@ -226,9 +226,9 @@ def _forward(hidden, weight, bias, teacher: _Teacher, labels, crit: DistillLoss,
         if need_h:
             grad_h[lo:hi] = g @ w_all
         if need_w:
-            grad_w += (g.t() @ h).to(acc)
+            grad_w.add_(g.t() @ h)  # the chunk's product in the input dtype, added into fp32 (no fp32 copy)
         if need_b:
-            grad_b += g.to(acc).sum(0)
+            grad_b += g.sum(0, dtype=acc)
         del g
     return (total.float() if hidden.dtype != torch.float64 else total, grad_h,
             grad_w.to(weight.dtype) if grad_w is not None else None,
