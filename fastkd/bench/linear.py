@@ -17,7 +17,8 @@ Each variant runs in a fresh subprocess, so peak memory is its own. After one wa
 on CUDA ``torch.cuda.max_memory_allocated`` above what is allocated between calls (the inputs);
 on a CPU the process's peak resident size (``VmHWM``, reset through ``/proc/self/clear_refs``)
 above its resident size between calls, with large blocks mmapped (``MALLOC_MMAP_THRESHOLD_``) so
-that freed tensors leave the resident set. The time is the median of ``--repeats`` timed calls. A variant that fails or is skipped says why in the table.
+that freed tensors leave the resident set. The time is the median of ``--repeats`` timed calls.
+A variant that fails or is skipped says why in the table.
 Rows are printed as a Markdown table, appended as JSON lines to ``--results`` and written as a
 Markdown file to ``--markdown`` with the machine, versions, commit and date.
 """
@@ -112,7 +113,13 @@ def _peak_rss_bytes() -> int:
 
 def _chunked_compiled(method, beta, T, chunk):
     """A torch.compile-d per-chunk loss in plain PyTorch; each chunk's backward runs at once."""
+    import math
+
     import torch
+
+    if method == "jsd" and beta in (0.0, 1.0):  # Liger's end points: forward / reverse KL
+        method = "kd" if beta == 0.0 else "rkl"
+    lb, l1b = (math.log(beta), math.log1p(-beta)) if method == "jsd" else (0.0, 0.0)
 
     def chunk_loss(h, w, th, tw, y, inv):
         z = (h @ w.t()).float() / T
@@ -124,7 +131,7 @@ def _chunked_compiled(method, beta, T, chunk):
         elif method == "rkl":
             rows = (lq.exp() * (lq - lp)).sum(-1)
         else:
-            lm = torch.logaddexp(lp + torch.log(torch.tensor(beta)), lq + torch.log1p(torch.tensor(-beta)))
+            lm = torch.logaddexp(lp + lb, lq + l1b)
             rows = beta * (lp.exp() * (lp - lm)).sum(-1) + (1 - beta) * (lq.exp() * (lq - lm)).sum(-1)
         return (torch.where(y != -100, rows, torch.zeros_like(rows)).sum() * inv) * (T * T)
 
@@ -287,7 +294,8 @@ def main(args) -> int:
     env = machine(device, args.commit)
     backend_note = ("fused Triton kernel per chunk" if device == "cuda" else
                     "PyTorch reference per chunk (backend auto on a CPU; the Triton interpreter is for tests)")
-    head = (f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | liger {env['liger_kernel'] or 'not installed'}"
+    liger = env["liger_kernel"] or "not installed"
+    head = (f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | liger {liger}"
             f" | commit {env['commit']} | {env['date']}")
     setting = (f"method {args.method}" + (f" (beta {args.beta:g})" if args.method == "jsd" else "")
                + f", T {args.temperature:g}, {dtype} hidden states and weights, teacher as hidden states + head "
