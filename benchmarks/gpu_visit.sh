@@ -19,6 +19,8 @@
 #   engine-jpeg  bench_engine.py fed from the JPEG files (DALI when carried, else fastkd's torch
 #                loader; the naive loop with torchvision's ImageFolder DataLoader)
 #   methods      `fastkd bench kernels --method ats|isats|dkd|dist` vs torch.compile of plain fp32
+#   linear       `fastkd bench linear`: the fused linear JSD on an LM head (8192 x 4096 x 128256 and smaller),
+#                peak memory and time vs full logits / torch.compile chunked / Liger (when carried)
 #   demo         `fastkd demo --device cuda` (the README's first command, on the GPU)
 #   engine-compile  bench_engine.py: concurrent vs concurrent + --compile (synthetic data)
 #   cache        benchmarks/bench_cache.py (the cached teacher), when that file exists
@@ -39,12 +41,12 @@ DRY=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
     *) echo "gpu_visit.sh: unknown argument $arg (use --dry-run or --help)"; exit 2 ;;
   esac
 done
 
-DEFAULT_STEPS="env jpegs ops-tests kernels engine gpu-tests engine-jpeg methods demo engine-compile cache study"
+DEFAULT_STEPS="env jpegs ops-tests kernels engine gpu-tests engine-jpeg methods linear demo engine-compile cache study"
 STEPS=" env ${STEPS:-$DEFAULT_STEPS} "
 DEADLINE=${VISIT_BUDGET_S:-$(( DRY == 1 ? 1200 : 470 ))}  # seconds for the whole visit (on a GPU: 8 minutes less a margin)
 OUT=${OUT:-/tmp/fastkd-visit-out}
@@ -63,12 +65,14 @@ if [ $DRY = 1 ]; then
   PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
   export TRITON_INTERPRET=1
   N_JPEGS=32; N_VAL=20; JPEG_WORKERS=1; ENGINE="--dry-run"; KERNELS="--dry-run"; METHOD_SHAPES="8x100"
+  LINEAR="--dry-run --repeats 1 --variants torch-full,fastkd,liger"
   PYTEST_MODE="--collect-only"; DEVICE=cpu
 else
   PY=${PYTHON:-python3}
   unset TRITON_INTERPRET
   N_JPEGS=2048; N_VAL=256; JPEG_WORKERS=16; ENGINE="--steps 20 --warmup 8"; KERNELS="--warmup 10 --rep 40"
   METHOD_SHAPES="256x1000,4096x32000"; PYTEST_MODE=""; DEVICE=cuda
+  LINEAR="--repeats 5 --timeout 60 --shapes 8192x4096x128256,8192x4096x32000"
 fi
 JPEGS="$WORK/jpegs"
 export PY WORK RESULTS COMMIT DEVICE DRY KERNELS METHOD_SHAPES JPEGS
@@ -165,6 +169,10 @@ step engine-jpeg 90 "$PY" benchmarks/bench_engine.py $ENGINE --commit "$COMMIT" 
 # shellcheck disable=SC2086
 step methods 110 "$PY" -m fastkd bench kernels $KERNELS --method ats,isats,dkd,dist --impls fastkd,eager,compile \
   --shapes "$METHOD_SHAPES" --commit "$COMMIT" --save --results-dir "$RESULTS" --json "$WORK/kernels-methods.json"
+
+# shellcheck disable=SC2086
+step linear 150 "$PY" -m fastkd bench linear $LINEAR --commit "$COMMIT" --results "$WORK/linear.jsonl" \
+  --markdown "$WORK/linear.md"
 
 if [ $DRY = 1 ]; then
   step demo 120 "$PY" -m fastkd demo --device cpu --teacher-epochs 1 --student-epochs 1 --cache-dir "$WORK/demo-cache" \

@@ -24,13 +24,15 @@ COMMANDS = {
     "train": ("fastkd.engine.cli", "distil (or train) a student: timm-style flags or --config FILE.yaml"),
     "demo": ("fastkd.engine.demo", "build a small real-image data set, train two teachers, distil students, print a table"),
     "analyze": ("fastkd.analysis.cli", "dark-knowledge metrics of one or more teachers (JSON, CSV, Markdown, plots)"),
-    "bench": (None, "benchmarks on this machine: 'fastkd bench kernels' or 'fastkd bench data'"),
+    "bench": (None, "benchmarks on this machine: 'fastkd bench kernels', 'fastkd bench data' or 'fastkd bench linear'"),
     "study": (None, "reproducible studies: 'fastkd study capacity'"),
     "cache": (None, "teacher-output cache: 'fastkd cache build' (then fastkd train --teacher-cache DIR), 'fastkd cache verify'"),
 }
 SUBCOMMANDS = {
     ("bench", "kernels"): ("fastkd.bench.kernels", "fused KD kernels vs eager / torch.compile / Liger on your GPU"),
     ("bench", "data"): ("fastkd.bench.data", "images/s of each data backend on a JPEG folder"),
+    ("bench", "linear"): ("fastkd.bench.linear", "peak memory and time of a distillation loss on an LM head: "
+                          "fused linear vs full logits / torch.compile chunked / Liger"),
     ("study", "capacity"): ("fastkd.analysis.study", "capacity-mismatch study: CNN teachers on MNIST digit pairs, ATS chosen on validation, verdicts"),
     ("cache", "build"): ("fastkd.cache.cli", "store a teacher's logits for the exact views 'fastkd train' will draw"),
     ("cache", "verify"): ("fastkd.cache.verify", "re-hash a cache's epoch files (and with --data its images) against its build"),

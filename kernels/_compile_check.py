@@ -42,6 +42,13 @@ VARIANTS = [
     ("dkd split, T != 1", dict(SPLIT=True, METHOD=4, REUSE_CE=False, BLOCK=4096, S_P2=32, COUNT_MODE=2, S_UNIT=False,
                                T_UNIT=False)),
 ]
+VARIANTS += [  # the language-model divergences (METHOD 5 = jsd, 6 = rkl; their row-sum sweep)
+    ("jsd chunked (128256), bf16 LM head", dict(METHOD=5, BLOCK=2048, SINGLE=False, COUNT_MODE=2, PREFETCH=True)),
+    ("jsd single 8192, T != 1", dict(METHOD=5, REUSE_CE=False, BLOCK=8192, S_UNIT=False, T_UNIT=False)),
+    ("rkl without labels chunked, T != 1", dict(METHOD=6, HAS_TARGET=False, REUSE_CE=False, CE_GRAD=False,
+                                                COUNT_MODE=0, BLOCK=2048, SINGLE=False, PREFETCH=True, S_UNIT=False,
+                                                T_UNIT=False)),
+]
 BASE = dict(METHOD=1, HAS_TARGET=True, SMOOTH=False, REUSE_CE=True, CE_GRAD=True, KD_GRAD=True, WRITE_GRAD=True,
             REDUCE=2, COUNT_MODE=1, NUM_CAND=1, CAND_P2=2, BLOCK=1024, SINGLE=True, PREFETCH=False, BLOCK_N=1024,
             S_UNIT=True, T_UNIT=True)

@@ -9,6 +9,8 @@ METHOD_KD: tl.constexpr = tl.constexpr(1)
 METHOD_ATS: tl.constexpr = tl.constexpr(2)
 METHOD_ISATS: tl.constexpr = tl.constexpr(3)
 METHOD_DKD: tl.constexpr = tl.constexpr(4)
+METHOD_JSD: tl.constexpr = tl.constexpr(5)       # generalised JSD (beta strictly inside (0, 1))
+METHOD_RKL: tl.constexpr = tl.constexpr(6)       # reverse KL
 REDUCE_NONE: tl.constexpr = tl.constexpr(0)
 REDUCE_SUM: tl.constexpr = tl.constexpr(1)
 REDUCE_BATCHMEAN: tl.constexpr = tl.constexpr(2)
@@ -18,4 +20,5 @@ COUNT_FROM_BUFFER: tl.constexpr = tl.constexpr(2)  # read count_ptr (a device re
 
 METHOD_IDS = {"ce": METHOD_CE.value, "kd": METHOD_KD.value, "ats": METHOD_ATS.value,
               "isats": METHOD_ISATS.value, "dkd": METHOD_DKD.value}
+METHOD_IDS.update(jsd=METHOD_JSD.value, rkl=METHOD_RKL.value)
 REDUCE_IDS = {"none": REDUCE_NONE.value, "sum": REDUCE_SUM.value, "batchmean": REDUCE_BATCHMEAN.value}

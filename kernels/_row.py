@@ -11,6 +11,8 @@ from ._isats import _isats_reduce, _isats_select, _isats_update
 from ._math import _div, _log_or_zero, _lse_merge, _lse_reduce, _lse_update
 from ._modes import (COUNT_FIXED, COUNT_IN_KERNEL, METHOD_ATS, METHOD_CE, METHOD_DKD, METHOD_ISATS, METHOD_KD,
                      REDUCE_BATCHMEAN, REDUCE_NONE)
+from ._llm import _llm_kl_and_grad
+from ._modes import METHOD_JSD, METHOD_RKL
 
 
 @triton.jit
@@ -56,7 +58,7 @@ def _stats_update(z, v, cols, y, in_row, C, stats, temps, cand_ptr, METHOD: tl.c
     elif METHOD != METHOD_CE:
         if not REUSE_CE:
             ms, ss = _lse_update(ms, ss, _div(z, s, S_UNIT))
-        if METHOD == METHOD_KD:
+        if METHOD == METHOD_KD or METHOD == METHOD_JSD or METHOD == METHOD_RKL:
             mt, st = _lse_update(mt, st, _div(v, tau_to, T_UNIT))
         elif METHOD == METHOD_ATS:
             mt, st = _lse_update(mt, st, _div(v, tl.where(is_y, tau_tt, tau_to), T_UNIT))
@@ -102,9 +104,13 @@ def _terms_and_grad(z, v, cols, y, in_row, g_ptrs, norms, scales, temps, coefs, 
         if METHOD == METHOD_DKD:
             term = tl.where(is_y, 0.0, term)
         kl = tl.sum(tl.where(in_row, term, 0.0), axis=0)
+        if METHOD == METHOD_JSD or METHOD == METHOD_RKL:  # d: the row sum of the gradient (._llm)
+            kl, g_llm = _llm_kl_and_grad(lps, lpt, in_row, s, beta, d, METHOD)
         if KD_GRAD:
             ps = tl.exp(lps)
-            if METHOD == METHOD_DKD:
+            if METHOD == METHOD_JSD or METHOD == METHOD_RKL:
+                gk = g_llm
+            elif METHOD == METHOD_DKD:
                 gk = tl.where(is_y, s * alpha * d, s * (beta * (ps - pt) - alpha * d * ps))
             else:
                 gk = s * (ps - pt)
@@ -135,7 +141,7 @@ def _row_label(z_row, v_row, y_ptr, row, stride_y, ignore_index, C, METHOD: tl.c
         bad = False
         row_on = True
         z_y = 0.0
-    if METHOD >= METHOD_ATS:
+    if METHOD == METHOD_ATS or METHOD == METHOD_ISATS or METHOD == METHOD_DKD:
         v_y = tl.load(v_row + y_safe).to(tl.float32)
     else:
         v_y = 0.0

@@ -77,6 +77,7 @@ its row NaN and is never used as an address. Inputs arrive validated by
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -89,6 +90,8 @@ from .._isats_grid import isats_default_candidates
 from . import _launch as L
 from ._launch import LaunchConfig
 from ._modes import COUNT_FIXED, COUNT_FROM_BUFFER, COUNT_IN_KERNEL, METHOD_IDS, REDUCE_BATCHMEAN, REDUCE_IDS
+from ._llm import _llm_row_sum
+from ._modes import METHOD_JSD, METHOD_RKL
 from ._row import (_batch_count, _load_chunk, _reduce_rows, _row_label, _row_outputs, _row_scalars, _stats_init,
                    _stats_load, _stats_merge, _stats_store, _stats_update, _terms_and_grad)
 
@@ -182,6 +185,17 @@ def _kd_fused_kernel(
                                                   HAS_TARGET, SMOOTH, REUSE_CE, S_UNIT, T_UNIT, NUM_CAND, CAND_P2)
     scales = (tl.where(row_on, ce_w * inv_count, 0.0), tl.where(row_on, kd_w * inv_count, 0.0), bad)
     temps2 = (s, tau_tt, row_to)
+    if METHOD == METHOD_JSD or METHOD == METHOD_RKL:
+        # Their gradient holds a row sum over the final normalisers (._llm): one more sweep first.
+        if SINGLE:
+            d = _llm_row_sum(z, v, in_row, norms, s, tau_to, beta, METHOD, REUSE_CE, S_UNIT, T_UNIT)
+        else:
+            rsum = 0.0
+            for k in range(0, tl.cdiv(C, BLOCK)):
+                cols = k * BLOCK + cols0
+                z_k, v_k = _load_chunk(z_row, v_row, cols, cols < C, METHOD)
+                rsum += _llm_row_sum(z_k, v_k, cols < C, norms, s, tau_to, beta, METHOD, REUSE_CE, S_UNIT, T_UNIT)
+            d = rsum
     coefs = (alpha, beta, eps, tl.math.div_rn(eps, C.to(tl.float32)), d)  # eps / C: smoothing mass per class
 
     # ---- sweep 2: loss terms with the final normalisers, gradient ------------------------
@@ -346,7 +360,7 @@ def _launch(z: torch.Tensor, v: Optional[torch.Tensor], y: Optional[torch.Tensor
         return loss, rows, ce, kd, grad
 
     # Temperatures per method: student s, teacher on the label / elsewhere.
-    if spec.method in ("kd", "dkd"):
+    if spec.method in ("kd", "dkd", "jsd", "rkl"):
         s = tau_tt = tau_to = float(spec.temperature)
     elif spec.method in ("ats", "isats"):
         s, tau_tt, tau_to = float(spec.student_temperature), float(spec.tau_target), float(spec.tau_other)
@@ -358,6 +372,12 @@ def _launch(z: torch.Tensor, v: Optional[torch.Tensor], y: Optional[torch.Tensor
         num_cand, tau_max = len(spec.candidates), float(max(spec.candidates))
 
     plan = L.plan(C, spec.method, config, N)
+    if plan.path == "split" and spec.method in ("jsd", "rkl"):
+        # The split path writes each slice's gradient from the row's statistics alone; these
+        # divergences also need a row sum formed with them (._llm): the chunked path computes it.
+        _compat.log_once("fastkd: the split-row path has no jsd / rkl variant; they use the chunked path "
+                         "(numbers are unchanged, only speed differs)")
+        plan = L.plan(C, spec.method, dataclasses.replace(config or LaunchConfig(), split=False), N)
     count_mode, fixed_count, count_buf = COUNT_FIXED.value, 1.0, loss
     if reduce_id == REDUCE_BATCHMEAN.value:
         if not has_target:
@@ -375,7 +395,7 @@ def _launch(z: torch.Tensor, v: Optional[torch.Tensor], y: Optional[torch.Tensor
                float(spec.label_smoothing), s, tau_tt, tau_to, tau_max, float(spec.alpha), float(spec.beta))
     modes = dict(
         METHOD=method_id, HAS_TARGET=has_target, SMOOTH=spec.label_smoothing != 0,
-        REUSE_CE=has_target and spec.method in ("kd", "ats", "isats") and s == 1.0,
+        REUSE_CE=has_target and spec.method in ("kd", "ats", "isats", "jsd", "rkl") and s == 1.0,
         S_UNIT=s == 1.0, T_UNIT=tau_tt == 1.0 and tau_to == 1.0 and spec.method != "isats",
         CE_GRAD=write_grad and has_target and spec.ce_weight != 0,
         KD_GRAD=write_grad and spec.method != "ce" and spec.kd_weight != 0,
@@ -479,6 +499,9 @@ def fused_distill(student, teacher, target, *, method, ce_weight, kd_weight, lab
     if student.dtype == torch.float64 or (teacher is not None and teacher.dtype == torch.float64):
         raise TypeError("fused_distill computes in fp32: float64 logits go to the PyTorch reference "
                         "(fastkd.losses.functional routes them there), not to the fused kernel")
+    if method == "jsd" and float(beta) in (0.0, 1.0):
+        # Liger's end points (methods.md): beta 0 is the forward KL, i.e. kd; beta 1 the reverse KL.
+        method = "kd" if float(beta) == 0.0 else "rkl"
     if method == "isats" and candidates is None:
         candidates = isats_default_candidates(tau_target)
     spec = Spec(method=method, ce_weight=float(ce_weight), kd_weight=float(kd_weight),

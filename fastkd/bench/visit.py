@@ -127,6 +127,10 @@ def summary(work) -> str:
     cache_md = work / "cache.md"
     if cache_md.is_file():
         out += ["", "Cached teacher (benchmarks/bench_cache.py):", "", cache_md.read_text(errors="replace").strip()]
+    linear_md = work / "linear.md"
+    if linear_md.is_file():
+        out += ["", "Fused linear distillation on an LM head (fastkd bench linear):", "",
+                linear_md.read_text(errors="replace").strip()]
     if (work / "study" / "README.md").is_file():
         out += ["", "Capacity study: study/README.md in the tarball."]
     if not rows and not runs:

@@ -128,7 +128,8 @@ class TrainConfig:
     label_smoothing: float = _f(0.0, "label smoothing of the CE term", "method")
     loss_backend: str = _f("auto", "loss backend (auto: fused Triton kernels on CUDA, PyTorch reference on CPU)",
                            "method", choices=LOSS_BACKENDS)
-    temperature: Optional[float] = _f(None, "KD / DKD / DIST temperature (default: fastkd.DistillLoss's)", "method")
+    temperature: Optional[float] = _f(None, "KD / DKD / DIST / JSD / RKL temperature (default: fastkd.DistillLoss's)",
+                                      "method")
     tau_target: Optional[float] = _f(None, "ATS/ISATS teacher temperature on the label class", "method")
     tau_other: Optional[float] = _f(None, "ATS teacher temperature on the other classes", "method")
     student_temperature: Optional[float] = _f(None, "ATS/ISATS student temperature", "method")
@@ -139,6 +140,8 @@ class TrainConfig:
     dkd_warmup_epochs: Optional[float] = _f(None, "DKD warm-up epochs of the KD weight", "method")
     dist_beta: Optional[float] = _f(None, "DIST inter-class weight", "method")
     dist_gamma: Optional[float] = _f(None, "DIST intra-class weight", "method")
+    jsd_beta: Optional[float] = _f(None, "JSD beta in [0, 1] (0: forward KL(teacher||student), 1: reverse KL)",
+                                   "method")
     tolerant_eta: Optional[float] = _f(None, "teacher training (--method ce) with the tolerant-teacher loss "
                                        "CE + eta * gap (our reconstruction of Yang et al. 2018)", "method")
     tolerant_k: Optional[int] = _f(None, "tolerant-teacher K: the gap is top-1 minus the mean of the next K-1 "

@@ -6,8 +6,11 @@ from .functional import (
     dist_loss,
     dkd_loss,
     isats_loss,
+    jsd_loss,
     kd_loss,
+    rkl_loss,
 )
+from .linear import FusedLinearDistillLoss, fused_linear_distill
 from .methods import METHOD_TABLE, loss_kwargs, params_for
 from .module import METHOD_PARAMS, METHODS, DistillLoss
 
@@ -17,8 +20,12 @@ __all__ = [
     "isats_loss",
     "dkd_loss",
     "dist_loss",
+    "jsd_loss",
+    "rkl_loss",
     "cross_entropy",
     "DistillLoss",
+    "fused_linear_distill",
+    "FusedLinearDistillLoss",
     "METHODS",
     "METHOD_PARAMS",
     "METHOD_TABLE",

@@ -250,6 +250,14 @@ def _check_nonneg(name: str, value) -> float:
     return f
 
 
+def _check_fraction(name: str, value) -> float:
+    """A number in [0, 1] (JSD's beta)."""
+    f = _number(name, value)
+    if not (math.isfinite(f) and 0.0 <= f <= 1.0):
+        raise ValueError(f"{name} must be a finite number in [0, 1], got {value!r}")
+    return f
+
+
 def _check_smoothing(value) -> float:
     f = _check_nonneg("label_smoothing", value)
     if f > 1:
@@ -283,6 +291,8 @@ def check_param(kind: str, name: str, value, params: Optional[dict] = None):
     if kind == "candidates":
         tau = (params or {}).get("tau_target", 4.0)
         return _check_candidates(value, tau)
+    if kind == "fraction":
+        return _check_fraction(name, value)
     raise ValueError(f"unknown parameter kind {kind!r}")
 
 
@@ -377,8 +387,8 @@ def _kd_term(method, student_logits, teacher_logits, target, valid, reduction, i
     teacher_logits = _dense_teacher(teacher_logits, student_logits, y_raw, ignore_index, check_labels)
     lead = tuple(student_logits.shape[:-1])
     z, v = _flatten(student_logits), _flatten(teacher_logits).detach()
-    if method == "kd":
-        # KD reads no label: only the row mask decides which rows count.
+    if method == "kd" or y is None:
+        # KD reads no label (nor do JSD / RKL called without one): only the row mask decides which rows count.
         y = None if mask is None else torch.where(mask, torch.zeros_like(mask, dtype=torch.long),
                                                   torch.full_like(mask, ignore_index, dtype=torch.long))
     if _resolve_backend(backend, z) == "triton":
@@ -528,6 +538,64 @@ def dkd_loss(student_logits, teacher_logits, target, alpha=1.0, beta=8.0, temper
     return _kd_term("dkd", student_logits, teacher_logits, _need_target(target, "dkd_loss"), valid, reduction, ii,
                     backend, check_labels, lambda z, v, y: ref.dkd(z, v, y, a, b, T, ii),
                     alpha=a, beta=b, temperature=T)
+
+
+def _llm_rows(rows: Tensor, y: Optional[Tensor], ignore_index: int) -> Tensor:
+    return rows if y is None else torch.where(y != ignore_index, rows, torch.zeros_like(rows))
+
+
+def jsd_loss(student_logits, teacher_logits, beta=0.5, temperature=1.0, reduction="batchmean", backend="auto", *,
+             target=None, ignore_index=-100, valid=None, check_labels=True):
+    """Generalised Jensen-Shannon divergence (Liger-Kernel's ``beta`` convention), times ``T^2``.
+
+    With the teacher's ``P = softmax(teacher/T)``, the student's ``Q = softmax(student/T)`` and
+    ``M = beta P + (1 - beta) Q``: ``T^2 (beta KL(P || M) + (1 - beta) KL(Q || M))`` per row.
+    ``beta = 0.5`` is the symmetric JSD; the end points are defined apart, as Liger does:
+    ``beta = 0`` is the forward KL ``KL(P || Q)`` (:func:`kd_loss`), ``beta = 1`` the reverse KL
+    ``KL(Q || P)`` (:func:`rkl_loss`). At ``T = 1`` the value is Liger's ``LigerJSD``; at other
+    temperatures Liger's value is this one divided by ``T^2`` (fastkd keeps KD's ``T^2`` factor so
+    that gradient magnitudes do not shrink with ``T``).
+
+    Args:
+        beta: a number in ``[0, 1]``.
+        temperature: ``T`` (a number in fp32's normal range).
+        target: optional token labels shaped like the leading dimensions: rows labelled
+            ``ignore_index`` (-100, as Hugging Face and Liger use it) contribute 0 and are not
+            counted; without ``target`` every row counts. Also needed to densify a ``TopKTeacher``.
+        Everything else: as in :func:`kd_loss`.
+
+    Returns / Raises: as in :func:`kd_loss`.
+
+    Example::
+
+        >>> z, v = torch.randn(8, 100, requires_grad=True), torch.randn(8, 100)
+        >>> y = torch.tensor([5, 7, -100, 1, 2, 3, -100, 9])      # -100: padding / prompt tokens
+        >>> loss = fastkd.jsd_loss(z, v, beta=0.5, target=y)
+    """
+    b = _check_fraction("beta", beta)
+    T = _check_temperature("temperature", temperature)
+    ii = _check_int("ignore_index", ignore_index)
+    return _kd_term("jsd", student_logits, teacher_logits, target, valid, reduction, ii, backend, check_labels,
+                    lambda z, v, y: _llm_rows(ref.jsd(z, v, b, T), y, ii), beta=b, temperature=T)
+
+
+def rkl_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmean", backend="auto", *,
+             target=None, ignore_index=-100, valid=None, check_labels=True):
+    """Reverse KL: ``T^2 * KL(softmax(student/T) || softmax(teacher/T))`` per row (mode seeking).
+
+    Args: as in :func:`jsd_loss` (without ``beta``).
+
+    Returns / Raises: as in :func:`kd_loss`.
+
+    Example::
+
+        >>> z, v = torch.randn(8, 100, requires_grad=True), torch.randn(8, 100)
+        >>> loss = fastkd.rkl_loss(z, v, temperature=1.0)
+    """
+    T = _check_temperature("temperature", temperature)
+    ii = _check_int("ignore_index", ignore_index)
+    return _kd_term("rkl", student_logits, teacher_logits, target, valid, reduction, ii, backend, check_labels,
+                    lambda z, v, y: _llm_rows(ref.rkl(z, v, T), y, ii), temperature=T)
 
 
 def dist_loss(student_logits, teacher_logits, beta=1.0, gamma=1.0, temperature=1.0, backend="auto", *,

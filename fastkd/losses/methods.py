@@ -45,7 +45,8 @@ class Param(NamedTuple):
     default: Any    # the default (None only for ISATS' candidates: the grid derived from tau_target)
     field: str      # the TrainConfig field / YAML key; the CLI flag is --field-with-dashes
     kind: str       # "temperature" (a number in [1e-3, 100], see functional.py), "weight" (finite >= 0),
-                    # "epochs" (finite >= 0), "candidates" (a sequence of temperatures, or None)
+                    # "epochs" (finite >= 0), "candidates" (a sequence of temperatures, or None),
+                    # "fraction" (finite, in [0, 1])
     help: str
 
 
@@ -93,6 +94,15 @@ METHOD_TABLE: dict[str, Method] = {
                 Param("gamma", 1.0, "dist_gamma", "weight", "DIST intra-class weight"),
                 Param("temperature", 1.0, "temperature", _T, "DIST temperature tau")),
                (1.0, 2.0), False, False),
+        Method("jsd", "generalised Jensen-Shannon divergence (Liger's beta): T^2 (beta KL(P||M) + (1-beta) KL(Q||M)), "
+                      "M = beta P + (1-beta) Q, P teacher, Q student; beta 0: KL(P||Q), beta 1: KL(Q||P)",
+               (Param("beta", 0.5, "jsd_beta", "fraction",
+                      "JSD beta in [0, 1] (0: forward KL(teacher||student), 1: reverse KL(student||teacher))"),
+                Param("temperature", 1.0, "temperature", _T, "JSD temperature T")),
+               (0.5, 0.5), False, True),
+        Method("rkl", "reverse KL: T^2 KL(sm(z/T) || sm(v/T)) (student first, mode seeking)",
+               (Param("temperature", 1.0, "temperature", _T, "reverse-KL temperature T"),),
+               (0.5, 0.5), False, True),
     )
 }
 

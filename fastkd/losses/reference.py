@@ -42,6 +42,8 @@ __all__ = [
     "dkd",
     "dkd_warmup_weight",
     "kd_term_rows",
+    "rkl",
+    "jsd",
     "dist",
     "tolerant_gap",
     "tolerant_teacher_loss",
@@ -288,13 +290,72 @@ def dkd_warmup_weight(epoch: float, warmup_epochs: float) -> float:
     return float(min(max(epoch, 0.0) / warmup_epochs, 1.0))
 
 
+# --------------------------------------------------------------------------------------------
+# 4b. Reverse KL and the generalised Jensen-Shannon divergence (the LLM distillation losses)
+# --------------------------------------------------------------------------------------------
+def _kl_rows_masked(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """:func:`_kl_rows` whose *gradient* is also exact where ``p == 0``: both logs are zeroed
+    there before they are subtracted, so ``-inf - -inf`` is never formed (not even in a branch
+    that ``torch.where`` discards, whose NaN would otherwise reach the gradient of ``p``)."""
+    p = log_p.exp()
+    absent = p == 0
+    zero = torch.zeros_like(p)
+    return (p * (torch.where(absent, zero, log_p) - torch.where(absent, zero, log_q))).sum(-1)
+
+
+def rkl(z: Tensor, v: Tensor, temperature: float = 1.0) -> Tensor:
+    """Per-row reverse KL ``T^2 * KL(sm(z/T) || sm(v/T))`` (student first: mode seeking).
+
+    Gradient w.r.t. z: ``T * p_s * (log p_s - log p_t - KL)`` (the row's KL enters every class).
+    A class the student gives mass and the teacher masks (``-inf``) makes the row ``+inf``.
+    """
+    z, v = upcast(z), upcast(v)
+    T = float(temperature)
+    log_ps = torch.log_softmax(z / T, dim=-1)
+    log_pt = torch.log_softmax(v / T, dim=-1)
+    return T * T * _kl_rows_masked(log_ps, log_pt)
+
+
+def jsd(z: Tensor, v: Tensor, beta: float = 0.5, temperature: float = 1.0) -> Tensor:
+    """Per-row generalised Jensen-Shannon divergence, Liger-Kernel's convention, times ``T^2``.
+
+    With ``P = sm(v/T)`` (teacher), ``Q = sm(z/T)`` (student) and ``M = beta P + (1 - beta) Q``:
+    ``JSD_beta = beta KL(P || M) + (1 - beta) KL(Q || M)``. ``beta = 0.5`` is the symmetric JSD.
+    The end points are defined apart (as Liger does), not as limits (both limits are 0):
+    ``beta = 0`` is the forward KL ``KL(P || Q)`` (= :func:`kd`), ``beta = 1`` the reverse KL
+    ``KL(Q || P)`` (= :func:`rkl`). ``log M`` is formed in log space (``logaddexp``), so rows at
+    large logit magnitudes keep their exact value.
+    """
+    b = float(beta)
+    if b == 0.0:
+        return kd(z, v, temperature)
+    if b == 1.0:
+        return rkl(z, v, temperature)
+    z, v = upcast(z), upcast(v)
+    T = float(temperature)
+    log_ps = torch.log_softmax(z / T, dim=-1)
+    log_pt = torch.log_softmax(v / T, dim=-1)
+    a = log_pt + math.log(b)
+    c = log_ps + math.log1p(-b)
+    # Where both distributions are 0, log M is -inf; the inputs of logaddexp are made finite
+    # there first (its gradient at (-inf, -inf) is NaN, which would reach the student's gradient).
+    both = torch.isneginf(a.detach()) & torch.isneginf(c.detach())
+    zero = torch.zeros_like(a)
+    log_m = torch.where(both, torch.full_like(a, -math.inf),
+                        torch.logaddexp(torch.where(both, zero, a), torch.where(both, zero, c)))
+    return T * T * (b * _kl_rows_masked(log_pt, log_m) + (1.0 - b) * _kl_rows_masked(log_ps, log_m))
+
+
 def kd_term_rows(method: str, z: Tensor, v: Tensor, target: Tensor, ignore_index: int = -100, **params) -> Tensor:
-    """Per-row KD term of a row-local method (kd, ats, isats, dkd) with DistillLoss's row
+    """Per-row KD term of a row-local method (kd, ats, isats, dkd, jsd, rkl) with DistillLoss's row
     convention: rows labelled ``ignore_index`` give 0, also for plain ``kd``. ``params`` are the
     method's keywords of :data:`fastkd.losses.methods.METHOD_TABLE` (without ``warmup_epochs``)."""
     if method == "kd":
         rows = kd(label_rows(upcast(z), target, ignore_index), label_rows(upcast(v), target, ignore_index),
                   params["temperature"])
+        return torch.where(_valid_rows(target, ignore_index), rows, torch.zeros_like(rows))
+    if method in ("jsd", "rkl"):
+        rows = jsd(z, v, params["beta"], params["temperature"]) if method == "jsd" else rkl(z, v, params["temperature"])
         return torch.where(_valid_rows(target, ignore_index), rows, torch.zeros_like(rows))
     if method == "ats":
         return ats(z, v, target, params["tau_target"], params["tau_other"], params["student_temperature"],
@@ -304,7 +365,7 @@ def kd_term_rows(method: str, z: Tensor, v: Tensor, target: Tensor, ignore_index
                      ignore_index)
     if method == "dkd":
         return dkd(z, v, target, params["alpha"], params["beta"], params["temperature"], ignore_index)
-    raise ValueError(f"no per-row KD term for method {method!r} (row-local methods: kd, ats, isats, dkd)")
+    raise ValueError(f"no per-row KD term for method {method!r} (row-local methods: kd, ats, isats, dkd, jsd, rkl)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,7 +38,10 @@ def test_summary_reads_what_the_steps_left(tmp_path):
     (tmp_path / "engine-jpeg.jsonl.partial").write_text(json.dumps({
         "setting": "jpeg", "partial": True, "rows": {"naive-fair": {"images_per_s": 3000.0}}}) + "\n")
     (tmp_path / "cache.md").write_text("| run | images/s |\n|---|---:|\n| cached KD full fp16 | 7000 |\n")
+    (tmp_path / "linear.md").write_text("| N x H x V | variant | ms (fwd+bwd) |\n|---|---|---:|\n"
+                                        "| 8192 x 4096 x 128256 | fastkd | 12.5 |\n")
     text = visit.summary(tmp_path)
+    assert "| 8192 x 4096 x 128256 | fastkd | 12.5 |" in text
     assert "| cached KD full fp16 | 7000 |" in text
     assert "NVIDIA H200, commit abc1234" in text
     assert "| ops-tests | failed (rc 1) | 80 (150) | 1 failed, 131 passed in 79.2s |" in text

@@ -85,6 +85,8 @@ def test_kd_run_reports_the_teachers_metrics(teacher_run, digits_root, tmp_path)
     ("isats", {"tau_target": 3.0}),
     ("dkd", {"dkd_beta": 2.0, "dkd_warmup_epochs": 1.0}),
     ("dist", {}),
+    ("jsd", {"jsd_beta": 0.3, "temperature": 2.0}),
+    ("rkl", {"temperature": 2.0}),
 ])
 def test_every_method_trains(method, params, tmp_path):
     """With the CE weight at 0, the method's own distillation term is the only force on the

@@ -75,7 +75,7 @@ def test_kd_on_a_topk_teacher_equals_kd_on_its_dense_row(backend):
                                    rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["kd", "isats", "dkd", "dist"])
+@pytest.mark.parametrize("method", ["kd", "isats", "dkd", "dist", "jsd", "rkl"])
 def test_distill_loss_takes_a_topk_teacher(method):
     z, v, y = data()
     valid = torch.tensor([True, True, False, True, True, True])

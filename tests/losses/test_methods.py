@@ -10,11 +10,12 @@ from fastkd.losses import methods as M
 from fastkd.losses.module import METHOD_PARAMS
 
 FUNCTIONS = {"kd": fastkd.kd_loss, "ats": fastkd.ats_loss, "isats": fastkd.isats_loss,
-             "dkd": fastkd.dkd_loss, "dist": fastkd.dist_loss}
+             "dkd": fastkd.dkd_loss, "dist": fastkd.dist_loss, "jsd": fastkd.jsd_loss, "rkl": fastkd.rkl_loss}
 
 
 def test_methods_and_distill_loss_params_come_from_the_table():
-    assert fastkd.losses.METHODS == tuple(M.METHOD_TABLE) == ("ce", "kd", "ats", "isats", "dkd", "dist")
+    assert fastkd.losses.METHODS == tuple(M.METHOD_TABLE) == ("ce", "kd", "ats", "isats", "dkd", "dist",
+                                                                         "jsd", "rkl")
     for name, method in M.METHOD_TABLE.items():
         assert METHOD_PARAMS[name] == {p.name: p.default for p in method.params}
         assert method.description and all(p.help and p.field for p in method.params)
@@ -52,7 +53,8 @@ def test_loss_kwargs_maps_config_fields_to_loss_keywords():
 
 def test_config_fields_and_their_methods_match_the_engine_config():
     fields = M.config_fields()
-    assert fields["temperature"].methods == ("kd", "dkd", "dist")
+    assert fields["temperature"].methods == ("kd", "dkd", "dist", "jsd", "rkl")
+    assert fields["jsd_beta"].methods == ("jsd",)
     assert fields["dkd_beta"].methods == ("dkd",) and fields["dist_beta"].methods == ("dist",)
     for name, f in fields.items():
         assert name in C.FIELDS, name  # every table field is a config field / CLI flag

@@ -9,7 +9,7 @@ import fastkd
 from fastkd.losses import reference as ref
 
 METHODS = {"kd": {"temperature": 2.0}, "ats": {}, "isats": {"tau_target": 3.0, "candidates": (1.0, 2.0, 3.0)}, "dkd": {"beta": 2.0},
-           "dist": {"gamma": 2.0}, "ce": {}}
+           "dist": {"gamma": 2.0}, "ce": {}, "jsd": {"beta": 0.3, "temperature": 2.0}, "rkl": {"temperature": 1.5}}
 BACKENDS = ["torch", "triton"]
 
 
