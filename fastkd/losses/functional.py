@@ -397,6 +397,9 @@ def _kd_term(method, student_logits, teacher_logits, target, valid, reduction, i
         return loss.reshape(lead) if reduction == "none" else loss
     if method == "kd":  # rows left out by the mask are zeroed first: exactly 0 and a zero gradient, even if NaN
         rows = _zero_masked(ref_rows(ref.zero_rows(z, mask), ref.zero_rows(v, mask), y), mask)
+    elif method in ("jsd", "rkl"):  # label-free too: the rows that count are those y keeps (mask folded in)
+        keep = None if y is None else y != ignore_index
+        rows = _zero_masked(ref_rows(ref.zero_rows(z, keep), ref.zero_rows(v, keep), y), keep)
     else:
         rows = ref_rows(z, v, y)
     count = None if y is None else _valid_count(y, ignore_index)

@@ -354,9 +354,11 @@ def kd_term_rows(method: str, z: Tensor, v: Tensor, target: Tensor, ignore_index
         rows = kd(label_rows(upcast(z), target, ignore_index), label_rows(upcast(v), target, ignore_index),
                   params["temperature"])
         return torch.where(_valid_rows(target, ignore_index), rows, torch.zeros_like(rows))
-    if method in ("jsd", "rkl"):
+    if method in ("jsd", "rkl"):  # label-free: left-out rows are zeroed first (exactly 0, zero gradient, even if NaN)
+        keep = _valid_rows(target, ignore_index)
+        z, v = zero_rows(upcast(z), keep), zero_rows(upcast(v), keep)
         rows = jsd(z, v, params["beta"], params["temperature"]) if method == "jsd" else rkl(z, v, params["temperature"])
-        return torch.where(_valid_rows(target, ignore_index), rows, torch.zeros_like(rows))
+        return torch.where(keep, rows, torch.zeros_like(rows))
     if method == "ats":
         return ats(z, v, target, params["tau_target"], params["tau_other"], params["student_temperature"],
                    ignore_index)
