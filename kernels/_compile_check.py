@@ -16,6 +16,10 @@ import subprocess
 import sys
 import tempfile
 
+from ._modes import COUNT_FIXED, COUNT_FROM_BUFFER, COUNT_IN_KERNEL
+from ._modes import METHOD_IDS as M
+from ._modes import REDUCE_IDS as R
+
 
 class ToolchainMissing(RuntimeError):
     pass
@@ -23,35 +27,34 @@ class ToolchainMissing(RuntimeError):
 
 # (description, constexpr overrides). The base is kd + CE, fp16-family input, batchmean. Variants
 # with SPLIT compile the split-row kernel (its BLOCK is a slice; SINGLE / PREFETCH do not apply).
+_BUF = COUNT_FROM_BUFFER.value   # batchmean denominator from a device reduction (chunked / split paths)
+_CHUNKED = dict(BLOCK=2048, SINGLE=False, PREFETCH=True)
+_T_NOT_1 = dict(S_UNIT=False, T_UNIT=False)
+_NO_LABELS = dict(HAS_TARGET=False, REUSE_CE=False, CE_GRAD=False, COUNT_MODE=COUNT_FIXED.value)
+_ISATS16 = dict(METHOD=M["isats"], NUM_CAND=16, CAND_P2=16)
 VARIANTS = [
     ("kd+ce single 1024 (ImageNet)", dict()),
-    ("ats+smoothing single 8192", dict(METHOD=2, SMOOTH=True, BLOCK=8192, T_UNIT=False)),
-    ("kd+ce chunked (32000, 128256)", dict(BLOCK=2048, SINGLE=False, COUNT_MODE=2, PREFETCH=True)),
-    ("isats 16 candidates chunked", dict(METHOD=3, NUM_CAND=16, CAND_P2=16, BLOCK=2048, SINGLE=False,
-                                         PREFETCH=True, T_UNIT=False)),
-    ("isats 16 candidates single 4096", dict(METHOD=3, NUM_CAND=16, CAND_P2=16, BLOCK=4096, T_UNIT=False)),
-    ("dkd chunked, T != 1", dict(METHOD=4, REUSE_CE=False, BLOCK=2048, SINGLE=False, COUNT_MODE=2, PREFETCH=True,
-                                 S_UNIT=False, T_UNIT=False)),
-    ("dkd single 8192, T != 1", dict(METHOD=4, REUSE_CE=False, BLOCK=8192, S_UNIT=False, T_UNIT=False)),
-    ("ce only, reduction none", dict(METHOD=0, REUSE_CE=False, REDUCE=0, KD_GRAD=False)),
-    ("kd without labels chunked, T != 1", dict(HAS_TARGET=False, REUSE_CE=False, CE_GRAD=False, COUNT_MODE=0,
-                                               BLOCK=2048, SINGLE=False, PREFETCH=True, S_UNIT=False, T_UNIT=False)),
-    ("kd+ce split (128256)", dict(SPLIT=True, BLOCK=4096, S_P2=32, COUNT_MODE=2)),
-    ("isats 16 candidates split", dict(SPLIT=True, METHOD=3, NUM_CAND=16, CAND_P2=16, BLOCK=2048, S_P2=64, COUNT_MODE=2,
-                                       T_UNIT=False)),
-    ("dkd split, T != 1", dict(SPLIT=True, METHOD=4, REUSE_CE=False, BLOCK=4096, S_P2=32, COUNT_MODE=2, S_UNIT=False,
-                               T_UNIT=False)),
+    ("ats+smoothing single 8192", dict(METHOD=M["ats"], SMOOTH=True, BLOCK=8192, T_UNIT=False)),
+    ("kd+ce chunked (32000, 128256)", dict(**_CHUNKED, COUNT_MODE=_BUF)),
+    ("isats 16 candidates chunked", dict(**_ISATS16, **_CHUNKED, T_UNIT=False)),
+    ("isats 16 candidates single 4096", dict(**_ISATS16, BLOCK=4096, T_UNIT=False)),
+    ("dkd chunked, T != 1", dict(METHOD=M["dkd"], REUSE_CE=False, **_CHUNKED, COUNT_MODE=_BUF, **_T_NOT_1)),
+    ("dkd single 8192, T != 1", dict(METHOD=M["dkd"], REUSE_CE=False, BLOCK=8192, **_T_NOT_1)),
+    ("ce only, reduction none", dict(METHOD=M["ce"], REUSE_CE=False, REDUCE=R["none"], KD_GRAD=False)),
+    ("kd without labels chunked, T != 1", dict(**_NO_LABELS, **_CHUNKED, **_T_NOT_1)),
+    ("kd+ce split (128256)", dict(SPLIT=True, BLOCK=4096, S_P2=32, COUNT_MODE=_BUF)),
+    ("isats 16 candidates split", dict(SPLIT=True, **_ISATS16, BLOCK=2048, S_P2=64, COUNT_MODE=_BUF, T_UNIT=False)),
+    ("dkd split, T != 1", dict(SPLIT=True, METHOD=M["dkd"], REUSE_CE=False, BLOCK=4096, S_P2=32, COUNT_MODE=_BUF,
+                               **_T_NOT_1)),
 ]
-VARIANTS += [  # the language-model divergences (METHOD 5 = jsd, 6 = rkl; their row-sum sweep)
-    ("jsd chunked (128256), bf16 LM head", dict(METHOD=5, BLOCK=2048, SINGLE=False, COUNT_MODE=2, PREFETCH=True)),
-    ("jsd single 8192, T != 1", dict(METHOD=5, REUSE_CE=False, BLOCK=8192, S_UNIT=False, T_UNIT=False)),
-    ("rkl without labels chunked, T != 1", dict(METHOD=6, HAS_TARGET=False, REUSE_CE=False, CE_GRAD=False,
-                                                COUNT_MODE=0, BLOCK=2048, SINGLE=False, PREFETCH=True, S_UNIT=False,
-                                                T_UNIT=False)),
+VARIANTS += [  # the language-model divergences (their row-sum sweep)
+    ("jsd chunked (128256), bf16 LM head", dict(METHOD=M["jsd"], **_CHUNKED, COUNT_MODE=_BUF)),
+    ("jsd single 8192, T != 1", dict(METHOD=M["jsd"], REUSE_CE=False, BLOCK=8192, **_T_NOT_1)),
+    ("rkl without labels chunked, T != 1", dict(METHOD=M["rkl"], **_NO_LABELS, **_CHUNKED, **_T_NOT_1)),
 ]
-BASE = dict(METHOD=1, HAS_TARGET=True, SMOOTH=False, REUSE_CE=True, CE_GRAD=True, KD_GRAD=True, WRITE_GRAD=True,
-            REDUCE=2, COUNT_MODE=1, NUM_CAND=1, CAND_P2=2, BLOCK=1024, SINGLE=True, PREFETCH=False, BLOCK_N=1024,
-            S_UNIT=True, T_UNIT=True)
+BASE = dict(METHOD=M["kd"], HAS_TARGET=True, SMOOTH=False, REUSE_CE=True, CE_GRAD=True, KD_GRAD=True, WRITE_GRAD=True,
+            REDUCE=R["batchmean"], COUNT_MODE=COUNT_IN_KERNEL.value, NUM_CAND=1, CAND_P2=2, BLOCK=1024, SINGLE=True,
+            PREFETCH=False, BLOCK_N=1024, S_UNIT=True, T_UNIT=True)
 
 _PTRS = {"z_ptr": "*bf16", "v_ptr": "*bf16", "y_ptr": "*i64", "grad_ptr": "*bf16", "ce_ptr": "*fp32",
          "kd_ptr": "*fp32", "rows_ptr": "*fp32", "loss_ptr": "*fp32", "counter_ptr": "*i32", "count_ptr": "*i64",

@@ -43,11 +43,14 @@ import time
 from pathlib import Path
 
 from .. import _compat
+from ..losses.methods import METHOD_TABLE
 from .common import machine
 
 DEFAULT_SHAPES = "256x1000,4096x32000,8192x128256"
 DRY_RUN_SHAPES = "8x100,4x9000"
-METHODS = ("kd", "ats", "isats", "dkd", "dist")
+# Every method of the table with a teacher (fastkd.losses.methods.METHOD_TABLE); each has a plain
+# fp32 baseline in PLAIN (a test fails when one is missing).
+METHODS = tuple(m for m in METHOD_TABLE if m != "ce")
 IMPLS = ("fastkd", "fastkd-split", "eager", "compile", "liger-kl", "liger-jsd")
 ALIASES = {"liger": ("liger-kl", "liger-jsd")}
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -241,7 +244,40 @@ def plain_dist(z, v, y, *, beta, gamma, temperature, ce_weight, kd_weight):
     return ce_weight * _ce(z, y) + kd_weight * (T * T) * (beta * inter + gamma * intra)
 
 
-PLAIN = {"kd": plain_kd, "ats": plain_ats, "isats": plain_isats, "dkd": plain_dkd, "dist": plain_dist}
+def _log_softmaxes(z, v, T):
+    import torch.nn.functional as F
+
+    return F.log_softmax(z.float() / T, -1), F.log_softmax(v.float() / T, -1)
+
+
+def plain_jsd(z, v, y, *, beta, temperature, ce_weight, kd_weight):
+    """Generalised JSD as Liger-Kernel's PyTorch reference writes it (its beta; end points the
+    forward / reverse KL), times T^2, in fp32."""
+    import math
+
+    import torch
+
+    T = temperature
+    log_q, log_p = _log_softmaxes(z, v, T)  # student, teacher
+    if beta == 0.0:
+        div = (log_p.exp() * (log_p - log_q)).sum(-1)
+    elif beta == 1.0:
+        div = (log_q.exp() * (log_q - log_p)).sum(-1)
+    else:
+        log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), 0)
+        div = (beta * (log_p.exp() * (log_p - log_m)) + (1 - beta) * (log_q.exp() * (log_q - log_m))).sum(-1)
+    return ce_weight * _ce(z.float(), y) + kd_weight * (T * T) * div.mean()
+
+
+def plain_rkl(z, v, y, *, temperature, ce_weight, kd_weight):
+    """Reverse KL(student || teacher) (GKD / MiniLLM style), times T^2, in fp32."""
+    T = temperature
+    log_q, log_p = _log_softmaxes(z, v, T)
+    return ce_weight * _ce(z.float(), y) + kd_weight * (T * T) * (log_q.exp() * (log_q - log_p)).sum(-1).mean()
+
+
+PLAIN = {"kd": plain_kd, "ats": plain_ats, "isats": plain_isats, "dkd": plain_dkd, "dist": plain_dist,
+         "jsd": plain_jsd, "rkl": plain_rkl}
 
 
 def eager_kd_ce(z, v, y, temperature: float, ce_weight: float, kd_weight: float):

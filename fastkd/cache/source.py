@@ -60,13 +60,16 @@ def check_cache(manifest: dict, wanted: dict, epochs: Iterable[int], *, root="",
 def teacher_temperatures(cfg) -> list:
     """The temperatures the run's logit method applies to the teacher (ISATS: its candidates too)."""
     from ..engine import config as C
-    from ..losses.methods import defaults, loss_kwargs
+    from ..losses.methods import defaults, loss_kwargs, params_for
 
     method = C.logit_method(cfg)
     params = {**defaults(method), **loss_kwargs(method, cfg)}
-    temps = [params.get(k) for k in ("temperature", "tau_target", "tau_other")]
-    temps += list(params.get("candidates") or [])
-    return [float(t) for t in temps if t is not None]
+    temps = []
+    for p in params_for(method):  # the table says which parameters divide the teacher's logits
+        if p.kind in ("temperature", "candidates") and p.scales != "student" and params.get(p.name) is not None:
+            value = params[p.name]
+            temps += list(value) if p.kind == "candidates" else [value]
+    return [float(t) for t in temps]
 
 
 def warn_topk_temperature(cfg) -> None:

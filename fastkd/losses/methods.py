@@ -48,6 +48,8 @@ class Param(NamedTuple):
                     # "epochs" (finite >= 0), "candidates" (a sequence of temperatures, or None),
                     # "fraction" (finite, in [0, 1])
     help: str
+    scales: str = "both"  # for temperatures: the logits it divides, "both", "teacher" or "student" (the
+                          # teacher cache warns about top-K rows at teacher temperatures other than 1)
 
 
 class Method(NamedTuple):
@@ -71,17 +73,17 @@ METHOD_TABLE: dict[str, Method] = {
                (0.5, 0.5), False, True),
         Method("ats", "asymmetric temperature scaling (Li et al. 2022): teacher label logit / tau_target, "
                       "others / tau_other",
-               (Param("tau_target", 4.0, "tau_target", _T, "teacher temperature on the label class"),
-                Param("tau_other", 2.0, "tau_other", _T, "teacher temperature on the other classes"),
+               (Param("tau_target", 4.0, "tau_target", _T, "teacher temperature on the label class", "teacher"),
+                Param("tau_other", 2.0, "tau_other", _T, "teacher temperature on the other classes", "teacher"),
                 Param("student_temperature", 1.0, "student_temperature", _T,
-                      "student temperature s (released setting 1)")),
+                      "student temperature s (released setting 1)", "student")),
                (0.5, 0.5), True, True),
         Method("isats", "instance-specific ATS: tau_other chosen per row from a candidate grid",
-               (Param("tau_target", 4.0, "tau_target", _T, "teacher temperature on the label class"),
+               (Param("tau_target", 4.0, "tau_target", _T, "teacher temperature on the label class", "teacher"),
                 Param("candidates", None, "isats_candidates", "candidates",
-                      "candidate tau_other values (default: 16 values in [0.5, tau_target])"),
+                      "candidate tau_other values (default: 16 values in [0.5, tau_target])", "teacher"),
                 Param("student_temperature", 1.0, "student_temperature", _T,
-                      "student temperature s (released setting 1)")),
+                      "student temperature s (released setting 1)", "student")),
                (0.5, 0.5), True, True),
         Method("dkd", "decoupled KD (Zhao et al. 2022): T^2 (alpha TCKD + beta NCKD), warm-up weight",
                (Param("alpha", 1.0, "dkd_alpha", "weight", "DKD weight of TCKD"),

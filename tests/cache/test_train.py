@@ -75,7 +75,8 @@ def loss_inputs(cache: Path, tiny_jpegs):
     return idx, z, labels, dense
 
 
-METHODS = {"kd": dict(temperature=2.0), "ats": {}, "isats": {}, "dkd": {}, "dist": {}}
+# Every method with a teacher, from the table (a new one is covered without a list to update).
+METHODS = {m: (dict(temperature=2.0) if m == "kd" else {}) for m in __import__("fastkd").losses.METHODS if m != "ce"}
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
@@ -380,6 +381,23 @@ def test_a_preset_naming_the_teacher_trains_from_the_cache_without_its_checkpoin
                              full_cache, "--output", tmp_path / "r"]]
     args[args.index("--epochs") + 1] = "1"
     assert cli.main(args) == 0
+
+
+def test_every_teacher_temperature_of_the_table_reaches_the_top_k_warning():
+    """Each temperature parameter of each method that divides the teacher's logits is found by
+    teacher_temperatures (a new method's parameter joins without a list to update); a student-only
+    temperature is not."""
+    from fastkd.cache.source import teacher_temperatures
+    from fastkd.engine import config as C
+    from fastkd.losses.methods import METHOD_TABLE
+
+    for name, method in METHOD_TABLE.items():
+        for i, p in enumerate(method.params):
+            if p.kind != "temperature":
+                continue
+            value = 7.0 + i / 8  # distinct from every default
+            temps = teacher_temperatures(C.TrainConfig(method=name, **{p.field: value}))
+            assert (value in temps) == (p.scales != "student"), (name, p.name, temps)
 
 
 def test_topk_cache_warns_at_a_teacher_temperature_other_than_1(tiny_jpegs, teacher_ckpt, tmp_path, caplog):

@@ -81,3 +81,11 @@ def test_every_row_local_method_has_a_reference_row_term_taking_the_table_keywor
         assert rows.shape == (4,) and rows[1] == 0 and (rows[[0, 2, 3]] > 0).all(), name
     with pytest.raises(ValueError, match="no per-row KD term for method 'dist'"):
         ref.kd_term_rows("dist", z, v, y)
+
+
+def test_every_temperature_says_which_logits_it_divides():
+    for method in M.METHOD_TABLE.values():
+        for p in method.params:
+            assert p.scales in ("both", "teacher", "student"), (method.name, p)
+            if p.kind != "temperature":
+                assert p.scales in ("both", "teacher"), (method.name, p)

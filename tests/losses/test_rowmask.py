@@ -13,6 +13,12 @@ METHODS = {"kd": {"temperature": 2.0}, "ats": {}, "isats": {"tau_target": 3.0, "
 BACKENDS = ["torch", "triton"]
 
 
+def test_every_method_of_the_table_is_row_mask_tested():
+    from fastkd.losses.methods import METHOD_TABLE
+
+    assert set(METHODS) == set(METHOD_TABLE)
+
+
 def data(n=6, c=7, seed=0):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(n, c, generator=g) * 3

@@ -51,6 +51,13 @@ PARAMS = {
 }
 KD_METHODS = list(PARAMS)
 
+
+def test_every_kernel_method_of_the_table_is_parametrised():
+    """A method added to the table's row-local kernel methods joins every test here via PARAMS."""
+    from fastkd.losses.methods import METHOD_TABLE
+
+    assert set(PARAMS) == {m for m, spec in METHOD_TABLE.items() if spec.row_local and m != "ce"}
+
 # The interpreter evaluates kernels with numpy: an invalid operation (-inf - -inf, log(0) of an
 # unused empty sum) warns, and such warnings fail these tests (the -inf-masking tests below
 # produce legitimate infinities, which do not warn).
