@@ -692,6 +692,14 @@ def validate(cfg: TrainConfig) -> None:
         need(1 <= cfg.eskd_stop_epoch < cfg.epochs,
              f"--eskd-stop-epoch must be in [1, epochs) = [1, {cfg.epochs}) to have an effect, "
              f"got {cfg.eskd_stop_epoch}")
+    cfg.__dict__["_valid_values"] = dataclasses.astuple(cfg)  # for ensure_valid
+
+
+def ensure_valid(cfg: TrainConfig) -> None:
+    """:func:`validate` ``cfg`` unless it passed with exactly these values already (a config from
+    :func:`make_config` or :func:`from_args`, unchanged since): every config is validated once."""
+    if cfg.__dict__.get("_valid_values") != dataclasses.astuple(cfg):
+        validate(cfg)
 
 
 def _validate_pretrained(cfg: TrainConfig, need) -> None:
