@@ -512,6 +512,11 @@ def check_teacher_weights(cfg: TrainConfig) -> None:
                           f"(benchmarks only)")
 
 
+# The file that makes a folder a teacher cache (fastkd.cache.store.MANIFEST; the engine never
+# imports the cache, which builds on it).
+CACHE_MANIFEST = "manifest.json"
+
+
 def check_input_files(cfg: TrainConfig) -> None:
     """The files and folders a run reads exist, checked before the data is indexed (minutes on a
     large data set): ``--teacher-checkpoint``, ``--student-checkpoint``, a ``--resume`` path and
@@ -527,15 +532,13 @@ def check_input_files(cfg: TrainConfig) -> None:
         if not path.is_file():
             raise FileNotFoundError(f"{flag(name)} {value} is a folder, not a checkpoint file")
     if cfg.teacher_cache is not None:
-        from ..cache.store import MANIFEST
-
         path = Path(cfg.teacher_cache).expanduser()
         if not path.is_dir():
             raise FileNotFoundError(f"--teacher-cache {cfg.teacher_cache} does not exist (build one with "
                                     f"'fastkd cache build')")
-        if not (path / MANIFEST).is_file():
+        if not (path / CACHE_MANIFEST).is_file():
             raise FileNotFoundError(f"--teacher-cache {cfg.teacher_cache} is not a teacher cache: it has no "
-                                    f"{MANIFEST} (build one with 'fastkd cache build')")
+                                    f"{CACHE_MANIFEST} (build one with 'fastkd cache build')")
 
 
 def make_config(**overrides) -> TrainConfig:

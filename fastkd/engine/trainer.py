@@ -55,16 +55,16 @@ class Trainer:
     :class:`~fastkd.engine.teacher.TeacherSource`, or a callable ``f(trainer) -> TeacherSource``
     called once the loaders exist (``trainer.train_loader``, ``trainer.classes``,
     ``trainer.device``, ``trainer.settings`` are set); a source without a model (``has_model=False``,
-    e.g. the teacher-output cache) means no teacher model is built:
+    e.g. the teacher-output cache, :func:`fastkd.recipes.train`) means no teacher model is built:
     no teacher forward, no teacher memory, no teacher validation metrics.
     """
 
     def __init__(self, cfg: C.TrainConfig, teacher_source=None):
         C.ensure_valid(cfg)
         if teacher_source is None and cfg.teacher_cache is not None:
-            from ..cache.source import CachedTeacher  # --teacher-cache DIR: no teacher model
-
-            teacher_source = CachedTeacher.for_trainer
+            raise C.ConfigError("--teacher-cache: the engine alone does not read teacher caches; run this config "
+                                "with fastkd.recipes.train(cfg) (what 'fastkd train' calls), or pass "
+                                "teacher_source=fastkd.cache.source.CachedTeacher.for_trainer")
         self.cfg = cfg
         self._teacher_source_arg = teacher_source
         if cfg.deterministic:
@@ -382,5 +382,8 @@ class Trainer:
 
 
 def train(cfg: C.TrainConfig) -> dict:
-    """Run ``fastkd train`` with a config; returns ``{"output", "epochs": [records], "best_top1", ...}``."""
+    """Run ``fastkd train`` with a config; returns ``{"output", "epochs": [records], "best_top1", ...}``.
+
+    The engine's teacher is the online model; a config with ``teacher_cache`` runs through
+    :func:`fastkd.recipes.train`, which also picks the cache's teacher source."""
     return Trainer(cfg).run()

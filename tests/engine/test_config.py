@@ -122,7 +122,7 @@ def test_presets_hold_what_they_claim():
     # issue 13 item 7 / issue 12 item 9: more than existence. Every preset is claimed here, loads,
     # resolves (validation + the CLI's teacher-weights rule with a checkpoint given) and its values
     # match its claims; its --list-presets line names its setting.
-    from fastkd.engine.cli import preset_line
+    from fastkd.train_cli import preset_line
 
     assert sorted(PRESET_CLAIMS) == C.presets()
     for name, claims in PRESET_CLAIMS.items():
