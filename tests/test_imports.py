@@ -1,12 +1,18 @@
-"""The package's module-level imports run in one direction: no module imports, at import time,
-a module that (directly or through others) imports it back.
+"""The package's imports run in one direction.
+
+Module level: no module imports, at import time, a module that (directly or through others)
+imports it back. Between subpackages (``fastkd.engine``, ``fastkd.cache``, ``fastkd.losses``,
+``fastkd.kernels``, ``fastkd.analysis``, ``fastkd.data``, ``fastkd.models``, ``fastkd.bench``; each
+root module such as ``fastkd.recipes`` counts on its own), imports inside functions count too: a
+deferred import hides a cycle from Python, not from the design. The ``cli`` modules are entry points
+that the ``fastkd`` dispatcher loads by name: library code never imports them.
 
 The graph is built from the installed package's source with ``ast`` (nothing is imported):
 one node per module of ``fastkd`` (``fastkd.kernels`` included, wherever it is installed from),
 an edge for every import statement at module level (inside top-level ``if`` / ``try`` / ``with``
-blocks too, but not inside functions or classes, and not under ``if TYPE_CHECKING:``). Importing
-a submodule also initialises its parent packages; those implicit edges are left out, as Python
-handles a parent package that is still initialising.
+blocks too, but not inside functions or classes, and not under ``if TYPE_CHECKING:``), or, for the
+subpackage graph, at any depth. Importing a submodule also initialises its parent packages; those
+implicit edges are left out, as Python handles a parent package that is still initialising.
 """
 from __future__ import annotations
 
@@ -55,7 +61,26 @@ def _top_level_imports(tree: ast.Module):
             todo += node.body
 
 
-def import_graph(root: str = "fastkd") -> dict[str, set[str]]:
+def _all_imports(tree: ast.Module):
+    """Every import statement, at any depth (inside functions and classes too), except under
+    ``if TYPE_CHECKING:``."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+            continue
+        if isinstance(node, ast.If):
+            test = node.test
+            if (test.id if isinstance(test, ast.Name) else getattr(test, "attr", None)) == "TYPE_CHECKING":
+                todo += node.orelse
+                continue
+        todo += list(ast.iter_child_nodes(node))
+
+
+def import_graph(root: str = "fastkd", *, in_functions: bool = False) -> dict[str, set[str]]:
+    """Module -> the modules it imports: at module level, or (``in_functions``) anywhere."""
+    walk = _all_imports if in_functions else _top_level_imports
     modules = _modules(root)
     # kernels/ is installed as fastkd.kernels from outside fastkd/ (package-dir mapping), so an
     # editable install does not list it among fastkd's folders: add it by name.
@@ -66,7 +91,7 @@ def import_graph(root: str = "fastkd") -> dict[str, set[str]]:
         is_pkg = path.name == "__init__.py"
         package = name if is_pkg else name.rpartition(".")[0]
         edges: set[str] = set()
-        for node in _top_level_imports(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        for node in walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
                 edges.update(t for t in targets if t in modules)
@@ -87,6 +112,27 @@ def import_graph(root: str = "fastkd") -> dict[str, set[str]]:
         edges.discard(name)
         graph[name] = edges
     return graph
+
+
+def unit(module: str, graph: dict[str, set[str]]) -> str:
+    """The subpackage a module belongs to (``fastkd.engine.trainer`` -> ``fastkd.engine``); a root
+    module (``fastkd.cli``, ``fastkd.recipes``) and the root package are units of their own."""
+    parts = module.split(".")
+    if len(parts) > 2 or (len(parts) == 2 and any(m.startswith(module + ".") for m in graph)):
+        return ".".join(parts[:2])
+    return module
+
+
+def subpackage_graph() -> dict[str, set[str]]:
+    """Unit -> the units it imports, counting imports inside functions."""
+    graph = import_graph(in_functions=True)
+    units: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        u = unit(module, graph)
+        units.setdefault(u, set()).update(unit(t, graph) for t in targets)
+    for u, targets in units.items():
+        targets.discard(u)
+    return units
 
 
 def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -171,3 +217,44 @@ def test_data_backends_import_only_base_decode_and_index():
     allowed = {"fastkd.data.base", "fastkd.data.decode", "fastkd.data.index", "fastkd._compat"}
     for backend in ("fastkd.data.torch_loader", "fastkd.data.dali", "fastkd.data.synthetic"):
         assert graph[backend] <= allowed, (backend, graph[backend] - allowed)
+
+
+def test_the_function_level_walk_sees_deferred_imports():
+    graph = import_graph(in_functions=True)
+    # fastkd.losses.functional imports the kernels inside a function only (they compile on first use)
+    assert "fastkd.kernels" in graph["fastkd.losses.functional"]
+    assert "fastkd.kernels" not in import_graph()["fastkd.losses.functional"]
+    units = subpackage_graph()
+    assert {"fastkd.engine", "fastkd.cache", "fastkd.losses", "fastkd.kernels", "fastkd.data", "fastkd.models",
+            "fastkd.analysis", "fastkd.bench", "fastkd.cli", "fastkd.recipes"} <= set(units)
+    assert "fastkd.engine" in units["fastkd.cache"]  # the cache builds on the engine
+
+
+def test_no_import_cycles_between_subpackages():
+    cycles = find_cycles(subpackage_graph())
+    if cycles:
+        pytest.fail("import cycles between subpackages (imports inside functions included):\n"
+                    + "\n".join("  " + " -> ".join(c) for c in cycles))
+
+
+def test_the_engine_never_imports_the_cache():
+    """The cache builds on the engine (its teacher source, config, loaders); the choice of the cache's
+    source for a run is made above both, in fastkd.recipes."""
+    graph = import_graph(in_functions=True)
+    offenders = sorted(f"{m} -> {t}" for m, targets in graph.items() if m.startswith("fastkd.engine")
+                       for t in targets if t == "fastkd.cache" or t.startswith("fastkd.cache."))
+    assert not offenders, offenders
+    from fastkd.cache import store
+    from fastkd.engine import config
+
+    assert config.CACHE_MANIFEST == store.MANIFEST  # the engine names the cache's manifest without importing it
+
+
+def test_library_code_never_imports_a_cli_module():
+    """``cli`` modules hold argument parsing and ``main``; what they compute lives in library modules
+    (e.g. fastkd.analysis.report), which the demo and the study import instead."""
+    graph = import_graph(in_functions=True)
+    is_cli = [m for m in graph if m.rpartition(".")[2] in ("cli", "train_cli")]
+    offenders = sorted(f"{m} -> {t}" for m, targets in graph.items() for t in targets
+                       if t in is_cli and m != "fastkd.__main__")  # python -m fastkd runs the dispatcher
+    assert not offenders, offenders

@@ -297,7 +297,7 @@ def run_study(cfg: StudyConfig, on_start: Optional[Callable[[], None]] = None) -
     from ..losses import DistillLoss
     from ..losses import reference as ref
     from ..models import create_model
-    from .cli import analyze
+    from .report import analyze
 
     cfg.validate()
     device = _resolve_device(cfg.device)
@@ -564,13 +564,13 @@ def write_criteria(cfg: StudyConfig, out_dir) -> None:
 
 
 def write_study(res: dict, out_dir, plots: bool = True) -> list[Path]:
-    from .cli import _json_safe
+    from .report import json_safe
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, obj in (("summary.json", summary(res)), ("study.json", res)):
-        (out / name).write_text(json.dumps(_json_safe(obj), indent=2) + "\n")
+        (out / name).write_text(json.dumps(json_safe(obj), indent=2) + "\n")
         written.append(out / name)
     (out / "README.md").write_text(format_criteria(res["config"]) + format_results(res))
     written.append(out / "README.md")

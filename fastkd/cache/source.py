@@ -21,8 +21,7 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-from ..engine.runner import TeacherOutput
-from ..engine.teacher import TeacherSource
+from ..engine.teacher import TeacherOutput, TeacherSource
 from . import store
 from .build import first_mismatch, run_fields
 

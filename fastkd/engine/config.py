@@ -515,6 +515,11 @@ def check_teacher_weights(cfg: TrainConfig) -> None:
                           f"(benchmarks only)")
 
 
+# The file that makes a folder a teacher cache (fastkd.cache.store.MANIFEST; the engine never
+# imports the cache, which builds on it).
+CACHE_MANIFEST = "manifest.json"
+
+
 def check_input_files(cfg: TrainConfig) -> None:
     """The files and folders a run reads exist, checked before the data is indexed (minutes on a
     large data set): ``--teacher-checkpoint``, ``--student-checkpoint``, a ``--resume`` path and
@@ -530,15 +535,13 @@ def check_input_files(cfg: TrainConfig) -> None:
         if not path.is_file():
             raise FileNotFoundError(f"{flag(name)} {value} is a folder, not a checkpoint file")
     if cfg.teacher_cache is not None:
-        from ..cache.store import MANIFEST
-
         path = Path(cfg.teacher_cache).expanduser()
         if not path.is_dir():
             raise FileNotFoundError(f"--teacher-cache {cfg.teacher_cache} does not exist (build one with "
                                     f"'fastkd cache build')")
-        if not (path / MANIFEST).is_file():
+        if not (path / CACHE_MANIFEST).is_file():
             raise FileNotFoundError(f"--teacher-cache {cfg.teacher_cache} is not a teacher cache: it has no "
-                                    f"{MANIFEST} (build one with 'fastkd cache build')")
+                                    f"{CACHE_MANIFEST} (build one with 'fastkd cache build')")
 
 
 def make_config(**overrides) -> TrainConfig:
@@ -695,6 +698,14 @@ def validate(cfg: TrainConfig) -> None:
         need(1 <= cfg.eskd_stop_epoch < cfg.epochs,
              f"--eskd-stop-epoch must be in [1, epochs) = [1, {cfg.epochs}) to have an effect, "
              f"got {cfg.eskd_stop_epoch}")
+    cfg.__dict__["_valid_values"] = dataclasses.astuple(cfg)  # for ensure_valid
+
+
+def ensure_valid(cfg: TrainConfig) -> None:
+    """:func:`validate` ``cfg`` unless it passed with exactly these values already (a config from
+    :func:`make_config` or :func:`from_args`, unchanged since): every config is validated once."""
+    if cfg.__dict__.get("_valid_values") != dataclasses.astuple(cfg):
+        validate(cfg)
 
 
 def _validate_pretrained(cfg: TrainConfig, need) -> None:

@@ -116,7 +116,7 @@ def _evaluate(checkpoint: Path, model_name: str, folder: Path, image_size: int, 
 def _diagnostic(ckpts: dict, folder: Path, image_size: int, device, num_classes: int) -> dict:
     """Per teacher, the ATS regime diagnostic on the (fit) training images."""
     from ..analysis import metrics as M
-    from ..analysis.cli import analyze
+    from ..analysis.report import analyze
     from ..data import create_loader
     from ..models import create_model, load_weights
 

@@ -19,8 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
-from .runner import TeacherOutput
-from .teacher import TeacherSource
+from .teacher import TeacherOutput, TeacherSource
 from .timing import StepTimer
 
 __all__ = ["Step", "steps"]

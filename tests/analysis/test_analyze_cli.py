@@ -9,7 +9,8 @@ import torch
 
 from fastkd import cli
 from fastkd.analysis import metrics as M
-from fastkd.analysis.cli import format_report, parse_teacher, write_outputs
+from fastkd.analysis.cli import parse_teacher
+from fastkd.analysis.report import format_report, write_outputs
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -433,3 +433,24 @@ def test_two_gloo_processes_from_the_cache_match_the_online_teacher(full_cache, 
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert read_metrics(cached / "metrics.jsonl", "epoch")[-1]["train_samples"] == 45
+
+
+@pytest.mark.slow
+def test_python_api_runs_a_cache_config_through_the_recipe(full_cache, tiny_jpegs, tmp_path):
+    """fastkd.recipes.train(cfg) is what 'fastkd train' runs (same weights); fastkd.engine.train, which
+    never imports the cache, refuses a teacher_cache config naming it."""
+    from fastkd import recipes
+    from fastkd.engine import ConfigError, make_config, train
+
+    args = [str(a) for a in [*TRAIN, "--data", tiny_jpegs, "--teacher-cache", full_cache, "--epochs", "1"]]
+    assert cli.main([*args, "--output", str(tmp_path / "cli")]) == 0
+    cfg = make_config(data=str(tiny_jpegs), data_backend="torch", student="fastkd:resnet8", method="kd", epochs=1,
+                      batch_size=8, image_size=16, device="cpu", workers=0, seed=3, log_interval=3,
+                      teacher_cache=str(full_cache), output=str(tmp_path / "api"))
+    with pytest.raises(ConfigError, match=r"fastkd\.recipes\.train"):
+        train(cfg)
+    assert not (tmp_path / "api").exists()
+    result = recipes.train(cfg)
+    assert result["final"] is not None and "teacher_top1" not in result["final"]  # no teacher model
+    a, b = weights(tmp_path / "cli"), weights(tmp_path / "api")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -122,7 +122,7 @@ def test_presets_hold_what_they_claim():
     # issue 13 item 7 / issue 12 item 9: more than existence. Every preset is claimed here, loads,
     # resolves (validation + the CLI's teacher-weights rule with a checkpoint given) and its values
     # match its claims; its --list-presets line names its setting.
-    from fastkd.engine.cli import preset_line
+    from fastkd.train_cli import preset_line
 
     assert sorted(PRESET_CLAIMS) == C.presets()
     for name, claims in PRESET_CLAIMS.items():
@@ -353,3 +353,24 @@ def test_yaml_merge_keys_work(tmp_path):
     f.write_text("epochs: 3\nepochs: 4\n<<: {lr: 0.1}\n")
     with pytest.raises(C.ConfigError, match="appears twice"):
         C.load_yaml(f)
+
+
+def test_a_config_is_validated_once(monkeypatch):
+    """make_config / from_args validate; the Trainer validates again only a config that changed since
+    (or was built without them), so a config is checked once and a changed one is never trusted."""
+    from fastkd.engine.trainer import Trainer
+
+    cfg = C.make_config(**BASE, method="ce")
+    calls = []
+    validate = C.validate
+    monkeypatch.setattr(C, "validate", lambda c: calls.append(c) or validate(c))
+    C.ensure_valid(cfg)
+    assert calls == []
+    cfg.epochs = 0  # changed after make_config: validated again, and refused
+    with pytest.raises(C.ConfigError, match="--epochs must be >= 1, got 0"):
+        C.ensure_valid(cfg)
+    assert len(calls) == 1
+    built = dataclasses.replace(cfg, epochs=2, data=None)  # a copy is not marked: the Trainer validates it
+    with pytest.raises(C.ConfigError, match="no data set"):
+        Trainer(built)
+    assert len(calls) == 2

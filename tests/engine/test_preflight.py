@@ -6,7 +6,7 @@ import re
 import pytest
 
 from fastkd import cli
-from fastkd.engine import cli as ecli
+from fastkd import train_cli as ecli
 from fastkd.engine import config as C
 
 

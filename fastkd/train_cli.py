@@ -1,4 +1,5 @@
-"""``fastkd train``: flags (generated from :class:`fastkd.engine.config.TrainConfig`) -> config -> engine.
+"""``fastkd train``: flags (generated from :class:`fastkd.engine.config.TrainConfig`) -> config ->
+:func:`fastkd.recipes.train` (the engine, with the teacher-output cache when ``--teacher-cache`` is given).
 
 Single process::
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from . import config as C
+from .engine import config as C
 
 logger = logging.getLogger("fastkd")
 
@@ -57,7 +58,7 @@ def main(args: argparse.Namespace) -> int:
     """Errors (a bad config, path, data set, model name or checkpoint) propagate to
     :func:`fastkd.cli.main`, which reports them on one line with exit code 2."""
     cfg = C.from_args(args)
-    from .trainer import train
+    from .recipes import train
 
     result = train(cfg)
     final = result.get("final")
