@@ -261,7 +261,7 @@ def build_cache(cfg: C.TrainConfig, output, spec: CacheSpec) -> dict:
         started = None
         if dist.is_main:
             try:
-                started = _open_or_start(out, manifest, loader.index.paths)
+                started = _open_or_start(out, manifest, loader.index)
             except (ValueError, OSError) as exc:
                 started = exc
         started = D.broadcast_object(started, dist)  # every rank stops on the main rank's refusal
@@ -368,10 +368,10 @@ def _check_teacher(cfg: C.TrainConfig, runner, dist, classes) -> None:
 NUMERICS = ("amp", "channels_last", "device")
 
 
-def _open_or_start(out: Path, manifest: dict, paths=None) -> dict:
+def _open_or_start(out: Path, manifest: dict, index=None) -> dict:
     """Continue the cache in ``out`` if it was built with the same settings, else start one.
 
-    ``paths``: the data set's files in index order; a new cache records their sizes, times and
+    ``index``: the data set's index (its files, or tar shards); a new cache records their sizes, times and
     SHA-256 (``data_files.npy``), a continued one refuses files changed since it was started.
     """
     out.mkdir(parents=True, exist_ok=True)
@@ -400,22 +400,22 @@ def _open_or_start(out: Path, manifest: dict, paths=None) -> dict:
                     f"would compute the rest with {manifest['build'][key]!r}; continue with the same setting, "
                     "or choose another --output")
         old_files = store.read_data_files(out, old) if done else None
-        if old_files is not None and paths is not None:
-            changed = store.changed_files(old_files, paths)
+        if old_files is not None and index is not None:
+            changed = store.changed_files(old_files, index)
             if changed:
                 raise store.CacheMismatchError(
                     f"--output {out} holds epochs {_ranges(done)} computed from data that changed since: "
-                    f"{paths[changed[0]]} (and {len(changed) - 1} more file(s)) differ in size or modification "
+                    f"{index.paths[changed[0]]} (and {len(changed) - 1} more file(s)) differ in size or modification "
                     "time; choose another --output, or delete it and build again")
         manifest = {**old, "epochs": max(int(old["epochs"]), manifest["epochs"]), "epochs_done": done,
                     "build": manifest["build"]}
         if done:
             logger.info("fastkd cache build: continuing %s (epochs %s already done)", out, _ranges(done))
-    if old_files is None and paths is not None:
+    if old_files is None and index is not None:
         t0 = time.perf_counter()
-        records = store.data_file_records(paths)
+        records = store.data_file_records(index)
         manifest["data_files_sha256"] = store.write_data_files(out, records)
-        logger.info("fastkd cache build: recorded the size, time and SHA-256 of %d data files in %.1f s", len(paths),
+        logger.info("fastkd cache build: recorded the size, time and SHA-256 of %d data files in %.1f s", len(index.paths),
                     time.perf_counter() - t0)
     store.write_json_atomic(path, manifest)
     return manifest

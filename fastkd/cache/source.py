@@ -158,7 +158,7 @@ class CachedTeacher(TeacherSource):
         cfg = trainer.cfg
         index = trainer.train_loader.index
         src = cls(cfg.teacher_cache, trainer.device, expect=_expect(trainer), epochs=epochs_needed(cfg),
-                  teacher=cfg.teacher, teacher_checkpoint=cfg.teacher_checkpoint, paths=index.paths,
+                  teacher=cfg.teacher, teacher_checkpoint=cfg.teacher_checkpoint, paths=index,
                   labels=index.labels)
         _check_hub_teacher(cfg, src.reader.manifest)
         build = src.reader.manifest.get("build", {})
@@ -245,10 +245,10 @@ def check_data_files(reader: store.CacheReader, paths) -> None:
         logger.warning("fastkd: the teacher cache %s was built before fastkd recorded the data files: images "
                        "changed since its build cannot be detected", reader.root)
         return
-    paths = list(paths)
+    data, paths = paths, list(getattr(paths, "paths", paths))  # a data index (tar shards too) or paths
     if len(paths) != len(records):
         return  # the sample count differs: check_cache has refused it already
-    changed = store.changed_files(records, paths)
+    changed = store.changed_files(records, data)
     if changed:
         raise store.CacheMismatchError(
             f"teacher cache {reader.root}: the data file {paths[changed[0]]} changed after the cache was built "

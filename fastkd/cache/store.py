@@ -33,7 +33,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -160,18 +160,31 @@ def _thread_count(n: int) -> int:
     return max(1, min(8, os.cpu_count() or 1, n))
 
 
-def data_file_records(paths, *, contents: bool = True) -> np.ndarray:
-    """Size, modification time (ns) and (``contents``) SHA-256 of every file, in ``paths`` order."""
+def sample_files(data) -> tuple[list, Optional[Callable]]:
+    """What to stat for each sample of ``data`` (a data index, or a list of file paths), and how to
+    read a sample's bytes when they are not the whole file: in tar shards a sample's size and time
+    are its shard file's (any change to the shard shows), and its SHA-256 is that of its member's
+    bytes (``index.read(i)``). Image folders and file lists: the file itself (``None``)."""
+    tars = getattr(data, "tars", None)
+    if tars is not None:
+        return [tars[int(m[0])] for m in data.members], data.read
+    return list(getattr(data, "paths", data)), None
+
+
+def data_file_records(data, *, contents: bool = True) -> np.ndarray:
+    """Size, modification time (ns) and (``contents``) SHA-256 of every sample's file, in index
+    order (``data``: a data index or a list of paths; see :func:`sample_files`)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    paths = list(paths)
+    paths, read = sample_files(data)
     out = np.zeros(len(paths), dtype=FILE_RECORD)
 
     def one(i):
         st = os.stat(paths[i])
         out["size"][i], out["mtime_ns"][i] = st.st_size, st.st_mtime_ns
         if contents:
-            out["sha256"][i] = np.frombuffer(bytes.fromhex(file_sha256(paths[i])), dtype=np.uint8)
+            digest = hashlib.sha256(read(i)).hexdigest() if read is not None else file_sha256(paths[i])
+            out["sha256"][i] = np.frombuffer(bytes.fromhex(digest), dtype=np.uint8)
 
     with ThreadPoolExecutor(_thread_count(len(paths))) as pool:  # hashlib releases the GIL on big reads
         list(pool.map(one, range(len(paths)), chunksize=256))
@@ -208,9 +221,10 @@ def read_data_files(root, manifest: dict) -> Optional[np.ndarray]:
     return records
 
 
-def changed_files(records: np.ndarray, paths) -> list[int]:
-    """Indices of the files whose size or modification time differ from ``records`` (or are gone)."""
-    paths = list(paths)
+def changed_files(records: np.ndarray, data) -> list[int]:
+    """Indices of the samples whose file's size or modification time differ from ``records`` (or
+    whose file is gone); ``data`` as in :func:`data_file_records`."""
+    paths, _ = sample_files(data)
     now = np.zeros(len(paths), dtype=[("size", "<i8"), ("mtime_ns", "<i8")])
     missing = np.zeros(len(paths), dtype=bool)
     from concurrent.futures import ThreadPoolExecutor

@@ -61,7 +61,7 @@ def verify_cache(root, data=None) -> dict:
         problems.append("the cache records no data file checksums (built by an older fastkd): rebuild it to verify "
                         "the images")
         return out
-    now = store.data_file_records(index.paths)
+    now = store.data_file_records(index)
     out["files_checked"] = len(now)
     differ = np.flatnonzero((now["sha256"] != records["sha256"]).any(axis=1)).tolist()
     if differ:
