@@ -225,6 +225,12 @@ def _check_smoothing(value) -> float:
     return f
 
 
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def _check_reduction(reduction: str) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; expected one of {', '.join(REDUCTIONS)}")
@@ -251,6 +257,8 @@ def check_param(kind: str, name: str, value, params: Optional[dict] = None):
     if kind == "candidates":
         tau = (params or {}).get("tau_target", 4.0)
         return _check_candidates(value, tau)
+    if kind == "flag":
+        return _check_flag(name, value)
     raise ValueError(f"unknown parameter kind {kind!r}")
 
 
@@ -336,9 +344,11 @@ def _say_dist_uses_reference() -> None:
 # Public functions
 # --------------------------------------------------------------------------------------------
 def _kd_term(method, student_logits, teacher_logits, target, valid, reduction, ignore_index, backend,
-             check_labels, ref_rows, **params):
+             check_labels, ref_rows, standardize=False, **params):
     """Shared body of the per-row KD losses: validate, flatten, dispatch to the fused kernel or
-    the reference, reduce. Parameters are validated by the callers."""
+    the reference, reduce. Parameters are validated by the callers; ``standardize`` z-scores
+    both rows before the method (methods.md section 11)."""
+    standardize = _check_flag("standardize", standardize)
     _check_reduction(reduction)
     _check_logits("student_logits", student_logits)
     y_raw, y, mask = _prepare(student_logits, target, valid, ignore_index, check_labels)
@@ -350,10 +360,12 @@ def _kd_term(method, student_logits, teacher_logits, target, valid, reduction, i
         y = None if mask is None else torch.where(mask, torch.zeros_like(mask, dtype=torch.long),
                                                   torch.full_like(mask, ignore_index, dtype=torch.long))
     if _resolve_backend(backend, z) == "triton":
+        if standardize:
+            params["standardize"] = True
         loss, _ = _fused(z, v, y, method=method, ce_weight=0.0, kd_weight=1.0, label_smoothing=0.0,
                          ignore_index=ignore_index, reduction=reduction, **params)
         return loss.reshape(lead) if reduction == "none" else loss
-    rows = ref_rows(z, v, y)
+    rows = ref_rows(ref.standardize(z), ref.standardize(v), y) if standardize else ref_rows(z, v, y)
     if method == "kd":
         rows = _zero_masked(rows, mask)
     count = None if y is None else _valid_count(y, ignore_index)
@@ -361,7 +373,7 @@ def _kd_term(method, student_logits, teacher_logits, target, valid, reduction, i
 
 
 def kd_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmean", backend="auto", *,
-            valid=None, target=None, check_labels=True):
+            valid=None, target=None, check_labels=True, standardize=False):
     """Hinton KD: ``T^2 * KL(softmax(teacher/T) || softmax(student/T))`` per row, reduced.
 
     Args:
@@ -380,6 +392,10 @@ def kd_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmea
         check_labels: check that ``target`` holds classes in ``[0, C)`` (one host sync on CUDA);
             ``False`` skips it (an out-of-range label then gives that row NaN on the Triton
             backend and an index error on the torch backend).
+        standardize: logit standardisation (Sun et al. 2024, docs/methods.md): each row of
+            student and teacher logits is z-scored, ``(x - mean) / (std + 1e-7)`` with the
+            unbiased std over the classes, before the temperature (also on ``ats_loss`` and
+            ``dkd_loss``; fused in the kernel on the Triton backend).
 
     Returns:
         An fp32 (fp64 for fp64 inputs on the torch backend) scalar, or per-row values.
@@ -398,11 +414,12 @@ def kd_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmea
     """
     T = _check_temperature("temperature", temperature)
     return _kd_term("kd", student_logits, teacher_logits, target, valid, reduction, -100, backend, check_labels,
-                    lambda z, v, y: ref.kd(z, v, T), temperature=T)
+                    lambda z, v, y: ref.kd(z, v, T), standardize=standardize, temperature=T)
 
 
 def ats_loss(student_logits, teacher_logits, target, tau_target=4.0, tau_other=2.0, student_temperature=1.0,
-             reduction="batchmean", ignore_index=-100, backend="auto", *, valid=None, check_labels=True):
+             reduction="batchmean", ignore_index=-100, backend="auto", *, valid=None, check_labels=True,
+             standardize=False):
     """Asymmetric temperature scaling (Li et al. 2022), methods.md section 3.
 
     The teacher's label logit is divided by ``tau_target``, every other logit by
@@ -432,7 +449,7 @@ def ats_loss(student_logits, teacher_logits, target, tau_target=4.0, tau_other=2
     s = _check_temperature("student_temperature", student_temperature)
     ii = _check_int("ignore_index", ignore_index)
     return _kd_term("ats", student_logits, teacher_logits, _need_target(target, "ats_loss"), valid, reduction, ii,
-                    backend, check_labels, lambda z, v, y: ref.ats(z, v, y, tt, to, s, ii),
+                    backend, check_labels, lambda z, v, y: ref.ats(z, v, y, tt, to, s, ii), standardize=standardize,
                     tau_target=tt, tau_other=to, student_temperature=s)
 
 
@@ -466,7 +483,8 @@ def isats_loss(student_logits, teacher_logits, target, tau_target=4.0, candidate
 
 
 def dkd_loss(student_logits, teacher_logits, target, alpha=1.0, beta=8.0, temperature=4.0,
-             reduction="batchmean", ignore_index=-100, backend="auto", *, valid=None, check_labels=True):
+             reduction="batchmean", ignore_index=-100, backend="auto", *, valid=None, check_labels=True,
+             standardize=False):
     """Decoupled KD (Zhao et al. 2022), methods.md section 4: ``T^2 (alpha TCKD + beta NCKD)``.
 
     Computed through log-sum-exp forms on max-shifted logits (shift invariant, no log of a
@@ -490,7 +508,7 @@ def dkd_loss(student_logits, teacher_logits, target, alpha=1.0, beta=8.0, temper
     T = _check_temperature("temperature", temperature)
     ii = _check_int("ignore_index", ignore_index)
     return _kd_term("dkd", student_logits, teacher_logits, _need_target(target, "dkd_loss"), valid, reduction, ii,
-                    backend, check_labels, lambda z, v, y: ref.dkd(z, v, y, a, b, T, ii),
+                    backend, check_labels, lambda z, v, y: ref.dkd(z, v, y, a, b, T, ii), standardize=standardize,
                     alpha=a, beta=b, temperature=T)
 
 

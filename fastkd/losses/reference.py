@@ -259,10 +259,27 @@ def dkd_warmup_weight(epoch: float, warmup_epochs: float) -> float:
     return float(min(max(epoch, 0.0) / warmup_epochs, 1.0))
 
 
+STANDARDIZE_EPS = 1e-7
+
+
+def standardize(x: Tensor) -> Tensor:
+    """Logit standardisation (Sun et al. 2024, methods.md section 11): each row z-scored over the
+    classes, ``(x - mean) / (std + 1e-7)`` with the unbiased (C - 1) std, as the authors' code does.
+    Computed in fp32 (fp64 for fp64 input); the gradient flows through mean and std."""
+    x = upcast(x)
+    if x.shape[-1] < 2:
+        raise ValueError(f"logit standardisation needs at least 2 classes (the unbiased std over classes), "
+                         f"got {x.shape[-1]}")
+    return (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True) + STANDARDIZE_EPS)
+
+
 def kd_term_rows(method: str, z: Tensor, v: Tensor, target: Tensor, ignore_index: int = -100, **params) -> Tensor:
     """Per-row KD term of a row-local method (kd, ats, isats, dkd) with DistillLoss's row
     convention: rows labelled ``ignore_index`` give 0, also for plain ``kd``. ``params`` are the
-    method's keywords of :data:`fastkd.losses.methods.METHOD_TABLE` (without ``warmup_epochs``)."""
+    method's keywords of :data:`fastkd.losses.methods.METHOD_TABLE` (without ``warmup_epochs``);
+    ``standardize=True`` z-scores both rows first (:func:`standardize`)."""
+    if params.pop("standardize", False):
+        z, v = standardize(z), standardize(v)
     if method == "kd":
         rows = kd(z, v, params["temperature"])
         return torch.where(_valid_rows(target, ignore_index), rows, torch.zeros_like(rows))

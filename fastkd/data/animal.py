@@ -1,0 +1,104 @@
+"""Animal-MNIST: 10,000 real 28 x 28 animal silhouettes in 10 classes, from the ``animal-mnist`` wheel.
+
+The wheel (MIT) ships the images and labels as two gzip-compressed pickles of numpy arrays in
+``animal_mnist/data/Animal_MNIST/``. Its own loader imports TensorFlow, so we read the two files
+directly, with an unpickler that accepts numpy arrays and nothing else.
+
+:func:`make_animal_task` splits the images, per class, into disjoint train / val / test sets (the
+validation split is carved from the training images) and returns the same container as the digit
+pairs task (:class:`fastkd.data.mnist.DigitPairs`), so the capacity study can run on either.
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+import pickle
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .mnist import DigitPairs
+
+__all__ = ["load_animal_mnist", "make_animal_task", "ANIMAL_CLASSES"]
+
+ANIMAL_CLASSES = 10
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Loads the numpy arrays of the wheel's data files; refuses any other object."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"Animal-MNIST data file holds {module}.{name}; expected numpy arrays only")
+        import numpy as np
+
+        if name == "_reconstruct":
+            try:
+                from numpy._core.multiarray import _reconstruct
+            except ImportError:  # numpy < 2
+                from numpy.core.multiarray import _reconstruct
+            return _reconstruct
+        return getattr(np, name)
+
+
+def _read(name: str):
+    try:
+        path = importlib.resources.files("animal_mnist") / "data" / "Animal_MNIST" / name
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("the Animal-MNIST images come from the animal-mnist wheel: "
+                                  "pip install animal-mnist (or fastkd[animal])") from None
+    if not path.is_file():
+        raise FileNotFoundError(f"animal-mnist is installed but {path} is missing (animal-mnist 0.4 ships it)")
+    import io
+
+    return _ArrayUnpickler(io.BytesIO(gzip.decompress(path.read_bytes()))).load()
+
+
+def load_animal_mnist() -> tuple[Tensor, Tensor]:
+    """``(images uint8 (10000, 28, 28), labels int64 (10000,))`` from the animal-mnist wheel."""
+    import numpy as np
+
+    x, y = np.asarray(_read("animal_data_version_3.gz")), np.asarray(_read("animal_label_version_3.gz"))
+    x = x.reshape(len(x), 28, 28) if x.size == len(x) * 784 else x
+    if x.shape[1:] != (28, 28) or len(y) != len(x):
+        raise ValueError(f"Animal-MNIST: expected (N, 28, 28) images and N labels, got {x.shape} and {y.shape}")
+    return torch.from_numpy(np.ascontiguousarray(x)).to(torch.uint8), torch.from_numpy(np.asarray(y).astype(np.int64))
+
+
+def make_animal_task(train_per_class: int, val_per_class: int, test_per_class: int, *, image_size: int = 28,
+                     seed: int = 0) -> DigitPairs:
+    """Per class, ``*_per_class`` disjoint train / val / test images (seeded), area-resized to
+    ``image_size``, normalised by the training mean and std."""
+    for name, n in (("train_per_class", train_per_class), ("val_per_class", val_per_class),
+                    ("test_per_class", test_per_class), ("image_size", image_size)):
+        if int(n) < 1:
+            raise ValueError(f"{name} must be a positive integer, got {n!r}")
+    images, labels = load_animal_mnist()
+    need = train_per_class + val_per_class + test_per_class
+    counts = torch.bincount(labels, minlength=ANIMAL_CLASSES)
+    if int(counts.min()) < need:
+        raise ValueError(f"Animal-MNIST has {int(counts.min())} images in its smallest class; "
+                         f"{train_per_class}+{val_per_class}+{test_per_class} per class do not fit")
+    x = images.float()[:, None] / 255.0
+    if image_size != 28:
+        x = F.interpolate(x, size=(image_size, image_size), mode="area")
+    g = torch.Generator().manual_seed(seed)
+    parts = ([], [], [])
+    for c in range(ANIMAL_CLASSES):
+        idx = (labels == c).nonzero()[:, 0]
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        parts[0].append(idx[:train_per_class])
+        parts[1].append(idx[train_per_class:train_per_class + val_per_class])
+        parts[2].append(idx[train_per_class + val_per_class:need])
+    tr, va, te = (torch.cat(p) for p in parts)
+    mean, std = x[tr].mean(), x[tr].std()
+    norm = lambda i: (x[i] - mean) / std  # noqa: E731
+    desc = (f"Animal-MNIST (animal-mnist wheel, 10 classes of 28x28 silhouettes), {image_size}x{image_size} px; "
+            f"images per class {train_per_class}/{val_per_class}/{test_per_class} train/val/test, disjoint "
+            f"(seed {seed}); val is carved from the training images")
+    return DigitPairs(norm(tr), labels[tr], norm(va), labels[va], norm(te), labels[te], image_size, desc,
+                      num_classes=ANIMAL_CLASSES)
