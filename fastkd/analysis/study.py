@@ -962,10 +962,11 @@ def main(args) -> int:
         require_matplotlib()
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    commit = _commit()  # the code the run starts from
     try:
         res = run_study(cfg, on_start=lambda: write_criteria(cfg, output))
         res["machine"] = _machine()
-        res["commit"] = _commit()
+        res["commit"] = commit
     finally:
         torch.set_num_threads(threads)
     res["command"] = ("fastkd study capacity " + " ".join(shlex.quote(a) for a in sys.argv[3:])
