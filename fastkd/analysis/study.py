@@ -198,19 +198,19 @@ PRESETS = {
                         diagonal=(1.0, 2.0), analysis_temperatures=(1.0, 4.0),
                         expected_time="about 1 minute on a 2-core CPU",
                         dropped=("everything but the pipeline: a test size",)),
-    # 2 CPU cores: about 4 minutes on a free CPU (a shared one is several times slower).
-    "quick": StudyConfig(preset="quick", train_per_class=12, teacher_epochs=10, student_epochs=6,
+    # 2 CPU cores: about 2 minutes on a free CPU (a shared one is many times slower).
+    "quick": StudyConfig(preset="quick", train_per_class=10, teacher_epochs=6, student_epochs=4,
                          ats_grid_points=((2.0, 1.0), (4.0, 2.0), (4.0, 3.0), (5.0, 4.0), (6.0, 5.0)),
-                         expected_time="about 4 minutes on a free 2-core CPU (one thread); several times that "
-                                       "on a CPU shared with other work",
+                         expected_time="about 2 minutes on a free 2-core CPU (one thread); many times that "
+                                       "on a CPU shared with other work (40 minutes beside 7 other jobs)",
                          dropped=(
         "teachers resnet56 and resnet32x4: the quick ladder is resnet8 (0.08 M) < resnet20 (0.28 M) < resnet8x4 "
         "(1.2 M); resnet32x4 trains at about 40 img/s on one CPU core, and resnet56 did not train in the quick "
         "budget's 300 steps (2.7 % test top-1 after 12 epochs at lr 0.1; 4 % after 4 epochs at lr 0.02)",
-        "8x8-pixel digits (full: 14x14)", "12 training pairs per class (full: 40)",
+        "8x8-pixel digits (full: 14x14)", "10 training pairs per class (full: 40)",
         "ATS grid: 5 of the 15 points tau1 > tau2, (2,1) (4,2) (4,3) (5,4) (6,5), spanning tau2/tau1 0.5-0.83 "
         "(full: all 15); diagonal {1,2,4} (full: {1..5})",
-        "6 student / 10 teacher epochs (full: 30 / 40)", "3 student seeds, 2 teacher seeds (full: 5 and 3)")),
+        "4 student / 6 teacher epochs (full: 30 / 40)", "3 student seeds, 2 teacher seeds (full: 5 and 3)")),
     # One H100/H200, <= 10 minutes: an estimate, not a measurement (pending). 31 student jobs x 5
     # seeds x 30 epochs x 16 steps = 74 k resnet8 steps at about 4 ms each (eager, launch-bound),
     # about 5 minutes, plus the teachers (resnet32x4: 40 epochs x 16 steps).
@@ -229,15 +229,15 @@ PRESETS = {
 ANIMAL = {"task": "animal-mnist", "student": "tinycnn"}
 ANIMAL_PRESETS = {
     "tiny": replace(PRESETS["tiny"], **ANIMAL, train_per_class=4, val_per_class=2, test_per_class=2, digit_size=14),
-    "quick": replace(PRESETS["quick"], **ANIMAL, train_per_class=100, val_per_class=50, test_per_class=250,
-                     digit_size=14, teacher_epochs=8, student_epochs=6,
-                     expected_time="about 4 minutes on a free 2-core CPU (one thread); several times that on a "
-                                   "CPU shared with other work",
+    "quick": replace(PRESETS["quick"], **ANIMAL, train_per_class=80, val_per_class=50, test_per_class=250,
+                     digit_size=14, teacher_epochs=5, student_epochs=4,
+                     expected_time="about 2 minutes on a free 2-core CPU (one thread); many times that on a "
+                                   "CPU shared with other work (40 minutes beside 7 other jobs)",
                      dropped=("teachers resnet56 and resnet32x4 (the quick ladder is resnet8 < resnet20 < "
                               "resnet8x4)", "14x14 images (full: 28x28)",
-                              "100 / 50 / 250 train / val / test images per class (full: 600 / 100 / 300)",
+                              "80 / 50 / 250 train / val / test images per class (full: 600 / 100 / 300)",
                               "ATS grid: 5 of the 15 points tau1 > tau2; diagonal {1,2,4}",
-                              "6 student / 8 teacher epochs (full: 30 / 40)",
+                              "4 student / 5 teacher epochs (full: 30 / 40)",
                               "3 student seeds, 2 teacher seeds (full: 5 and 3)")),
     "full": replace(PRESETS["full"], **ANIMAL, train_per_class=600, val_per_class=100, test_per_class=300,
                     digit_size=28),
