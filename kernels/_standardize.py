@@ -12,7 +12,8 @@ term keeps the raw student logits. The fused KD kernel itself is unchanged: arou
 3. :func:`_zscore_grad_kernel` (one program per row): the gradient through the z-score,
    ``dz = (g - mean(g)) / (sd + eps) - Z * sum(g Z) / ((C - 1) sd)`` (``g`` = the KD gradient
    w.r.t. ``Z(z)``, ``sd`` the row's std), plus the CE gradient, written once in the student's dtype.
-   Rows whose label is ``ignore_index`` get no KD gradient.
+   Rows whose label is ``ignore_index`` get no KD gradient; a constant row (std 0) has Z = 0 and its
+   std term is taken as 0 (the reference's autograd gives NaN there: the std is not differentiable at 0).
 
 So a standardised call is 3 to 5 launches and reads each row a few more times than the unfused
 methods; numbers match :func:`fastkd.losses.reference.standardize` to fp32 rounding.
@@ -75,6 +76,8 @@ def _zscore_grad_kernel(g_ptr, zs_ptr, sd_ptr, ce_ptr, y_ptr, stride_y, out_ptr,
     g_row, z_row, o_row, c_row = g_ptr + row * C, zs_ptr + row * C, out_ptr + row * C, ce_ptr + row * C
     n = C.to(tl.float32)
     sd = tl.load(sd_ptr + row)
+    # A constant row (sd = 0, e.g. a padding row) has Z = 0: the std term is 0 * (0 / 0); take it as 0.
+    sd_div = tl.where(sd > 0.0, sd, 1.0)
     on = True
     if HAS_TARGET:
         on = tl.load(y_ptr + row * stride_y).to(tl.int64) != ignore_index
@@ -85,7 +88,7 @@ def _zscore_grad_kernel(g_ptr, zs_ptr, sd_ptr, ce_ptr, y_ptr, stride_y, out_ptr,
         zs = tl.load(z_row + cols, mask=mask, other=0.0)
         gm = tl.math.div_rn(tl.sum(g, axis=0), n)
         gz = tl.sum(g * zs, axis=0)
-        d = tl.math.div_rn(g - gm, sd + eps) - zs * tl.math.div_rn(gz, (n - 1.0) * sd)
+        d = tl.math.div_rn(g - gm, sd + eps) - zs * tl.math.div_rn(gz, (n - 1.0) * sd_div)
         d = tl.where(on, d, 0.0)
         if HAS_CE:
             d += tl.load(c_row + cols, mask=mask, other=0.0)
@@ -105,7 +108,7 @@ def _zscore_grad_kernel(g_ptr, zs_ptr, sd_ptr, ce_ptr, y_ptr, stride_y, out_ptr,
             mask = cols < C
             g = tl.load(g_row + cols, mask=mask, other=0.0)
             zs = tl.load(z_row + cols, mask=mask, other=0.0)
-            d = tl.math.div_rn(g - gm, sd + eps) - zs * tl.math.div_rn(gz, (n - 1.0) * sd)
+            d = tl.math.div_rn(g - gm, sd + eps) - zs * tl.math.div_rn(gz, (n - 1.0) * sd_div)
             d = tl.where(on, d, 0.0)
             if HAS_CE:
                 d += tl.load(c_row + cols, mask=mask, other=0.0)
