@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .mnist import DigitPairs
 
-__all__ = ["load_animal_mnist", "make_animal_task", "ANIMAL_CLASSES"]
+__all__ = ["load_animal_mnist", "make_animal_task", "make_animal_imagefolder", "ANIMAL_CLASSES"]
 
 ANIMAL_CLASSES = 10
 
@@ -102,3 +102,74 @@ def make_animal_task(train_per_class: int, val_per_class: int, test_per_class: i
             f"(seed {seed}); val is carved from the training images")
     return DigitPairs(norm(tr), labels[tr], norm(va), labels[va], norm(te), labels[te], image_size, desc,
                       num_classes=ANIMAL_CLASSES)
+
+
+_MARKER = ".fastkd_animal_mnist.json"
+_JPEG_QUALITY = 95
+
+
+def make_animal_imagefolder(root, *, train_per_class: int = 250, test_per_class: int = 250, size: int = 28,
+                            seed: int = 0):
+    """Animal-MNIST as JPEG files in ``root/train/<class>/`` and ``root/val/<class>/`` (disjoint,
+    ``*_per_class`` images of each of the 10 classes, seeded), for the engine's image-folder
+    loaders. Idempotent like :func:`fastkd.data.make_digits_imagefolder`: a finished folder
+    carries a marker with its parameters and is reused; other parameters, or a non-empty foreign
+    folder, are an error; the folder is built aside and renamed into place."""
+    import json
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    root = Path(root).expanduser()
+    for name, n in (("train_per_class", train_per_class), ("test_per_class", test_per_class)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be a positive integer, got {n!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
+        raise ValueError(f"size must be an integer >= 8, got {size!r}")
+    params = {"train_per_class": train_per_class, "test_per_class": test_per_class, "size": size, "seed": int(seed),
+              "quality": _JPEG_QUALITY}
+    marker = root / _MARKER
+    if marker.is_file():
+        found = json.loads(marker.read_text())
+        if found.get("params") != params:
+            raise FileExistsError(f"{str(root)!r} holds an Animal-MNIST folder made with {found.get('params')}, "
+                                  f"not {params}; choose another root")
+        return root
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise FileExistsError(f"{str(root)!r} exists and is not an empty folder nor a fastkd Animal-MNIST folder")
+    images, labels = load_animal_mnist()
+    if int(torch.bincount(labels, minlength=ANIMAL_CLASSES).min()) < train_per_class + test_per_class:
+        raise ValueError(f"Animal-MNIST has 1,000 images per class; {train_per_class} + {test_per_class} do not fit")
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        for c in range(ANIMAL_CLASSES):
+            idx = (labels == c).nonzero()[:, 0]
+            idx = idx[torch.randperm(len(idx), generator=g)]
+            for split, part in (("train", idx[:train_per_class]), ("val", idx[train_per_class:train_per_class
+                                                                                + test_per_class])):
+                folder = staging / split / str(c)
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in part.tolist():
+                    img = Image.fromarray(images[i].numpy())
+                    if size != 28:
+                        img = img.resize((size, size), Image.BICUBIC)
+                    img.convert("RGB").save(folder / f"{i:05d}.jpg", quality=_JPEG_QUALITY)
+        counts = {"train": train_per_class * ANIMAL_CLASSES, "val": test_per_class * ANIMAL_CLASSES}
+        (staging / _MARKER).write_text(json.dumps({"params": params, "counts": counts}, indent=1))
+        if root.exists():
+            root.rmdir()
+        try:
+            os.replace(staging, root)
+        except OSError:
+            if not marker.is_file():
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return root
