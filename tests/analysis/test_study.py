@@ -157,3 +157,37 @@ def test_study_rejects_seeds_out_of_range_before_running(seeds, tmp_path, capsys
     assert cli.main(["study", "capacity", "--preset", "tiny", f"--seeds={seeds}", "--output", str(tmp_path)]) == 2
     assert "seeds must be integers in [0, 2**32)" in capsys.readouterr().err + caplog.text
     assert not (tmp_path / "study.json").exists()
+
+
+def test_tasks_give_disjoint_real_splits_and_their_presets():
+    from fastkd.analysis.study import TASKS, TinyCNN, _digits_task, preset_config
+
+    d = _digits_task(5, 2, 3)
+    assert d.x_train.shape == (50, 1, 8, 8) and d.x_val.shape == (20, 1, 8, 8) and d.x_test.shape == (30, 1, 8, 8)
+    assert torch.bincount(d.y_test, minlength=10).tolist() == [3] * 10 and d.num_classes == 10
+    # no image in two splits (the digits hold a few exact duplicates, so compare per split sizes and rows)
+    rows = lambda x: {tuple(r.tolist()) for r in x.flatten(1)}  # noqa: E731
+    assert not rows(d.x_train) & rows(d.x_test)
+    for task in TASKS:
+        for preset in ("tiny", "quick", "full"):
+            cfg = preset_config(preset, task)
+            cfg.validate()
+            assert cfg.task == task and cfg.expected_time
+    assert preset_config("quick", "digits").student == "tinycnn"
+    assert sum(p.numel() for p in TinyCNN(10).parameters()) < 5000
+    with pytest.raises(ValueError, match="unknown task 'cifar'"):
+        preset_config("quick", "cifar")
+    with pytest.raises(ValueError, match="do not fit"):
+        _digits_task(150, 20, 20)
+
+
+def test_animal_mnist_task_reads_the_wheel_without_tensorflow():
+    pytest.importorskip("animal_mnist")
+    import sys
+
+    from fastkd.data.animal import make_animal_task
+
+    t = make_animal_task(3, 2, 4, image_size=14)
+    assert t.x_train.shape == (30, 1, 14, 14) and t.x_test.shape == (40, 1, 14, 14) and t.num_classes == 10
+    assert torch.bincount(t.y_val, minlength=10).tolist() == [2] * 10
+    assert "tensorflow" not in sys.modules
