@@ -138,8 +138,8 @@ class StudyConfig:
                                                  "student_temperature": 1.0})
     dkd: dict = field(default_factory=lambda: {"ce_weight": 1.0, "kd_weight": 1.0, "alpha": 1.0, "beta": 8.0,
                                                "temperature": 4.0})
-    # z-scored logits have unit std: T = 4 would make the soft labels nearly uniform; the authors use T = 2
-    # with their standardised KD (our reading of their CIFAR-100 setting).
+    # z-scored logits have unit std: T = 4 would make the soft labels nearly uniform, so T = 2 (our choice,
+    # not checked against the authors' released configs).
     standardize: dict = field(default_factory=lambda: {"ce_weight": 0.1, "kd_weight": 0.9, "temperature": 2.0,
                                                        "standardize": True})
     dpk_weight: float = 1.0
