@@ -78,7 +78,7 @@ its row NaN and is never used as an address. Inputs arrive validated by
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -470,6 +470,39 @@ class KDSoftmaxKLFunction(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+class StandardizedKDFunction(torch.autograd.Function):
+    """As :class:`KDSoftmaxKLFunction` with logit standardisation (:mod:`._standardize`): the KD
+    term on the z-scored rows, CE on the raw student rows, the gradient through the z-score."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, target, spec: Spec, config: Optional[LaunchConfig] = None):
+        from . import _standardize as Z
+
+        write_grad = bool(ctx.needs_input_grad[0])
+        zs, sd = Z.zscore(student)
+        zt, _ = Z.zscore(teacher)
+        kd_spec = replace(spec, ce_weight=0.0)
+        loss, rows, _, kd, g = _launch(zs, zt, target, kd_spec, write_grad, config)
+        ce_spec = replace(spec, method="ce", kd_weight=0.0, temperature=1.0)
+        has_ce = target is not None and spec.ce_weight != 0
+        if target is not None:
+            # CE on the raw rows (fp32, so CE and KD gradients add before the one rounding to the input dtype).
+            loss_ce, rows_ce, ce, _, g_ce = _launch(student.float() if write_grad else student, None, target,
+                                                    ce_spec, write_grad and has_ce, config)
+            loss, rows = loss + loss_ce, rows + rows_ce
+        else:
+            ce, g_ce = torch.zeros_like(kd), None
+        ctx.mark_non_differentiable(ce, kd)
+        ctx.spent = False
+        if write_grad:
+            grad = Z.zscore_grad(g, zs, sd, g_ce if has_ce else None, target, spec.ignore_index, student.dtype)
+            ctx.save_for_backward(grad)
+        out = rows if spec.reduction == "none" else loss.reshape(())
+        return out, ce, kd
+
+    backward = KDSoftmaxKLFunction.backward
+
+
 # =============================================================================================
 # Public entry point (the contract in notes/CONTRACTS.md)
 # =============================================================================================
@@ -486,7 +519,7 @@ def _unit_columns(name: str, x: Optional[torch.Tensor]) -> Optional[torch.Tensor
 
 def fused_distill(student, teacher, target, *, method, ce_weight, kd_weight, label_smoothing, ignore_index,
                   reduction, temperature=1.0, tau_target=4.0, tau_other=2.0, student_temperature=1.0,
-                  candidates=None, alpha=1.0, beta=8.0, config: Optional[LaunchConfig] = None):
+                  candidates=None, alpha=1.0, beta=8.0, config: Optional[LaunchConfig] = None, standardize=False):
     """``ce_weight * CE + kd_weight * KD`` per row, reduced, with the gradient computed in the
     same launch (see the module docstring). Returns ``(loss, parts)``: ``loss`` fp32, a scalar
     or ``(N,)`` for ``reduction="none"``, differentiable w.r.t. ``student``; ``parts`` holds the
@@ -494,8 +527,14 @@ def fused_distill(student, teacher, target, *, method, ce_weight, kd_weight, lab
 
     Inputs arrive validated (:mod:`fastkd.losses.functional`): 2-D fp32/bf16/fp16 logits, the
     teacher except for ``ce``, the labels except for ``kd``. ``config`` forces a launch
-    configuration (:class:`LaunchConfig`; ``None``: the shipped defaults).
+    configuration (:class:`LaunchConfig`; ``None``: the shipped defaults). ``standardize=True``
+    (kd, ats, dkd) z-scores both rows before the KD term (:mod:`._standardize`).
     """
+    if standardize and method not in ("kd", "ats", "dkd"):
+        raise ValueError(f"logit standardisation applies to kd, ats and dkd, not {method!r}")
+    if standardize and student.shape[-1] < 2:
+        raise ValueError(f"logit standardisation needs at least 2 classes (the unbiased std over classes), "
+                         f"got {student.shape[-1]}")
     if student.dtype == torch.float64 or (teacher is not None and teacher.dtype == torch.float64):
         raise TypeError("fused_distill computes in fp32: float64 logits go to the PyTorch reference "
                         "(fastkd.losses.functional routes them there), not to the fused kernel")
@@ -518,5 +557,6 @@ def fused_distill(student, teacher, target, *, method, ce_weight, kd_weight, lab
         student = student.detach()
     student = _unit_columns("student logits", student)
     teacher = _unit_columns("teacher logits", teacher)
-    out, ce, kd = KDSoftmaxKLFunction.apply(student, teacher, target, spec, config)
+    fn = StandardizedKDFunction if standardize else KDSoftmaxKLFunction
+    out, ce, kd = fn.apply(student, teacher, target, spec, config)
     return out, {"ce": ce, "kd": kd}

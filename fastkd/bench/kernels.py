@@ -132,8 +132,8 @@ def method_params(method: str, temperature=None) -> dict:
     from ..losses.methods import params_for
 
     # Every parameter of the loss formula, from the one method table (a warm-up schedule in
-    # epochs is no part of one step's loss).
-    params = {p.name: p.default for p in params_for(method) if p.kind != "epochs"}
+    # epochs is no part of one step's loss; options such as logit standardisation stay off).
+    params = {p.name: p.default for p in params_for(method) if p.kind not in ("epochs", "flag")}
     if temperature is not None and "temperature" in params:
         params["temperature"] = float(temperature)
     if method == "isats" and params.get("candidates") is None:

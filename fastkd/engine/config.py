@@ -138,6 +138,8 @@ class TrainConfig:
     dkd_alpha: Optional[float] = _f(None, "DKD weight of TCKD", "method")
     dkd_beta: Optional[float] = _f(None, "DKD weight of NCKD", "method")
     dkd_warmup_epochs: Optional[float] = _f(None, "DKD warm-up epochs of the KD weight", "method")
+    logit_standardize: Optional[bool] = _f(None, "logit standardisation (Sun et al. 2024): z-score each row of "
+                                           "student and teacher logits before the temperature", "method")
     dist_beta: Optional[float] = _f(None, "DIST inter-class weight", "method")
     dist_gamma: Optional[float] = _f(None, "DIST intra-class weight", "method")
     jsd_beta: Optional[float] = _f(None, "JSD beta in [0, 1] (0: forward KL(teacher||student), 1: reverse KL)",

@@ -265,6 +265,12 @@ def _check_smoothing(value) -> float:
     return f
 
 
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def _check_reduction(reduction: str) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; expected one of {', '.join(REDUCTIONS)}")
@@ -293,6 +299,8 @@ def check_param(kind: str, name: str, value, params: Optional[dict] = None):
         return _check_candidates(value, tau)
     if kind == "fraction":
         return _check_fraction(name, value)
+    if kind == "flag":
+        return _check_flag(name, value)
     raise ValueError(f"unknown parameter kind {kind!r}")
 
 
@@ -378,9 +386,11 @@ def _say_dist_uses_reference() -> None:
 # Public functions
 # --------------------------------------------------------------------------------------------
 def _kd_term(method, student_logits, teacher_logits, target, valid, reduction, ignore_index, backend,
-             check_labels, ref_rows, **params):
+             check_labels, ref_rows, standardize=False, **params):
     """Shared body of the per-row KD losses: validate, flatten, dispatch to the fused kernel or
-    the reference, reduce. Parameters are validated by the callers."""
+    the reference, reduce. Parameters are validated by the callers; ``standardize`` z-scores
+    both rows before the method (methods.md section 11)."""
+    standardize = _check_flag("standardize", standardize)
     _check_reduction(reduction)
     _check_logits("student_logits", student_logits)
     y_raw, y, mask = _prepare(student_logits, target, valid, ignore_index, check_labels)
@@ -392,13 +402,18 @@ def _kd_term(method, student_logits, teacher_logits, target, valid, reduction, i
         y = None if mask is None else torch.where(mask, torch.zeros_like(mask, dtype=torch.long),
                                                   torch.full_like(mask, ignore_index, dtype=torch.long))
     if _resolve_backend(backend, z) == "triton":
+        if standardize:
+            params["standardize"] = True
         loss, _ = _fused(z, v, y, method=method, ce_weight=0.0, kd_weight=1.0, label_smoothing=0.0,
                          ignore_index=ignore_index, reduction=reduction, **params)
         return loss.reshape(lead) if reduction == "none" else loss
-    if method == "kd":  # rows left out by the mask are zeroed first: exactly 0 and a zero gradient, even if NaN
-        rows = _zero_masked(ref_rows(ref.zero_rows(z, mask), ref.zero_rows(v, mask), y), mask)
-    elif method in ("jsd", "rkl"):  # label-free too: the rows that count are those y keeps (mask folded in)
-        keep = None if y is None else y != ignore_index
+    # The rows that count (the mask folded into y; KD's y comes from the mask alone). Left-out rows
+    # contribute exactly 0 and a zero gradient even if NaN: zeroed (or, before a z-score, replaced
+    # by a fixed finite row) before any arithmetic touches them.
+    keep = None if y is None else y != ignore_index
+    if standardize:
+        z, v = ref.standardize(ref.fill_rows(z, keep)), ref.standardize(ref.fill_rows(v, keep))
+    if method in ("kd", "jsd", "rkl"):  # label-free: the reference functions do not mask rows themselves
         rows = _zero_masked(ref_rows(ref.zero_rows(z, keep), ref.zero_rows(v, keep), y), keep)
     else:
         rows = ref_rows(z, v, y)
@@ -407,7 +422,7 @@ def _kd_term(method, student_logits, teacher_logits, target, valid, reduction, i
 
 
 def kd_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmean", backend="auto", *,
-            valid=None, target=None, check_labels=True):
+            valid=None, target=None, check_labels=True, standardize=False):
     """Hinton KD: ``T^2 * KL(softmax(teacher/T) || softmax(student/T))`` per row, reduced.
 
     Args:
@@ -429,6 +444,10 @@ def kd_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmea
             ``False`` skips it: use it only with labels validated elsewhere. An out-of-range
             label (not ``ignore_index``) is then never used as an index and never a crash: it
             makes its row's loss and gradient NaN (the row is counted), on both backends.
+        standardize: logit standardisation (Sun et al. 2024, docs/methods.md): each row of
+            student and teacher logits is z-scored, ``(x - mean) / (std + 1e-7)`` with the
+            unbiased std over the classes, before the temperature (also on ``ats_loss`` and
+            ``dkd_loss``; fused in the kernel on the Triton backend).
 
     Returns:
         An fp32 (fp64 for fp64 inputs on the torch backend) scalar, or per-row values.
@@ -447,11 +466,12 @@ def kd_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmea
     """
     T = _check_temperature("temperature", temperature)
     return _kd_term("kd", student_logits, teacher_logits, target, valid, reduction, -100, backend, check_labels,
-                    lambda z, v, y: ref.kd(z, v, T), temperature=T)
+                    lambda z, v, y: ref.kd(z, v, T), standardize=standardize, temperature=T)
 
 
 def ats_loss(student_logits, teacher_logits, target, tau_target=4.0, tau_other=2.0, student_temperature=1.0,
-             reduction="batchmean", ignore_index=-100, backend="auto", *, valid=None, check_labels=True):
+             reduction="batchmean", ignore_index=-100, backend="auto", *, valid=None, check_labels=True,
+             standardize=False):
     """Asymmetric temperature scaling (Li et al. 2022), methods.md section 3.
 
     The teacher's label logit is divided by ``tau_target``, every other logit by
@@ -481,7 +501,7 @@ def ats_loss(student_logits, teacher_logits, target, tau_target=4.0, tau_other=2
     s = _check_temperature("student_temperature", student_temperature)
     ii = _check_int("ignore_index", ignore_index)
     return _kd_term("ats", student_logits, teacher_logits, _need_target(target, "ats_loss"), valid, reduction, ii,
-                    backend, check_labels, lambda z, v, y: ref.ats(z, v, y, tt, to, s, ii),
+                    backend, check_labels, lambda z, v, y: ref.ats(z, v, y, tt, to, s, ii), standardize=standardize,
                     tau_target=tt, tau_other=to, student_temperature=s)
 
 
@@ -515,7 +535,8 @@ def isats_loss(student_logits, teacher_logits, target, tau_target=4.0, candidate
 
 
 def dkd_loss(student_logits, teacher_logits, target, alpha=1.0, beta=8.0, temperature=4.0,
-             reduction="batchmean", ignore_index=-100, backend="auto", *, valid=None, check_labels=True):
+             reduction="batchmean", ignore_index=-100, backend="auto", *, valid=None, check_labels=True,
+             standardize=False):
     """Decoupled KD (Zhao et al. 2022), methods.md section 4: ``T^2 (alpha TCKD + beta NCKD)``.
 
     Computed through log-sum-exp forms on max-shifted logits (shift invariant, no log of a
@@ -539,7 +560,7 @@ def dkd_loss(student_logits, teacher_logits, target, alpha=1.0, beta=8.0, temper
     T = _check_temperature("temperature", temperature)
     ii = _check_int("ignore_index", ignore_index)
     return _kd_term("dkd", student_logits, teacher_logits, _need_target(target, "dkd_loss"), valid, reduction, ii,
-                    backend, check_labels, lambda z, v, y: ref.dkd(z, v, y, a, b, T, ii),
+                    backend, check_labels, lambda z, v, y: ref.dkd(z, v, y, a, b, T, ii), standardize=standardize,
                     alpha=a, beta=b, temperature=T)
 
 

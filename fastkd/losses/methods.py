@@ -46,7 +46,7 @@ class Param(NamedTuple):
     field: str      # the TrainConfig field / YAML key; the CLI flag is --field-with-dashes
     kind: str       # "temperature" (a number in [1e-3, 100], see functional.py), "weight" (finite >= 0),
                     # "epochs" (finite >= 0), "candidates" (a sequence of temperatures, or None),
-                    # "fraction" (finite, in [0, 1])
+                    # "fraction" (finite, in [0, 1]), "flag" (a bool)
     help: str
     scales: str = "both"  # for temperatures: the logits it divides, "both", "teacher" or "student" (the
                           # teacher cache warns about top-K rows at teacher temperatures other than 1)
@@ -64,19 +64,22 @@ class Method(NamedTuple):
 
 
 _T = "temperature"
+# Logit standardisation (Sun et al. 2024, methods.md section 11): an option of the logit methods.
+_STD = Param("standardize", False, "logit_standardize", "flag",
+             "z-score each row of student and teacher logits before the temperature (logit standardisation)")
 METHOD_TABLE: dict[str, Method] = {
     m.name: m
     for m in (
         Method("ce", "hard-label cross-entropy only (no teacher)", (), (1.0, 0.0), False, True),
         Method("kd", "Hinton KD: T^2 KL(sm(v/T) || sm(z/T))",
-               (Param("temperature", 1.0, "temperature", _T, "KD temperature T"),),
+               (Param("temperature", 1.0, "temperature", _T, "KD temperature T"), _STD),
                (0.5, 0.5), False, True),
         Method("ats", "asymmetric temperature scaling (Li et al. 2022): teacher label logit / tau_target, "
                       "others / tau_other",
                (Param("tau_target", 4.0, "tau_target", _T, "teacher temperature on the label class", "teacher"),
                 Param("tau_other", 2.0, "tau_other", _T, "teacher temperature on the other classes", "teacher"),
                 Param("student_temperature", 1.0, "student_temperature", _T,
-                      "student temperature s (released setting 1)", "student")),
+                      "student temperature s (released setting 1)", "student"), _STD),
                (0.5, 0.5), True, True),
         Method("isats", "instance-specific ATS: tau_other chosen per row from a candidate grid",
                (Param("tau_target", 4.0, "tau_target", _T, "teacher temperature on the label class", "teacher"),
@@ -89,7 +92,8 @@ METHOD_TABLE: dict[str, Method] = {
                (Param("alpha", 1.0, "dkd_alpha", "weight", "DKD weight of TCKD"),
                 Param("beta", 8.0, "dkd_beta", "weight", "DKD weight of NCKD"),
                 Param("temperature", 4.0, "temperature", _T, "DKD temperature T"),
-                Param("warmup_epochs", 0.0, "dkd_warmup_epochs", "epochs", "DKD warm-up epochs of the KD weight")),
+                Param("warmup_epochs", 0.0, "dkd_warmup_epochs", "epochs", "DKD warm-up epochs of the KD weight"),
+                _STD),
                (1.0, 1.0), True, True),
         Method("dist", "DIST (Huang et al. 2022): tau^2 (beta inter + gamma intra) Pearson terms over the batch",
                (Param("beta", 1.0, "dist_beta", "weight", "DIST inter-class weight"),

@@ -81,6 +81,16 @@ def zero_rows(x: Tensor, keep: Optional[Tensor]) -> Tensor:
     return torch.where(keep[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+def fill_rows(x: Tensor, keep: Optional[Tensor]) -> Tensor:
+    """``x`` (N, C) with the rows outside ``keep`` replaced by ``0, 1, ..., C-1``: a fixed finite row
+    that is not constant, so a z-score (:func:`standardize`) of it and its gradient are finite; the
+    rows' own values (NaN included) get exactly zero gradient through the ``torch.where``."""
+    if keep is None:
+        return x
+    fill = torch.arange(x.shape[-1], dtype=x.dtype, device=x.device)
+    return torch.where(keep[:, None], x, fill)
+
+
 def label_rows(x: Tensor, target: Tensor, ignore_index: int) -> Tensor:
     """``x`` (N, C) as a label-reading loss uses it: rows labelled ``ignore_index`` zeroed
     (:func:`zero_rows`), rows with a label outside ``[0, C)`` made NaN so that their loss and
@@ -346,10 +356,28 @@ def jsd(z: Tensor, v: Tensor, beta: float = 0.5, temperature: float = 1.0) -> Te
     return T * T * (b * _kl_rows_masked(log_pt, log_m) + (1.0 - b) * _kl_rows_masked(log_ps, log_m))
 
 
+STANDARDIZE_EPS = 1e-7
+
+
+def standardize(x: Tensor) -> Tensor:
+    """Logit standardisation (Sun et al. 2024, methods.md section 11): each row z-scored over the
+    classes, ``(x - mean) / (std + 1e-7)`` with the unbiased (C - 1) std, as the authors' code does.
+    Computed in fp32 (fp64 for fp64 input); the gradient flows through mean and std."""
+    x = upcast(x)
+    if x.shape[-1] < 2:
+        raise ValueError(f"logit standardisation needs at least 2 classes (the unbiased std over classes), "
+                         f"got {x.shape[-1]}")
+    return (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True) + STANDARDIZE_EPS)
+
+
 def kd_term_rows(method: str, z: Tensor, v: Tensor, target: Tensor, ignore_index: int = -100, **params) -> Tensor:
     """Per-row KD term of a row-local method (kd, ats, isats, dkd, jsd, rkl) with DistillLoss's row
     convention: rows labelled ``ignore_index`` give 0, also for plain ``kd``. ``params`` are the
-    method's keywords of :data:`fastkd.losses.methods.METHOD_TABLE` (without ``warmup_epochs``)."""
+    method's keywords of :data:`fastkd.losses.methods.METHOD_TABLE` (without ``warmup_epochs``);
+    ``standardize=True`` z-scores both rows first (:func:`standardize`)."""
+    if params.pop("standardize", False):  # left-out rows become a fixed finite row first (a NaN row's
+        keep = _valid_rows(target, ignore_index)  # z-score would put NaN in the gradient)
+        z, v = standardize(fill_rows(z, keep)), standardize(fill_rows(v, keep))
     if method == "kd":
         rows = kd(label_rows(upcast(z), target, ignore_index), label_rows(upcast(v), target, ignore_index),
                   params["temperature"])

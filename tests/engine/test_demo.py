@@ -11,7 +11,8 @@ from fastkd.engine.demo import conclusions
 def _numbers(**kw):
     x = {"n_test": 360, "ce": 88.0, "kd": {"resnet20": 89.0, "resnet8x4": 89.5}, "ats_released": 90.0,
          "ats_selected": 91.0, "ats_selected_point": (6.0, 2.0), "diagonal_selected": 90.5,
-         "diagonal_selected_t": 2.0, "large": "resnet8x4", "small": "resnet20"}
+         "diagonal_selected_t": 2.0, "large": "resnet8x4", "small": "resnet20",
+         "speed": {"ce": 1000.0, "kd_online": 400.0, "kd_cached": 900.0}, "kd_cached": 89.4, "cache_build_s": 12.0}
     x.update(kw)
     return x
 
@@ -25,11 +26,16 @@ def test_conclusions_follow_the_numbers():
     down = " ".join(conclusions(_numbers(kd={"resnet20": 90.0, "resnet8x4": 70.0}, ats_selected=50.0,
                                          ats_released=40.0)))
     assert "70.0%, below the 90.0%" in down and "50.0%: below KD" in down and "40.0% (below it)" in down
+    assert "900 images/s, 0.90x the student-only run (1000 images/s)" in text and "0.40x" in text
+    assert "89.4%, within noise of the online KD student's 89.5%" in text
+    fast = " ".join(conclusions(_numbers(n_test=2500, speed={"ce": 500.0, "kd_online": 100.0, "kd_cached": 750.0},
+                                         kd_cached=70.0)))
+    assert "1.50x the student-only run" in fast and "70.0%, below the online KD" in fast
 
 
 @pytest.mark.slow
 def test_demo_runs_every_stage_and_prints_the_table(tmp_path, capsys):
-    rc = cli.main(["demo", "--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "runs"),
+    rc = cli.main(["demo", "--data", "digits", "--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "runs"),
                    "--teacher-epochs", "1", "--student-epochs", "1", "--image-size", "8", "--device", "cpu",
                    "--workers", "0"])
     assert rc == 0
@@ -42,13 +48,13 @@ def test_demo_runs_every_stage_and_prints_the_table(tmp_path, capsys):
     (demo_dir,) = (tmp_path / "runs").iterdir()
     results = json.loads((demo_dir / "demo_results.json").read_text())
     runs = {r["run"]: r for r in results["runs"]}
-    assert len(runs) == 2 + 1 + 2 + 4 + 3
+    assert len(runs) == 2 + 1 + 2 + 3 + 2 + 1  # teachers, labels only, KD x 2, ATS grid, diagonal, KD from the cache
     teachers = {name.split("-", 1)[1]: r for name, r in runs.items() if name.startswith("teacher-")}
     for name, r in runs.items():
         f = r["final"]
         assert 0 <= f["val_top1"] <= 100 and f["images_per_s"] > 0
         assert (f["loader"], f["decoder"]) == ("torch", "PIL")
-        if "-from-" in name:  # a student reports the accuracy of its teacher's checkpoint
+        if "-from-" in name and not name.endswith("-cached"):  # a student reports its teacher checkpoint's accuracy
             t = teachers[name.rsplit("-from-", 1)[1]]
             assert f["teacher_top1"] == t["final"]["val_top1"]
             assert 0 <= r["holdout_top1"] <= 100
@@ -57,7 +63,11 @@ def test_demo_runs_every_stage_and_prints_the_table(tmp_path, capsys):
     assert len(chosen) == 2
     ats = [r for r in runs.values() if "-ats" in r["run"]]
     assert max(r["holdout_top1"] for r in ats) == [r for r in chosen if "-ats" in r["run"]][0]["holdout_top1"]
-    assert results["conclusions"] == conclusions(results["numbers"]) and len(results["conclusions"]) == 3
+    assert results["conclusions"] == conclusions(results["numbers"]) and len(results["conclusions"]) == 4
+    cached = runs["student-resnet8-kd-from-resnet8x4-cached"]
+    assert 0 <= cached["holdout_top1"] <= 100 and (demo_dir / "cache-resnet8x4").is_dir()
+    assert all(v > 0 for v in results["numbers"]["speed"].values())
+    assert "KD from the teacher cache ran at" in text
     assert all(0 <= d["ats_label_on_top"]["4,2"] <= 1 for d in results["diagnostic"].values())
     assert all((d["loader"], d["decoder"]) == ("torch", "PIL") for d in results["diagnostic"].values())
     assert all(r["holdout_loader"] == "torch loader, PIL" for r in runs.values() if "holdout_top1" in r)
@@ -75,3 +85,18 @@ def test_demo_refuses_a_thread_count_below_one(threads, tmp_path):
 
     with pytest.raises(ValueError, match="--threads must be >= 1"):
         cli.main(["demo", f"--threads={threads}", "--output", str(tmp_path), "--device", "cpu", "--debug"])
+
+
+def test_animal_mnist_jpeg_folder_is_real_images_and_idempotent(tmp_path):
+    from PIL import Image
+
+    from fastkd.data.animal import make_animal_imagefolder
+
+    root = make_animal_imagefolder(tmp_path / "animals", train_per_class=3, test_per_class=2, size=28, seed=1)
+    train, val = sorted((root / "train").rglob("*.jpg")), sorted((root / "val").rglob("*.jpg"))
+    assert len(train) == 30 and len(val) == 20 and not {p.name for p in train} & {p.name for p in val}
+    with Image.open(train[0]) as im:
+        assert im.size == (28, 28) and im.mode == "RGB"
+    assert make_animal_imagefolder(root, train_per_class=3, test_per_class=2, size=28, seed=1) == root  # reused
+    with pytest.raises(FileExistsError, match="made with"):
+        make_animal_imagefolder(root, train_per_class=4, test_per_class=2, size=28, seed=1)

@@ -31,7 +31,7 @@ def test_functional_defaults_match_the_table(method):
 
 
 def test_ats_defaults_follow_the_released_setting():
-    assert M.defaults("ats") == {"tau_target": 4.0, "tau_other": 2.0, "student_temperature": 1.0}
+    assert M.defaults("ats") == {"tau_target": 4.0, "tau_other": 2.0, "student_temperature": 1.0, "standardize": False}
     assert M.defaults("isats")["student_temperature"] == 1.0
     assert M.METHOD_TABLE["ats"].weights == (0.5, 0.5)
 
@@ -44,7 +44,7 @@ def test_loss_kwargs_maps_config_fields_to_loss_keywords():
     assert M.loss_kwargs("ce", cfg) == {}
     crit = fastkd.DistillLoss("dkd", **M.loss_kwargs("dkd", cfg))
     assert M.config_values("dkd", crit.params) == {"dkd_alpha": 1.0, "dkd_beta": 2.0, "temperature": 1.0,
-                                                   "dkd_warmup_epochs": 1.0}
+                                                   "dkd_warmup_epochs": 1.0, "logit_standardize": False}
     with pytest.raises(ValueError, match="unknown method 'fitnet'"):
         M.params_for("fitnet")
     with pytest.raises(ValueError, match="no parameter 'gamma'"):
