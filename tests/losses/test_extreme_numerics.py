@@ -146,11 +146,16 @@ def test_every_method_of_the_table_is_left_out_tested():
 
 
 LEFT_OUT = [(m, how) for m in sorted(PARAMS) for how in ("ignore_index", "valid") if (m, how) != ("dist", "ignore_index")]
+# Logit standardisation z-scores whole rows: a left-out NaN row must not reach a z-score's gradient.
+PARAMS.update({f"{m}+standardize": {**PARAMS[m], "standardize": True} for m in ("kd", "ats", "dkd")})
+LEFT_OUT += [(f"{m}+standardize", how) for m in ("kd", "ats", "dkd") for how in ("ignore_index", "valid")]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("where", ["student", "teacher"])
 @pytest.mark.parametrize("method,how", LEFT_OUT)
+# the interpreter computes the z-score of a NaN row (then left out) with numpy, which says so
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 def test_left_out_rows_holding_nan_give_zero_loss_and_zero_gradient(method, how, where, backend):
     # Before: the loss was finite but the left-out rows' gradient was NaN (0 * NaN), on both backends.
     z, v, y = _poisoned(where=where)
@@ -161,7 +166,7 @@ def test_left_out_rows_holding_nan_give_zero_loss_and_zero_gradient(method, how,
     else:
         valid = ~out_rows
         y[out_rows] = 99  # a padding row's label is not read either
-    crit = fastkd.DistillLoss(method, ce_weight=0.3, kd_weight=0.7, backend=backend, **PARAMS[method])
+    crit = fastkd.DistillLoss(method.split("+")[0], ce_weight=0.3, kd_weight=0.7, backend=backend, **PARAMS[method])
     zg = z.clone().requires_grad_()
     loss = crit(zg, v, y, valid=valid)
     loss.backward()
