@@ -69,8 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--markdown", default=None, help="write the table here")
     p.add_argument("--jsonl", default=None, help="append the JSON record here")
     p.add_argument("--commit", default=None, help="the commit the measured code is at (default: git rev-parse)")
-    p.add_argument("--accuracy", action="store_true", help="instead: the accuracy cost of top-K rows (issue 10 "
-                   "item 6) on the capacity study's task: KD students from the full teacher rows and from top-K "
+    p.add_argument("--accuracy", action="store_true", help="instead: the accuracy cost of top-K rows "
+                   "on the capacity study's task: KD students from the full teacher rows and from top-K "
                    "rows, K in --accuracy-ks, over --accuracy-seeds")
     p.add_argument("--accuracy-ks", type=int, nargs="+", default=[5, 10, 20])
     p.add_argument("--accuracy-seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -216,7 +216,7 @@ def storage(classes: int, top_k: int) -> list[dict]:
 
 # --------------------------------------------------------------------------------------------
 def accuracy_cost(args) -> int:
-    """Issue 10 item 6: student top-1 from full teacher rows against top-K rows (methods.md 10).
+    """Student top-1 from full teacher rows against top-K rows (docs/methods.md §10).
 
     The capacity study's task and loop (:mod:`fastkd.analysis.study`): 100 classes of MNIST digit
     pairs, pad-1 shift views whose teacher logits are computed once, KD at T = 4 (CE 0.1 / KD 0.9).
@@ -278,7 +278,7 @@ def accuracy_cost(args) -> int:
              f"Task: fastkd study capacity ({args.accuracy_preset} preset): {data.description}. Teacher "
              f"fastkd:{args.accuracy_teacher} (CE, {cfg.teacher_epochs} epochs, test top-1 {teacher_top1:.4f}); "
              f"students fastkd:resnet8, KD {kd}, {cfg.student_epochs} epochs, seeds {args.accuracy_seeds} "
-             f"(same initial weights and batches per seed). Top-K rows per methods.md section 10, fp32. "
+             f"(same initial weights and batches per seed). Top-K rows per docs/methods.md §10, fp32. "
              f"Wall time {time.perf_counter() - t_start:.0f} s.", "",
              "| teacher rows | student test top-1 (mean +- SE) | paired difference to full (mean +- SE) |",
              "|---|---:|---:|"]

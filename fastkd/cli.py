@@ -22,7 +22,7 @@ from .errors import USER_ERRORS
 COMMANDS = {
     "check-env": ("fastkd.envinfo", "print what this machine can use (GPU, Triton, DALI, apex, timm) and exit"),
     "train": ("fastkd.train_cli", "distil (or train) a student: timm-style flags or --config FILE.yaml"),
-    "demo": ("fastkd.engine.demo", "build a small real-image data set, train two teachers, distil students, print a table"),
+    "demo": ("fastkd.demo", "build a small real-image data set, train two teachers, distil students, print a table"),
     "analyze": ("fastkd.analysis.cli", "dark-knowledge metrics of one or more teachers (JSON, CSV, Markdown, plots)"),
     "bench": (None, "benchmarks on this machine: 'fastkd bench kernels', 'fastkd bench data' or 'fastkd bench linear'"),
     "study": (None, "reproducible studies: 'fastkd study capacity'"),

@@ -1,4 +1,4 @@
-"""Logit standardisation on the fused path (Sun et al. 2024; methods.md section 11).
+"""Logit standardisation on the fused path (Sun et al. 2024; docs/methods.md §11).
 
 Each row of student logits ``z`` and teacher logits ``v`` is z-scored before the method:
 ``Z(x) = (x - mean(x)) / (std(x) + 1e-7)`` with the unbiased (C - 1) std over the C classes; the CE

@@ -1,6 +1,6 @@
 """Fused knowledge-distillation loss: one pass over raw logits, loss and gradient together.
 
-Math (``shared/spec/methods.md``; :mod:`fastkd.losses.reference` is the executable spec)
+Math (docs/methods.md; :mod:`fastkd.losses.reference` is the executable spec)
 -----------------------------------------------------------------------------------------
 Per row, with student logits ``z``, teacher logits ``v`` (C values each) and label ``y``:
 
@@ -539,7 +539,7 @@ def fused_distill(student, teacher, target, *, method, ce_weight, kd_weight, lab
         raise TypeError("fused_distill computes in fp32: float64 logits go to the PyTorch reference "
                         "(fastkd.losses.functional routes them there), not to the fused kernel")
     if method == "jsd" and float(beta) in (0.0, 1.0):
-        # Liger's end points (methods.md): beta 0 is the forward KL, i.e. kd; beta 1 the reverse KL.
+        # Liger's end points (docs/methods.md §12): beta 0 is the forward KL, i.e. kd; beta 1 the reverse KL.
         method = "kd" if float(beta) == 0.0 else "rkl"
     if method == "isats" and candidates is None:
         candidates = isats_default_candidates(tau_target)

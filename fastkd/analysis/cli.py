@@ -1,7 +1,7 @@
 """``fastkd analyze``: dark-knowledge metrics of one or more teachers on a labelled image folder.
 
 For each teacher: accuracy and, per temperature (and under ATS), the wrong-class metrics of
-``methods.md`` section 9; for each pair of teachers: the wrong-class rank agreement (mean
+docs/methods.md §9; for each pair of teachers: the wrong-class rank agreement (mean
 per-sample Spearman), top-1 agreement and KL both ways. The data set is streamed once, every
 teacher sees the same batch, and only running sums are kept. Writes ``metrics.json``,
 ``metrics.csv``, ``pairs.csv``, ``report.md`` and PNG plots to ``--output`` and prints the report.

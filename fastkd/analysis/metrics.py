@@ -1,4 +1,4 @@
-"""Dark-knowledge metrics of teachers (``methods.md`` section 9) and agreement between two models.
+"""Dark-knowledge metrics of teachers (docs/methods.md §9) and agreement between two models.
 
 Per sample, a teacher's soft label ``q`` (``sm(v/T)``, or ATS's ``sm(v_c/tau_c)``) is split into
 the target probability ``q_y`` and the ``C-1`` wrong-class probabilities. Over those:
@@ -125,7 +125,7 @@ def parse_ats(text: str) -> Optional[SoftLabel]:
     except ValueError:
         raise ValueError(f"--ats takes TAU_TARGET,TAU_OTHER (two numbers) or 'none', got {text!r}") from None
     if tau_t < tau_o:
-        # methods.md section 3: ATS softens the target class at least as much as the others.
+        # docs/methods.md §3: ATS softens the target class at least as much as the others.
         raise ValueError(f"ATS needs tau_target >= tau_other, got {tau_t:g} < {tau_o:g}")
     return SoftLabel(tau_target=tau_t, tau_other=tau_o)
 
@@ -382,7 +382,7 @@ class PairMeter:
 
 
 # --------------------------------------------------------------------------------------------
-# ATS regime diagnostic (methods.md section 3: "report the label-on-top fraction")
+# ATS regime diagnostic (docs/methods.md §3: "report the label-on-top fraction")
 # --------------------------------------------------------------------------------------------
 DEFAULT_ATS_GRID = ((1.0, 2.0, 3.0, 4.0, 5.0, 6.0), (1.0, 2.0, 3.0, 4.0, 5.0))
 RATIO_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)

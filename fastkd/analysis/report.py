@@ -128,7 +128,7 @@ def format_ats_regime(results: dict) -> list[str]:
     teachers = {k: t for k, t in results["teachers"].items() if "ats_label_on_top" in t}
     if not teachers:
         return []
-    lines = ["", "ATS regime (methods.md section 3): for row-centred logits, ATS(tau1, tau2) keeps the label as the "
+    lines = ["", "ATS regime (docs/methods.md §3): for row-centred logits, ATS(tau1, tau2) keeps the label as the "
              "arg-max of its soft label only while (largest wrong logit) / (target logit) < tau2 / tau1.", "",
              "| teacher | ratio q05 | q25 | median | q75 | q95 | rows with centred target <= 0 |",
              "|---|---|---|---|---|---|---|"]

@@ -1,4 +1,4 @@
-"""Choose ATS's temperatures on a validation split, never on test (issue 9, methods.md section 3).
+"""Choose ATS's temperatures on a validation split, never on test (docs/methods.md §3).
 
 The authors grid-search ``tau1 in {1..6} x tau2 in {1..5}``; a single point such as (4, 2) is
 not their method. :func:`select_on_validation` trains (through a callable you pass) one student

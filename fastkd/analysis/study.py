@@ -22,7 +22,7 @@ shifts). Students: ``fastkd:resnet8``, distilled with :class:`fastkd.DistillLoss
   chosen on validation (:mod:`fastkd.analysis.select`); ATS at the released point (4, 2); ISATS;
   DKD (CIFAR-100: alpha 1, beta 8, T 4, warm-up 1/12 of the epochs); ESKD (KD stopped at half the
   epochs; KD from the teacher's checkpoint at half its epochs); KD from a tolerant teacher (the
-  largest architecture trained with CE + eta * gap, our reconstruction, methods.md section 6).
+  largest architecture trained with CE + eta * gap, our reconstruction, docs/methods.md §6).
 
 Every student of a seed starts from the same initial weights and sees the same batches and the
 same random shifts. The shifts are pad-1 crops (9 views); each teacher's logits for all 9 views
@@ -152,7 +152,7 @@ class StudyConfig:
                                                        "standardize": True})
     dpk_weight: float = 1.0
     # eta 0.5 gave a 27 % tolerant resnet8x4 (91 % plain) in a first quick run: the gap term
-    # balances CE near p_y = 1 - eta, so 0.1 keeps the teacher usable (our reconstruction, methods.md 6).
+    # balances CE near p_y = 1 - eta, so 0.1 keeps the teacher usable (our reconstruction, docs/methods.md §6).
     tolerant: dict = field(default_factory=lambda: {"eta": 0.1, "k": 5})
     eskd_saved_fractions: tuple = (0.25, 0.5, 0.75)
     analysis_temperatures: tuple = (1.0, 2.0, 4.0, 8.0)
@@ -1006,12 +1006,12 @@ def main(args) -> int:
         cmp = compare_runs(*args.compare)
         text = format_comparison(cmp)
         if args.output is not None:
-            from .cli import _json_safe
+            from .report import json_safe
 
             out = Path(args.output)
             out.mkdir(parents=True, exist_ok=True)
             (out / "agreement.md").write_text(text)
-            (out / "agreement.json").write_text(json.dumps(_json_safe(cmp), indent=2) + "\n")
+            (out / "agreement.json").write_text(json.dumps(json_safe(cmp), indent=2) + "\n")
         print(text)
         return 0
     output = args.output if args.output is not None else "runs/study-capacity"

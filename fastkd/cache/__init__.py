@@ -1,4 +1,4 @@
-"""The teacher-output cache (issue 10): distil at the student's own speed.
+"""The teacher-output cache: distil at the student's own speed.
 
 ``fastkd cache build`` (:mod:`fastkd.cache.build`) runs a teacher over exactly the teacher views
 that ``fastkd train`` draws (augmentation is keyed by seed, epoch and sample position) and stores

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from .._runlock import lock_output
+from ..engine.runlock import lock_output
 from ..engine import config as C
 from ..engine import distributed as D
 from ..engine.teacher_setup import weights_identity
@@ -137,7 +137,7 @@ def first_mismatch(cached: dict, wanted: dict) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Top-k compression (methods.md section 10)
+# Top-k compression (docs/methods.md §10)
 # --------------------------------------------------------------------------------------------
 def compress(logits: torch.Tensor, labels: torch.Tensor, k: int):
     """(values (N, K), indices (N, K), label logit (N,), fill (N,)) of teacher rows, in fp32:

@@ -72,7 +72,7 @@ def teacher_temperatures(cfg) -> list:
 
 
 def warn_topk_temperature(cfg) -> None:
-    """Top-K rows keep the tail's softmax mass exactly at T = 1 only (methods.md section 10); at
+    """Top-K rows keep the tail's softmax mass exactly at T = 1 only (docs/methods.md §10); at
     T = 4 on a 100-class task they cost tens of points of student top-1 (see
     benchmarks/results/cache-cpu-topk-accuracy.md). Say so when the run's teacher temperature is not 1."""
     temps = sorted({t for t in teacher_temperatures(cfg) if t != 1.0})

@@ -11,7 +11,7 @@ Row formats (``N`` samples, ``C`` classes):
 * ``full``: an ``(N, C)`` array of the teacher's logits in ``float32``, ``float16`` or ``bfloat16``
   (NumPy has no bfloat16: its raw 16 bits are stored as ``uint16`` and reinterpreted on load).
 * ``topk``: an ``(N,)`` structured array with fields ``values (K,)``, ``indices (K,)`` (int16 when
-  ``C <= 32767``, else int32), ``label`` (the label's logit) and ``fill`` (methods.md section 10), the
+  ``C <= 32767``, else int32), ``label`` (the label's logit) and ``fill`` (docs/methods.md §10), the
   floats in the chosen dtype.
 
 Integrity: the manifest records each epoch file's SHA-256 (``epoch_sha256``, computed when the

@@ -71,7 +71,7 @@ def verify_cache(root, data=None) -> dict:
         return out
     stale_times = np.flatnonzero((now["size"] != records["size"]) | (now["mtime_ns"] != records["mtime_ns"]))
     if len(stale_times) and not problems:
-        from .._runlock import lock_output
+        from ..engine.runlock import lock_output
 
         lock = lock_output(root, "cache")  # no build may run while the records change
         try:

@@ -39,7 +39,7 @@ AMP_MODES = ("auto", "bf16", "fp16", "none")
 LOSS_BACKENDS = ("auto", "torch", "triton")
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-# Loss weights (ce_weight, kd_weight) when not given: the common ImageNet settings of methods.md,
+# Loss weights (ce_weight, kd_weight) when not given: the common ImageNet settings of docs/methods.md,
 # from the one method table (fastkd.losses.methods), as is which method each parameter field feeds.
 DEFAULT_WEIGHTS = {name: tuple(m.weights) for name, m in M.METHOD_TABLE.items()}
 # The reference learning rate for a global batch of 256 (the linear scaling rule, see resolve_lr).

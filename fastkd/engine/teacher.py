@@ -15,7 +15,7 @@ Two implementations:
   its own CUDA stream one batch ahead, or in order on CPU / ``--sequential``, the oracle). It can
   also run on any batch synchronously (``source(images)``), which validation uses for the
   teacher's metrics, and it returns features for DPK when asked.
-* a cached source (the teacher-output cache, issue 10) reads the logits stored for this epoch
+* a cached source (the teacher-output cache) reads the logits stored for this epoch
   by sample index (``batch.indices``). It holds no model: ``has_model`` is False, so the engine
   builds no teacher, and validation reports no teacher metrics.
 

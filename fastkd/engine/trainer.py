@@ -28,9 +28,9 @@ import torch
 from torch import Tensor
 
 from .. import __version__
-from .._runlock import lock_output
 from .._device import cpu_cores
 from . import checkpoint as ckpt
+from .runlock import lock_output
 from . import config as C
 from . import distributed as D
 from . import parts as P

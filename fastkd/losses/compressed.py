@@ -1,4 +1,4 @@
-"""Compressed teacher rows: the top-K format of ``shared/spec/methods.md`` section 10.
+"""Compressed teacher rows: the top-K format of docs/methods.md §10.
 
 A teacher row ``v`` (C logits) with label ``y`` is stored as the set ``S`` = the K largest
 logits' class indices together with ``y``, their logits, and one fill value

@@ -1,6 +1,6 @@
 """Dynamic Prior Knowledge (DPK, Qiu et al., ICLR 2023): feature-level distillation for CNNs.
 
-Our reconstruction (``methods.md`` section 8; no official code exists). Per distilled stage:
+Our reconstruction (docs/methods.md §8; no official code exists). Per distilled stage:
 
 1. the teacher feature ``F_t`` (B, Ct, Ht, Wt) is projected to the student's channels by a
    trainable 1x1 conv, ``P(F_t)`` (B, Cs, H, W);

@@ -389,7 +389,7 @@ def _kd_term(method, student_logits, teacher_logits, target, valid, reduction, i
              check_labels, ref_rows, standardize=False, **params):
     """Shared body of the per-row KD losses: validate, flatten, dispatch to the fused kernel or
     the reference, reduce. Parameters are validated by the callers; ``standardize`` z-scores
-    both rows before the method (methods.md section 11)."""
+    both rows before the method (docs/methods.md §11)."""
     standardize = _check_flag("standardize", standardize)
     _check_reduction(reduction)
     _check_logits("student_logits", student_logits)
@@ -472,7 +472,7 @@ def kd_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmea
 def ats_loss(student_logits, teacher_logits, target, tau_target=4.0, tau_other=2.0, student_temperature=1.0,
              reduction="batchmean", ignore_index=-100, backend="auto", *, valid=None, check_labels=True,
              standardize=False):
-    """Asymmetric temperature scaling (Li et al. 2022), methods.md section 3.
+    """Asymmetric temperature scaling (Li et al. 2022), docs/methods.md §3.
 
     The teacher's label logit is divided by ``tau_target``, every other logit by
     ``tau_other``: ``q = softmax(v_c / tau_c)``; the student uses ``student_temperature`` s.
@@ -507,7 +507,7 @@ def ats_loss(student_logits, teacher_logits, target, tau_target=4.0, tau_other=2
 
 def isats_loss(student_logits, teacher_logits, target, tau_target=4.0, candidates=None, student_temperature=1.0,
                reduction="batchmean", ignore_index=-100, backend="auto", *, valid=None, check_labels=True):
-    """Instance-specific ATS (methods.md section 3): ATS with a per-row ``tau_other``.
+    """Instance-specific ATS (docs/methods.md §3): ATS with a per-row ``tau_other``.
 
     Per row, ``tau_other`` is the candidate that maximises the variance of the teacher's
     wrong-class probabilities while keeping the label the teacher's arg-max (no candidate does:
@@ -537,7 +537,7 @@ def isats_loss(student_logits, teacher_logits, target, tau_target=4.0, candidate
 def dkd_loss(student_logits, teacher_logits, target, alpha=1.0, beta=8.0, temperature=4.0,
              reduction="batchmean", ignore_index=-100, backend="auto", *, valid=None, check_labels=True,
              standardize=False):
-    """Decoupled KD (Zhao et al. 2022), methods.md section 4: ``T^2 (alpha TCKD + beta NCKD)``.
+    """Decoupled KD (Zhao et al. 2022), docs/methods.md §4: ``T^2 (alpha TCKD + beta NCKD)``.
 
     Computed through log-sum-exp forms on max-shifted logits (shift invariant, no log of a
     rounded probability). The warm-up weight ``min(epoch / warmup, 1)`` is applied by
@@ -624,7 +624,7 @@ def rkl_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchme
 
 def dist_loss(student_logits, teacher_logits, beta=1.0, gamma=1.0, temperature=1.0, backend="auto", *,
               valid=None, target=None, check_labels=True):
-    """DIST (Huang et al. 2022), methods.md section 5: ``tau^2 (beta * inter + gamma * intra)``.
+    """DIST (Huang et al. 2022), docs/methods.md §5: ``tau^2 (beta * inter + gamma * intra)``.
 
     A scalar over the batch: the inter-class term averages row-wise Pearson correlations of the
     two softmaxes, the intra-class term column-wise ones (statistics across the whole batch).

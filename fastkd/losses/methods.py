@@ -64,7 +64,7 @@ class Method(NamedTuple):
 
 
 _T = "temperature"
-# Logit standardisation (Sun et al. 2024, methods.md section 11): an option of the logit methods.
+# Logit standardisation (Sun et al. 2024, docs/methods.md §11): an option of the logit methods.
 _STD = Param("standardize", False, "logit_standardize", "flag",
              "z-score each row of student and teacher logits before the temperature (logit standardisation)")
 METHOD_TABLE: dict[str, Method] = {

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of every loss in fastkd: the executable form of ``shared/spec/methods.md``.
+"""Pure-PyTorch reference of every loss in fastkd: the executable form of docs/methods.md.
 
 Everything here works on 2-D logits ``(N, C)`` (the public API flattens leading dimensions),
 upcasts to at least fp32 before any exponential or reduction, and returns **per-row** values
@@ -244,7 +244,7 @@ def isats(
 def dkd_parts(z: Tensor, v: Tensor, target: Tensor, temperature: float = 4.0, ignore_index: int = -100):
     """Per-row (TCKD, NCKD), both without the T^2 factor, through log-sum-exp forms on max-shifted
     logits: ``log p_y = x_y - LSE(x)`` and ``log(1 - p_y) = LSE_{c != y}(x) - LSE(x)`` with
-    ``x = z/T - max(z/T)`` (methods.md section 4); never the log of a rounded probability."""
+    ``x = z/T - max(z/T)`` (docs/methods.md §4); never the log of a rounded probability."""
     z, v = label_rows(upcast(z), target, ignore_index), label_rows(upcast(v), target, ignore_index)
     T = float(temperature)
     y = _safe_target(target, ignore_index, z.shape[-1])
@@ -360,7 +360,7 @@ STANDARDIZE_EPS = 1e-7
 
 
 def standardize(x: Tensor) -> Tensor:
-    """Logit standardisation (Sun et al. 2024, methods.md section 11): each row z-scored over the
+    """Logit standardisation (Sun et al. 2024, docs/methods.md §11): each row z-scored over the
     classes, ``(x - mean) / (std + 1e-7)`` with the unbiased (C - 1) std, as the authors' code does.
     Computed in fp32 (fp64 for fp64 input); the gradient flows through mean and std."""
     x = upcast(x)

@@ -1,6 +1,6 @@
 """``TolerantTeacherLoss``: teacher training with ``ce_weight * (CE + eta * gap)``.
 
-methods.md section 6; our reconstruction of Yang et al. 2018 (the paper's exact term is not
+docs/methods.md §6; our reconstruction of Yang et al. 2018 (the paper's exact term is not
 available to us, see :func:`fastkd.losses.reference.tolerant_teacher_loss`).
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """fastkd cache build: rows are the teacher's logits on the exact training views, the top-k rows
-follow methods.md section 10, a killed build is finished without a half-used epoch, and 2 gloo
+follow docs/methods.md §10, a killed build is finished without a half-used epoch, and 2 gloo
 processes write the same files as one."""
 import json
 import math

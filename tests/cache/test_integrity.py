@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fastkd import cli
-from fastkd._runlock import FolderLock
+from fastkd.engine.runlock import FolderLock
 from fastkd.cache import CacheReader, store
 from fastkd.engine import checkpoint as ckpt
 from fastkd.engine.metrics import read_metrics

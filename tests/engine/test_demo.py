@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fastkd import cli
-from fastkd.engine.demo import conclusions
+from fastkd.demo import conclusions
 
 
 def _numbers(**kw):

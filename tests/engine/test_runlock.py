@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fastkd import cli
-from fastkd._runlock import LOCK_NAME, FolderBusyError, FolderLock
+from fastkd.engine.runlock import LOCK_NAME, FolderBusyError, FolderLock
 from fastkd.engine.metrics import read_metrics
 
 ARGS = ["train", "--data-backend", "synthetic", "--synthetic-samples", "64", "--synthetic-classes", "4",

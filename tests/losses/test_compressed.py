@@ -1,4 +1,4 @@
-"""Compressed teacher rows (methods.md section 10): compress_topk, densify, and every loss
+"""Compressed teacher rows (docs/methods.md §10): compress_topk, densify, and every loss
 accepting a TopKTeacher in place of teacher logits."""
 import math
 

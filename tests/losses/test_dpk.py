@@ -1,4 +1,4 @@
-"""DPK (methods.md section 8): hooks, CKA-driven ratio, spatial mask, gradient flow, a tiny run."""
+"""DPK (docs/methods.md §8): hooks, CKA-driven ratio, spatial mask, gradient flow, a tiny run."""
 import math
 
 import numpy as np

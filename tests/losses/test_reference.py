@@ -164,7 +164,7 @@ def test_isats_is_ats_with_chosen_tau():
 
 # ---------------------------------------------------------------- DKD
 def test_dkd_decomposition_identity():
-    """KL(p_t || p_s) = TCKD + (1 - p_t,y) NCKD (methods.md section 4)."""
+    """KL(p_t || p_s) = TCKD + (1 - p_t,y) NCKD (docs/methods.md §4)."""
     z, v, y = rand(12, 9), rand(12, 9, seed=5), labels(12, 9)
     for T in (1.0, 4.0):
         tckd, nckd = ref.dkd_parts(z, v, y, T)

@@ -39,8 +39,8 @@ logger = logging.getLogger("fastkd")
 
 TEACHERS = ("fastkd:resnet20", "fastkd:resnet8x4")  # growing capacity: the last is the larger
 STUDENT = "fastkd:resnet8"
-KD = {"method": "kd", "temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}  # CIFAR-100 KD (methods.md 2)
-ATS = {"method": "ats", "ce_weight": 0.5, "kd_weight": 0.5, "student_temperature": 1.0}  # released (methods.md 3)
+KD = {"method": "kd", "temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}  # CIFAR-100 KD (docs/methods.md §2)
+ATS = {"method": "ats", "ce_weight": 0.5, "kd_weight": 0.5, "student_temperature": 1.0}  # released (docs/methods.md §3)
 RELEASED = (4.0, 2.0)
 ATS_GRID = ((2.0, 1.0), (4.0, 2.0), (6.0, 3.0))
 DIAGONAL = (1.0, 2.0)
@@ -79,7 +79,7 @@ def _carve(data: Path, out: Path, seed: int) -> tuple[Path, Path]:
     split) and ``out/holdout`` (the validation split), as symbolic links to the JPEG files."""
     import torch
 
-    from ..analysis.select import carve_validation
+    from .analysis.select import carve_validation
 
     files = sorted((data / "train").glob("*/*.jpg"))
     classes = sorted({f.parent.name for f in files})
@@ -96,8 +96,8 @@ def _carve(data: Path, out: Path, seed: int) -> tuple[Path, Path]:
 
 
 def _run(name: str, out: Path, common: dict, **kw) -> dict:
-    from .config import make_config
-    from .trainer import train
+    from .engine.config import make_config
+    from .recipes import train  # the online teacher, or a teacher-output cache
 
     cfg = make_config(output=str(out / name), **common, **kw)
     t0 = time.perf_counter()
@@ -112,8 +112,8 @@ def _evaluate(checkpoint: Path, model_name: str, folder: Path, image_size: int, 
     and the loader that read the images (``"torch loader, PIL"``)."""
     import torch
 
-    from ..data import create_loader
-    from ..models import create_model, load_weights
+    from .data import create_loader
+    from .models import create_model, load_weights
 
     loader = create_loader(folder, train=False, batch_size=256, image_size=image_size, backend="torch",
                            device=str(device), num_threads=0)
@@ -127,10 +127,10 @@ def _evaluate(checkpoint: Path, model_name: str, folder: Path, image_size: int, 
 
 def _diagnostic(ckpts: dict, folder: Path, image_size: int, device, num_classes: int) -> dict:
     """Per teacher, the ATS regime diagnostic on the (fit) training images."""
-    from ..analysis import metrics as M
-    from ..analysis.report import analyze
-    from ..data import create_loader
-    from ..models import create_model, load_weights
+    from .analysis import metrics as M
+    from .analysis.report import analyze
+    from .data import create_loader
+    from .models import create_model, load_weights
 
     loader = create_loader(folder, train=False, batch_size=256, image_size=image_size, backend="torch",
                            device=str(device), num_threads=0)
@@ -147,8 +147,8 @@ def _diagnostic(ckpts: dict, folder: Path, image_size: int, device, num_classes:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data import make_digits_imagefolder
-    from .distributed import resolve_device
+    from .data import make_digits_imagefolder
+    from .engine.distributed import resolve_device
 
     if args.image_size is None:
         args.image_size = DEFAULT_IMAGE_SIZE[args.data]
@@ -168,7 +168,7 @@ def main(args: argparse.Namespace) -> int:
 
     t_start = time.perf_counter()
     if args.data == "animal-mnist":
-        from ..data.animal import make_animal_imagefolder
+        from .data.animal import make_animal_imagefolder
 
         data = make_animal_imagefolder(Path(args.cache_dir).expanduser() / "animal-mnist-jpeg-28", size=28,
                                        seed=args.seed)
@@ -214,8 +214,8 @@ def main(args: argparse.Namespace) -> int:
                      "method": _method_label(params), "key": name, "params": params})
 
     # The same KD student from the teacher-output cache of the larger teacher: no teacher forward.
-    from ..cache.build import CacheSpec, build_cache
-    from .config import make_config
+    from .cache.build import CacheSpec, build_cache
+    from .engine.config import make_config
 
     l_short = large.split(":")[1]
     cache_dir = out / f"cache-{l_short}"

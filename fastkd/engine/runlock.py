@@ -174,7 +174,7 @@ def lock_output(folder, kind: str, dist=None) -> Optional[FolderLock]:
         except (OSError, ValueError) as exc:
             error = exc
     if dist is not None and dist.distributed:
-        from .engine import distributed as D
+        from . import distributed as D
 
         error = D.broadcast_object(error, dist)
     if error is not None:
