@@ -227,8 +227,8 @@ def main(args: argparse.Namespace) -> int:
     name = f"kd-from-{l_short}-cached"
     r = _run(f"student-{s_short}-{name}", out, common, student=STUDENT, epochs=args.student_epochs,
              teacher_cache=str(cache_dir), **KD)
-    r["holdout_top1"] = _evaluate(Path(r["output"]) / "last.pt", STUDENT, holdout, args.image_size, device,
-                                  num_classes)
+    r["holdout_top1"], r["holdout_loader"] = _evaluate(Path(r["output"]) / "last.pt", STUDENT, holdout,
+                                                       args.image_size, device, num_classes)
     rows.append({**r, "student": s_short, "teacher": f"{l_short} cache", "method": _method_label(KD), "key": name,
                  "params": KD})
 
