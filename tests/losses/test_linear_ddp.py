@@ -36,7 +36,7 @@ SCRIPT = textwrap.dedent('''
     total.backward()
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=lambda m: name + ": " + m)
-    sys.stdout.write(f"rank {rank} ok\n")  # one write per line: the two ranks share the pipe
+    sys.stdout.write(f"rank {rank} ok\\n")  # one write per line: the two ranks share the pipe
     sys.stdout.flush()
     dist.destroy_process_group()
 ''')
