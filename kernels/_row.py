@@ -63,7 +63,8 @@ def _stats_update(z, v, cols, y, in_row, C, stats, temps, cand_ptr, METHOD: tl.c
         elif METHOD == METHOD_ATS:
             mt, st = _lse_update(mt, st, _div(v, tl.where(is_y, tau_tt, tau_to), T_UNIT))
         else:
-            M, S1, S2 = _isats_update(M, S1, S2, tl.where(is_y, float("-inf"), v), cand_ptr, NUM_CAND, CAND_P2)
+            M, S1, S2 = _isats_update(M, S1, S2, tl.where(is_y, float("-inf"), v), cand_ptr, NUM_CAND=NUM_CAND,
+                                       CAND_P2=CAND_P2)
     return mz, sz, zmean, ms, ss, mt, st, M, S1, S2
 
 
@@ -105,7 +106,7 @@ def _terms_and_grad(z, v, cols, y, in_row, g_ptrs, norms, scales, temps, coefs, 
             term = tl.where(is_y, 0.0, term)
         kl = tl.sum(tl.where(in_row, term, 0.0), axis=0)
         if METHOD == METHOD_JSD or METHOD == METHOD_RKL:  # d: the row sum of the gradient (._llm)
-            kl, g_llm = _llm_kl_and_grad(lps, lpt, in_row, s, beta, d, METHOD)
+            kl, g_llm = _llm_kl_and_grad(lps, lpt, in_row, s, beta, d, METHOD=METHOD)
         if KD_GRAD:
             ps = tl.exp(lps)
             if METHOD == METHOD_JSD or METHOD == METHOD_RKL:
@@ -194,7 +195,8 @@ def _row_scalars(stats, z_y, v_y, C, eps, temps, tau_max, alpha, cand_ptr, METHO
     d = 0.0
     kd_extra = 0.0
     if METHOD == METHOD_ISATS:
-        row_to, mt, lst = _isats_select(M, S1, S2, v_y, tau_tt, tau_max, C, cand_ptr, NUM_CAND, CAND_P2)
+        row_to, mt, lst = _isats_select(M, S1, S2, v_y, tau_tt, tau_max, C, cand_ptr, NUM_CAND=NUM_CAND,
+                                         CAND_P2=CAND_P2)
     if METHOD == METHOD_DKD:
         # TCKD from log-sum-exp forms: log p_y = x_y - LSE, log(1 - p_y) = LSE_nt - LSE.
         ws_y = _div(z_y, s, S_UNIT)
@@ -304,5 +306,5 @@ def _stats_merge(p, S, cand_ptr, METHOD: tl.constexpr, NUM_CAND: tl.constexpr, C
         M, S1, S2 = _isats_reduce(tl.load(q + 7, on, NEG_INF, cache_modifier=".cg"),
                                   tl.load(q2, on[:, None], 0.0, cache_modifier=".cg"),
                                   tl.load(q2 + CAND_P2, on[:, None], 0.0, cache_modifier=".cg"),
-                                  cand_ptr, NUM_CAND, CAND_P2)
+                                  cand_ptr, NUM_CAND=NUM_CAND, CAND_P2=CAND_P2)
     return mz, sz, zmean, ms, ss, mt, st, M, S1, S2

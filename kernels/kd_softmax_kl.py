@@ -153,8 +153,10 @@ def _kd_fused_kernel(
     v_row = v_ptr + row * stride_vn
     g_row = grad_ptr + row * C
     temps = (s, tau_tt, tau_to)
-    y, bad, row_on, z_y, v_y = _row_label(z_row, v_row, y_ptr, row, stride_y, ignore_index, C, METHOD, HAS_TARGET)
-    count = _batch_count(y_ptr, stride_y, count_ptr, N, ignore_index, fixed_count, REDUCE, COUNT_MODE, BLOCK_N)
+    y, bad, row_on, z_y, v_y = _row_label(z_row, v_row, y_ptr, row, stride_y, ignore_index, C, METHOD=METHOD,
+                                          HAS_TARGET=HAS_TARGET)
+    count = _batch_count(y_ptr, stride_y, count_ptr, N, ignore_index, fixed_count, REDUCE=REDUCE,
+                         COUNT_MODE=COUNT_MODE, BLOCK_N=BLOCK_N)
     inv_count = tl.math.div_rn(1.0, count)
 
     # ---- sweep 1: row statistics ---------------------------------------------------------
@@ -163,8 +165,9 @@ def _kd_fused_kernel(
     if SINGLE:
         in_row = cols0 < C
         z, v = _load_chunk(z_row, v_row, cols0, in_row, METHOD)
-        stats = _stats_update(z, v, cols0, y, in_row, C, stats, temps, cand_ptr, METHOD, HAS_TARGET, SMOOTH,
-                              REUSE_CE, S_UNIT, T_UNIT, NUM_CAND, CAND_P2)
+        stats = _stats_update(z, v, cols0, y, in_row, C, stats, temps, cand_ptr, METHOD=METHOD, HAS_TARGET=HAS_TARGET,
+                              SMOOTH=SMOOTH, REUSE_CE=REUSE_CE, S_UNIT=S_UNIT, T_UNIT=T_UNIT, NUM_CAND=NUM_CAND,
+                              CAND_P2=CAND_P2)
     else:
         n_chunks = tl.cdiv(C, BLOCK)
         if PREFETCH:
@@ -178,30 +181,36 @@ def _kd_fused_kernel(
                 z_nx, v_nx = _load_chunk(z_row, v_row, nxt, nxt < C, METHOD)
             else:
                 z, v = _load_chunk(z_row, v_row, cols, in_row, METHOD)
-            stats = _stats_update(z, v, cols, y, in_row, C, stats, temps, cand_ptr, METHOD, HAS_TARGET, SMOOTH,
-                                  REUSE_CE, S_UNIT, T_UNIT, NUM_CAND, CAND_P2)
+            stats = _stats_update(z, v, cols, y, in_row, C, stats, temps, cand_ptr, METHOD=METHOD,
+                                  HAS_TARGET=HAS_TARGET, SMOOTH=SMOOTH, REUSE_CE=REUSE_CE, S_UNIT=S_UNIT,
+                                  T_UNIT=T_UNIT, NUM_CAND=NUM_CAND, CAND_P2=CAND_P2)
 
-    ce, norms, row_to, d, kd_extra = _row_scalars(stats, z_y, v_y, C, eps, temps, tau_max, alpha, cand_ptr, METHOD,
-                                                  HAS_TARGET, SMOOTH, REUSE_CE, S_UNIT, T_UNIT, NUM_CAND, CAND_P2)
+    ce, norms, row_to, d, kd_extra = _row_scalars(stats, z_y, v_y, C, eps, temps, tau_max, alpha, cand_ptr,
+                                                  METHOD=METHOD, HAS_TARGET=HAS_TARGET, SMOOTH=SMOOTH,
+                                                  REUSE_CE=REUSE_CE, S_UNIT=S_UNIT, T_UNIT=T_UNIT, NUM_CAND=NUM_CAND,
+                                                  CAND_P2=CAND_P2)
     scales = (tl.where(row_on, ce_w * inv_count, 0.0), tl.where(row_on, kd_w * inv_count, 0.0), bad)
     temps2 = (s, tau_tt, row_to)
     if METHOD == METHOD_JSD or METHOD == METHOD_RKL:
         # Their gradient holds a row sum over the final normalisers (._llm): one more sweep first.
         if SINGLE:
-            d = _llm_row_sum(z, v, in_row, norms, s, tau_to, beta, METHOD, REUSE_CE, S_UNIT, T_UNIT)
+            d = _llm_row_sum(z, v, in_row, norms, s, tau_to, beta, METHOD=METHOD, REUSE_CE=REUSE_CE, S_UNIT=S_UNIT,
+                             T_UNIT=T_UNIT)
         else:
             rsum = 0.0
             for k in range(0, tl.cdiv(C, BLOCK)):
                 cols = k * BLOCK + cols0
                 z_k, v_k = _load_chunk(z_row, v_row, cols, cols < C, METHOD)
-                rsum += _llm_row_sum(z_k, v_k, cols < C, norms, s, tau_to, beta, METHOD, REUSE_CE, S_UNIT, T_UNIT)
+                rsum += _llm_row_sum(z_k, v_k, cols < C, norms, s, tau_to, beta, METHOD=METHOD, REUSE_CE=REUSE_CE,
+                                     S_UNIT=S_UNIT, T_UNIT=T_UNIT)
             d = rsum
     coefs = (alpha, beta, eps, tl.math.div_rn(eps, C.to(tl.float32)), d)  # eps / C: smoothing mass per class
 
     # ---- sweep 2: loss terms with the final normalisers, gradient ------------------------
     if SINGLE:
-        kl = _terms_and_grad(z, v, cols0, y, in_row, g_row + cols0, norms, scales, temps2, coefs, METHOD, REUSE_CE,
-                             S_UNIT, T_UNIT, CE_GRAD, KD_GRAD, WRITE_GRAD)
+        kl = _terms_and_grad(z, v, cols0, y, in_row, g_row + cols0, norms, scales, temps2, coefs, METHOD=METHOD,
+                             REUSE_CE=REUSE_CE, S_UNIT=S_UNIT, T_UNIT=T_UNIT, CE_GRAD=CE_GRAD, KD_GRAD=KD_GRAD,
+                             WRITE_GRAD=WRITE_GRAD)
     else:
         # Backwards: the chunks read last in sweep 1 are the likeliest to still be in L2.
         kl = 0.0
@@ -217,11 +226,13 @@ def _kd_fused_kernel(
                 z_nx, v_nx = _load_chunk(z_row, v_row, nxt, (nxt >= 0) & (nxt < C), METHOD)
             else:
                 z, v = _load_chunk(z_row, v_row, cols, in_row, METHOD)
-            kl += _terms_and_grad(z, v, cols, y, in_row, g_row + cols, norms, scales, temps2, coefs, METHOD,
-                                  REUSE_CE, S_UNIT, T_UNIT, CE_GRAD, KD_GRAD, WRITE_GRAD)
+            kl += _terms_and_grad(z, v, cols, y, in_row, g_row + cols, norms, scales, temps2, coefs, METHOD=METHOD,
+                                  REUSE_CE=REUSE_CE, S_UNIT=S_UNIT, T_UNIT=T_UNIT, CE_GRAD=CE_GRAD,
+                                  KD_GRAD=KD_GRAD, WRITE_GRAD=WRITE_GRAD)
 
-    _row_outputs(row, ce, kl, kd_extra, s, beta, bad, row_on, ce_w, kd_w, ce_ptr, kd_ptr, rows_ptr, METHOD, HAS_TARGET)
-    _reduce_rows(rows_ptr, loss_ptr, counter_ptr, N, count, REDUCE, BLOCK_N)
+    _row_outputs(row, ce, kl, kd_extra, s, beta, bad, row_on, ce_w, kd_w, ce_ptr, kd_ptr, rows_ptr, METHOD=METHOD,
+                 HAS_TARGET=HAS_TARGET)
+    _reduce_rows(rows_ptr, loss_ptr, counter_ptr, N, count, REDUCE=REDUCE, BLOCK_N=BLOCK_N)
 
 
 @triton.jit
@@ -260,17 +271,19 @@ def _kd_split_kernel(
         temps = (s, tau_tt, tau_to)
         cols = sl * BLOCK + tl.arange(0, BLOCK)
         in_row = cols < C
-        y, bad, row_on, z_y, v_y = _row_label(z_row, v_row, y_ptr, row, stride_y, ignore_index, C, METHOD,
-                                              HAS_TARGET)
+        y, bad, row_on, z_y, v_y = _row_label(z_row, v_row, y_ptr, row, stride_y, ignore_index, C, METHOD=METHOD,
+                                              HAS_TARGET=HAS_TARGET)
         z, v = _load_chunk(z_row, v_row, cols, in_row, METHOD)
         row_stats = stats_ptr + row * (S + 1) * KS  # S slices' statistics, then the merged row's
         if is_stats:
-            stats = _stats_update(z, v, cols, y, in_row, C, _stats_init(CAND_P2), temps, cand_ptr, METHOD,
-                                  HAS_TARGET, SMOOTH, REUSE_CE, S_UNIT, T_UNIT, NUM_CAND, CAND_P2)
+            stats = _stats_update(z, v, cols, y, in_row, C, _stats_init(CAND_P2), temps, cand_ptr, METHOD=METHOD,
+                                  HAS_TARGET=HAS_TARGET, SMOOTH=SMOOTH, REUSE_CE=REUSE_CE, S_UNIT=S_UNIT,
+                                  T_UNIT=T_UNIT, NUM_CAND=NUM_CAND, CAND_P2=CAND_P2)
             _stats_store(row_stats + sl * KS, stats, CAND_P2)
             tl.debug_barrier()  # every thread's stores happen before the release below
             if tl.atomic_add(sync_ptr + 2 + row, 1, sem="acq_rel") == S - 1:  # the row's last: merge, publish
-                stats = _stats_merge(row_stats, S, cand_ptr, METHOD, NUM_CAND, CAND_P2, S_P2)
+                stats = _stats_merge(row_stats, S, cand_ptr, METHOD=METHOD, NUM_CAND=NUM_CAND, CAND_P2=CAND_P2,
+                                     S_P2=S_P2)
                 _stats_store(row_stats + S * KS, stats, CAND_P2)
                 tl.debug_barrier()
                 tl.atomic_add(sync_ptr + 2 + row, 1, sem="release")  # S + 1: the row's statistics are ready
@@ -281,26 +294,28 @@ def _kd_split_kernel(
                 done = tl.atomic_add(sync_ptr + 2 + row, 0, sem="acquire")
             tl.debug_barrier()
             stats = _stats_load(row_stats + S * KS, CAND_P2)
-            count = _batch_count(y_ptr, stride_y, count_ptr, N, ignore_index, fixed_count, REDUCE, COUNT_MODE,
-                                 BLOCK_N)
+            count = _batch_count(y_ptr, stride_y, count_ptr, N, ignore_index, fixed_count, REDUCE=REDUCE,
+                                 COUNT_MODE=COUNT_MODE, BLOCK_N=BLOCK_N)
             inv_count = tl.math.div_rn(1.0, count)
             ce, norms, row_to, d, kd_extra = _row_scalars(stats, z_y, v_y, C, eps, temps, tau_max, alpha, cand_ptr,
-                                                          METHOD, HAS_TARGET, SMOOTH, REUSE_CE, S_UNIT, T_UNIT,
-                                                          NUM_CAND, CAND_P2)
+                                                          METHOD=METHOD, HAS_TARGET=HAS_TARGET, SMOOTH=SMOOTH,
+                                                          REUSE_CE=REUSE_CE, S_UNIT=S_UNIT, T_UNIT=T_UNIT,
+                                                          NUM_CAND=NUM_CAND, CAND_P2=CAND_P2)
             ce_scale = tl.where(row_on, ce_w * inv_count, 0.0)
             kd_scale = tl.where(row_on, kd_w * inv_count, 0.0)
             eps_c = tl.math.div_rn(eps, C.to(tl.float32))
             kl = _terms_and_grad(z, v, cols, y, in_row, grad_ptr + row * C + cols, norms,
-                                 (ce_scale, kd_scale, bad), (s, tau_tt, row_to), (alpha, beta, eps, eps_c, d), METHOD,
-                                 REUSE_CE, S_UNIT, T_UNIT, CE_GRAD, KD_GRAD, WRITE_GRAD)
+                                 (ce_scale, kd_scale, bad), (s, tau_tt, row_to), (alpha, beta, eps, eps_c, d),
+                                 METHOD=METHOD, REUSE_CE=REUSE_CE, S_UNIT=S_UNIT, T_UNIT=T_UNIT, CE_GRAD=CE_GRAD,
+                                 KD_GRAD=KD_GRAD, WRITE_GRAD=WRITE_GRAD)
             tl.store(klp_ptr + row * S + sl, kl)
             tl.debug_barrier()
             if tl.atomic_add(sync_ptr + 2 + N + row, 1, sem="acq_rel") == S - 1:  # the row's last item
                 k = tl.arange(0, S_P2)
                 kl = tl.sum(tl.load(klp_ptr + row * S + k, mask=k < S, other=0.0, cache_modifier=".cg"), axis=0)
                 _row_outputs(row, ce, kl, kd_extra, s, beta, bad, row_on, ce_w, kd_w, ce_ptr, kd_ptr, rows_ptr,
-                             METHOD, HAS_TARGET)
-                _reduce_rows(rows_ptr, loss_ptr, sync_ptr + 1, N, count, REDUCE, BLOCK_N)
+                             METHOD=METHOD, HAS_TARGET=HAS_TARGET)
+                _reduce_rows(rows_ptr, loss_ptr, sync_ptr + 1, N, count, REDUCE=REDUCE, BLOCK_N=BLOCK_N)
 
 
 @triton.jit
