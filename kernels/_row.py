@@ -255,9 +255,20 @@ def _reduce_rows(rows_ptr, loss_ptr, counter_ptr, N, count, REDUCE: tl.constexpr
 
 
 
+STATS_SCALARS: tl.constexpr = tl.constexpr(8)  # a statistics record: (mz, sz, zmean, ms, ss, mt, st, M), S1, S2
+
+
+@triton.constexpr_function
+def stats_record(cand_p2):
+    """Floats in one statistics record (the split path's scratch layout): the ``STATS_SCALARS``
+    scalars, then S1 and S2 (``cand_p2`` each). The launcher sizes the scratch with it, the
+    kernels address the records with it (a compile-time constant inside a kernel)."""
+    return STATS_SCALARS.value + 2 * cand_p2
+
+
 @triton.jit
 def _stats_store(p, stats, CAND_P2: tl.constexpr):
-    """Store row statistics at ``p``: 8 scalars, then S1 and S2 ([CAND_P2] each)."""
+    """Store row statistics at ``p``: the record of :func:`stats_record`."""
     mz, sz, zmean, ms, ss, mt, st, M, S1, S2 = stats
     tl.store(p, mz)
     tl.store(p + 1, sz)
@@ -268,8 +279,8 @@ def _stats_store(p, stats, CAND_P2: tl.constexpr):
     tl.store(p + 6, st)
     tl.store(p + 7, M)
     ci = tl.arange(0, CAND_P2)
-    tl.store(p + 8 + ci, S1)
-    tl.store(p + 8 + CAND_P2 + ci, S2)
+    tl.store(p + STATS_SCALARS + ci, S1)
+    tl.store(p + STATS_SCALARS + CAND_P2 + ci, S2)
 
 
 @triton.jit
@@ -280,15 +291,16 @@ def _stats_load(p, CAND_P2: tl.constexpr):
             tl.load(p + 2, cache_modifier=".cg"), tl.load(p + 3, cache_modifier=".cg"),
             tl.load(p + 4, cache_modifier=".cg"), tl.load(p + 5, cache_modifier=".cg"),
             tl.load(p + 6, cache_modifier=".cg"), tl.load(p + 7, cache_modifier=".cg"),
-            tl.load(p + 8 + ci, cache_modifier=".cg"), tl.load(p + 8 + CAND_P2 + ci, cache_modifier=".cg"))
+            tl.load(p + STATS_SCALARS + ci, cache_modifier=".cg"),
+            tl.load(p + STATS_SCALARS + CAND_P2 + ci, cache_modifier=".cg"))
 
 
 @triton.jit
 def _stats_merge(p, S, cand_ptr, METHOD: tl.constexpr, NUM_CAND: tl.constexpr, CAND_P2: tl.constexpr,
                  S_P2: tl.constexpr):
-    """Merge the S slices' statistics stored at ``p`` (S rows of 8 + 2 CAND_P2 floats) in one
-    vectorised, fixed-order reduction (deterministic)."""
-    KS: tl.constexpr = 8 + 2 * CAND_P2
+    """Merge the S slices' statistics stored at ``p`` (S records of :func:`stats_record` floats)
+    in one vectorised, fixed-order reduction (deterministic)."""
+    KS: tl.constexpr = stats_record(CAND_P2)
     k = tl.arange(0, S_P2)
     on = k < S
     q = p + k * KS
@@ -302,7 +314,7 @@ def _stats_merge(p, S, cand_ptr, METHOD: tl.constexpr, NUM_CAND: tl.constexpr, C
     M, S1, S2 = _stats_init(CAND_P2)[7:]
     if METHOD == METHOD_ISATS:
         ci = tl.arange(0, CAND_P2)
-        q2 = q[:, None] + 8 + ci[None, :]
+        q2 = q[:, None] + STATS_SCALARS + ci[None, :]
         M, S1, S2 = _isats_reduce(tl.load(q + 7, on, NEG_INF, cache_modifier=".cg"),
                                   tl.load(q2, on[:, None], 0.0, cache_modifier=".cg"),
                                   tl.load(q2 + CAND_P2, on[:, None], 0.0, cache_modifier=".cg"),

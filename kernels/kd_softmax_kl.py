@@ -93,7 +93,7 @@ from ._modes import COUNT_FIXED, COUNT_FROM_BUFFER, COUNT_IN_KERNEL, METHOD_IDS,
 from ._llm import _llm_row_sum
 from ._modes import METHOD_JSD, METHOD_RKL
 from ._row import (_batch_count, _load_chunk, _reduce_rows, _row_label, _row_outputs, _row_scalars, _stats_init,
-                   _stats_load, _stats_merge, _stats_store, _stats_update, _terms_and_grad)
+                   _stats_load, _stats_merge, _stats_store, _stats_update, _terms_and_grad, stats_record)
 
 __all__ = ["fused_distill", "KDSoftmaxKLFunction", "LaunchConfig", "METHOD_IDS", "REDUCE_IDS"]
 
@@ -241,7 +241,7 @@ def _kd_split_kernel(
     grad_ptr, ce_ptr, kd_ptr, rows_ptr, loss_ptr,           # as _kd_fused_kernel
     sync_ptr,       # (2 + 2N,) int32, zero before the launch: [work ticket, loss ticket,
                     #   N statistics items done per row, N gradient items done per row]
-    stats_ptr,      # (N, S + 1, 8 + 2 CAND_P2) fp32 scratch: each slice's statistics, then the row's
+    stats_ptr,      # (N, S + 1, stats_record(CAND_P2)) fp32 scratch: each slice's statistics, then the row's
     klp_ptr,        # (N, S) fp32 scratch: each slice's partial KL
     count_ptr, cand_ptr,                                    # as _kd_fused_kernel
     N, C, ignore_index, fixed_count, ce_w, kd_w, eps,       # as _kd_fused_kernel
@@ -264,7 +264,7 @@ def _kd_split_kernel(
     is_stats = item < S
     row = tl.where(is_stats, step, step - LAG).to(tl.int64)
     sl = tl.where(is_stats, item, item - S)
-    KS: tl.constexpr = 8 + 2 * CAND_P2  # floats per slice's statistics
+    KS: tl.constexpr = stats_record(CAND_P2)  # floats per slice's statistics
     if (row >= 0) & (row < N):
         z_row = z_ptr + row * stride_zn
         v_row = v_ptr + row * stride_vn
@@ -426,7 +426,7 @@ def _launch(z: torch.Tensor, v: Optional[torch.Tensor], y: Optional[torch.Tensor
     if plan.path == "split":
         S, lag = plan.slices, plan.lag_rows
         sync = torch.zeros(2 + 2 * N, dtype=torch.int32, device=dev)
-        stats = torch.empty(N * (S + 1) * (8 + 2 * cand_p2), dtype=torch.float32, device=dev)
+        stats = torch.empty(N * (S + 1) * stats_record(cand_p2), dtype=torch.float32, device=dev)
         klp = torch.empty(N * S, dtype=torch.float32, device=dev)
         _kd_split_kernel[((N + lag) * 2 * S,)](*tensors, sync, stats, klp, count_buf, cands, *scalars, S, lag,
                                                    S_P2=triton.next_power_of_2(S), **modes)
