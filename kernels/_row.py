@@ -9,10 +9,10 @@ import triton.language as tl
 
 from ._isats import _isats_reduce, _isats_select, _isats_update
 from ._math import _div, _log_or_zero, _lse_merge, _lse_reduce, _lse_update
-from ._modes import (COUNT_FIXED, COUNT_IN_KERNEL, METHOD_ATS, METHOD_CE, METHOD_DKD, METHOD_ISATS, METHOD_KD,
+from ._modes import (COUNT_FIXED, COUNT_IN_KERNEL, METHOD_ATS, METHOD_CE, METHOD_DKD, METHOD_ISATS,
                      REDUCE_BATCHMEAN, REDUCE_NONE)
 from ._llm import _llm_kl_and_grad
-from ._modes import METHOD_JSD, METHOD_RKL
+from ._modes import is_ats_family, is_row_sum_divergence, one_teacher_temperature, reads_teacher_label
 
 
 @triton.jit
@@ -58,7 +58,7 @@ def _stats_update(z, v, cols, y, in_row, C, stats, temps, cand_ptr, METHOD: tl.c
     elif METHOD != METHOD_CE:
         if not REUSE_CE:
             ms, ss = _lse_update(ms, ss, _div(z, s, S_UNIT))
-        if METHOD == METHOD_KD or METHOD == METHOD_JSD or METHOD == METHOD_RKL:
+        if one_teacher_temperature(METHOD):
             mt, st = _lse_update(mt, st, _div(v, tau_to, T_UNIT))
         elif METHOD == METHOD_ATS:
             mt, st = _lse_update(mt, st, _div(v, tl.where(is_y, tau_tt, tau_to), T_UNIT))
@@ -92,7 +92,7 @@ def _terms_and_grad(z, v, cols, y, in_row, g_ptrs, norms, scales, temps, coefs, 
             lps = (z - ms) - lss
         else:
             lps = (_div(z, s, S_UNIT) - ms) - lss  # DKD: log phat^s (meaningful on c != y)
-        if METHOD == METHOD_ATS or METHOD == METHOD_ISATS:
+        if is_ats_family(METHOD):
             u = _div(v, tl.where(is_y, tau_tt, tau_to), T_UNIT)
         else:
             u = _div(v, tau_to, T_UNIT)
@@ -105,11 +105,11 @@ def _terms_and_grad(z, v, cols, y, in_row, g_ptrs, norms, scales, temps, coefs, 
         if METHOD == METHOD_DKD:
             term = tl.where(is_y, 0.0, term)
         kl = tl.sum(tl.where(in_row, term, 0.0), axis=0)
-        if METHOD == METHOD_JSD or METHOD == METHOD_RKL:  # d: the row sum of the gradient (._llm)
+        if is_row_sum_divergence(METHOD):  # d: the row sum of the gradient (._llm)
             kl, g_llm = _llm_kl_and_grad(lps, lpt, in_row, s, beta, d, METHOD=METHOD)
         if KD_GRAD:
             ps = tl.exp(lps)
-            if METHOD == METHOD_JSD or METHOD == METHOD_RKL:
+            if is_row_sum_divergence(METHOD):
                 gk = g_llm
             elif METHOD == METHOD_DKD:
                 gk = tl.where(is_y, s * alpha * d, s * (beta * (ps - pt) - alpha * d * ps))
@@ -142,7 +142,7 @@ def _row_label(z_row, v_row, y_ptr, row, stride_y, ignore_index, C, METHOD: tl.c
         bad = False
         row_on = True
         z_y = 0.0
-    if METHOD == METHOD_ATS or METHOD == METHOD_ISATS or METHOD == METHOD_DKD:
+    if reads_teacher_label(METHOD):
         v_y = tl.load(v_row + y_safe).to(tl.float32)
     else:
         v_y = 0.0

@@ -91,7 +91,7 @@ from . import _launch as L
 from ._launch import LaunchConfig
 from ._modes import COUNT_FIXED, COUNT_FROM_BUFFER, COUNT_IN_KERNEL, METHOD_IDS, REDUCE_BATCHMEAN, REDUCE_IDS
 from ._llm import _llm_row_sum
-from ._modes import METHOD_JSD, METHOD_RKL
+from ._modes import is_row_sum_divergence
 from ._row import (_batch_count, _load_chunk, _reduce_rows, _row_label, _row_outputs, _row_scalars, _stats_init,
                    _stats_load, _stats_merge, _stats_store, _stats_update, _terms_and_grad, stats_record)
 
@@ -191,7 +191,7 @@ def _kd_fused_kernel(
                                                   CAND_P2=CAND_P2)
     scales = (tl.where(row_on, ce_w * inv_count, 0.0), tl.where(row_on, kd_w * inv_count, 0.0), bad)
     temps2 = (s, tau_tt, row_to)
-    if METHOD == METHOD_JSD or METHOD == METHOD_RKL:
+    if is_row_sum_divergence(METHOD):
         # Their gradient holds a row sum over the final normalisers (._llm): one more sweep first.
         if SINGLE:
             d = _llm_row_sum(z, v, in_row, norms, s, tau_to, beta, METHOD=METHOD, REUSE_CE=REUSE_CE, S_UNIT=S_UNIT,
