@@ -359,12 +359,54 @@ class Spec:
     beta: float = 8.0
 
 
+def _temperatures(spec: Spec) -> tuple:
+    """(s, tau_tt, tau_to): the student temperature and the teacher's on the label / elsewhere."""
+    if spec.method in ("kd", "dkd", "jsd", "rkl"):
+        return (float(spec.temperature),) * 3
+    if spec.method in ("ats", "isats"):
+        return float(spec.student_temperature), float(spec.tau_target), float(spec.tau_other)
+    return 1.0, 1.0, 1.0
+
+
+def _compile_time(spec: Spec, N: int, C: int, has_target: bool, write_grad: bool,
+                  config: Optional[LaunchConfig] = None) -> tuple:
+    """(plan, constexprs): the launch plan of an (N, C) call and its kernel's compile-time
+    arguments. The one mapping from a call to a kernel variant: the launcher and
+    :mod:`._compile_check` (which compiles the variants without a GPU) both use it."""
+    plan = L.plan(C, spec.method, config, N)
+    if plan.path == "split" and spec.method in ("jsd", "rkl"):
+        # The split path writes each slice's gradient from the row's statistics alone; these
+        # divergences also need a row sum formed with them (._llm): the chunked path computes it.
+        _compat.log_once("fastkd: the split-row path has no jsd / rkl variant; they use the chunked path "
+                         "(numbers are unchanged, only speed differs)")
+        plan = L.plan(C, spec.method, dataclasses.replace(config or LaunchConfig(), split=False), N)
+    reduce_id = REDUCE_IDS[spec.reduction]
+    count_mode = COUNT_FIXED.value
+    if reduce_id == REDUCE_BATCHMEAN.value and has_target:
+        in_kernel = N <= L.COUNT_IN_KERNEL_MAX and plan.path != "split"
+        count_mode = COUNT_IN_KERNEL.value if in_kernel else COUNT_FROM_BUFFER.value
+    s, tau_tt, tau_to = _temperatures(spec)
+    num_cand = len(spec.candidates) if spec.method == "isats" else 1
+    modes = dict(
+        METHOD=METHOD_IDS[spec.method], HAS_TARGET=has_target, SMOOTH=spec.label_smoothing != 0,
+        REUSE_CE=has_target and spec.method in ("kd", "ats", "isats", "jsd", "rkl") and s == 1.0,
+        S_UNIT=s == 1.0, T_UNIT=tau_tt == 1.0 and tau_to == 1.0 and spec.method != "isats",
+        CE_GRAD=write_grad and has_target and spec.ce_weight != 0,
+        KD_GRAD=write_grad and spec.method != "ce" and spec.kd_weight != 0,
+        WRITE_GRAD=write_grad, REDUCE=reduce_id, COUNT_MODE=count_mode, NUM_CAND=num_cand,
+        CAND_P2=max(2, triton.next_power_of_2(num_cand)), BLOCK_N=L.BLOCK_N, BLOCK=plan.block,
+    )
+    if plan.path == "split":
+        modes.update(S_P2=triton.next_power_of_2(plan.slices))
+    else:
+        modes.update(SINGLE=plan.path == "single", PREFETCH=plan.prefetch)
+    return plan, modes
+
+
 def _launch(z: torch.Tensor, v: Optional[torch.Tensor], y: Optional[torch.Tensor], spec: Spec, write_grad: bool,
             config: Optional[LaunchConfig] = None):
     N, C = z.shape
     dev = z.device
-    method_id = METHOD_IDS[spec.method]
-    reduce_id = REDUCE_IDS[spec.reduction]
     has_target = y is not None
 
     grad = torch.empty((N, C), dtype=z.dtype, device=dev) if write_grad else z.new_empty((1,))
@@ -374,65 +416,34 @@ def _launch(z: torch.Tensor, v: Optional[torch.Tensor], y: Optional[torch.Tensor
         loss.zero_()
         return loss, rows, ce, kd, grad
 
-    # Temperatures per method: student s, teacher on the label / elsewhere.
-    if spec.method in ("kd", "dkd", "jsd", "rkl"):
-        s = tau_tt = tau_to = float(spec.temperature)
-    elif spec.method in ("ats", "isats"):
-        s, tau_tt, tau_to = float(spec.student_temperature), float(spec.tau_target), float(spec.tau_other)
-    else:
-        s = tau_tt = tau_to = 1.0
-    cands, num_cand, tau_max = loss, 1, 1.0  # placeholder pointer, never read
+    plan, modes = _compile_time(spec, N, C, has_target, write_grad, config)
+    s, tau_tt, tau_to = _temperatures(spec)
+    cands, tau_max = loss, 1.0  # placeholder pointer, never read
     if spec.method == "isats":
-        cands = L.candidates_tensor(spec.candidates, dev)
-        num_cand, tau_max = len(spec.candidates), float(max(spec.candidates))
+        cands, tau_max = L.candidates_tensor(spec.candidates, dev), float(max(spec.candidates))
+    # The batchmean denominator: N without labels; else counted in the kernel or read from a buffer.
+    fixed_count = float(N) if spec.reduction == "batchmean" and not has_target else 1.0
+    count_buf = (y != spec.ignore_index).sum() if modes["COUNT_MODE"] == COUNT_FROM_BUFFER.value else loss
 
-    plan = L.plan(C, spec.method, config, N)
-    if plan.path == "split" and spec.method in ("jsd", "rkl"):
-        # The split path writes each slice's gradient from the row's statistics alone; these
-        # divergences also need a row sum formed with them (._llm): the chunked path computes it.
-        _compat.log_once("fastkd: the split-row path has no jsd / rkl variant; they use the chunked path "
-                         "(numbers are unchanged, only speed differs)")
-        plan = L.plan(C, spec.method, dataclasses.replace(config or LaunchConfig(), split=False), N)
-    count_mode, fixed_count, count_buf = COUNT_FIXED.value, 1.0, loss
-    if reduce_id == REDUCE_BATCHMEAN.value:
-        if not has_target:
-            fixed_count = float(N)
-        elif N <= L.COUNT_IN_KERNEL_MAX and plan.path != "split":
-            count_mode = COUNT_IN_KERNEL.value
-        else:
-            count_mode = COUNT_FROM_BUFFER.value
-            count_buf = (y != spec.ignore_index).sum()
-
-    cand_p2 = max(2, triton.next_power_of_2(num_cand))
     tensors = (z, z.stride(0), v if v is not None else z, v.stride(0) if v is not None else 0,
                y if has_target else z, y.stride(0) if has_target else 0, grad, ce, kd, rows, loss)
     scalars = (N, C, int(spec.ignore_index), fixed_count, float(spec.ce_weight), float(spec.kd_weight),
                float(spec.label_smoothing), s, tau_tt, tau_to, tau_max, float(spec.alpha), float(spec.beta))
-    modes = dict(
-        METHOD=method_id, HAS_TARGET=has_target, SMOOTH=spec.label_smoothing != 0,
-        REUSE_CE=has_target and spec.method in ("kd", "ats", "isats", "jsd", "rkl") and s == 1.0,
-        S_UNIT=s == 1.0, T_UNIT=tau_tt == 1.0 and tau_to == 1.0 and spec.method != "isats",
-        CE_GRAD=write_grad and has_target and spec.ce_weight != 0,
-        KD_GRAD=write_grad and spec.method != "ce" and spec.kd_weight != 0,
-        WRITE_GRAD=write_grad, REDUCE=reduce_id, COUNT_MODE=count_mode, NUM_CAND=num_cand, CAND_P2=cand_p2,
-        BLOCK_N=L.BLOCK_N, BLOCK=plan.block, num_warps=plan.warps,
-        # No FMA contraction. With it, the compiler contracted ``u - max`` differently in the
-        # two sweeps, so sweep 2's log-probabilities disagreed with sweep 1's normaliser by a
-        # product's rounding residual, which a near-one-hot KL multiplies by 1e4-sized logit gaps
-        # (seen on an H100: ATS at +-1e4 logits off by 1e-4 relative). Without it the compiled
-        # kernel rounds like the interpreter; the kernel is memory-bound, so it costs nothing.
-        enable_fp_fusion=False,
-    )
+    # No FMA contraction. With it, the compiler contracted ``u - max`` differently in the two
+    # sweeps, so sweep 2's log-probabilities disagreed with sweep 1's normaliser by a product's
+    # rounding residual, which a near-one-hot KL multiplies by 1e4-sized logit gaps (seen on an
+    # H100: ATS at +-1e4 logits off by 1e-4 relative). Without it the compiled kernel rounds like
+    # the interpreter; the kernel is memory-bound, so it costs nothing.
+    options = dict(num_warps=plan.warps, enable_fp_fusion=False)
     if plan.path == "split":
         S, lag = plan.slices, plan.lag_rows
         sync = torch.zeros(2 + 2 * N, dtype=torch.int32, device=dev)
-        stats = torch.empty(N * (S + 1) * stats_record(cand_p2), dtype=torch.float32, device=dev)
+        stats = torch.empty(N * (S + 1) * stats_record(modes["CAND_P2"]), dtype=torch.float32, device=dev)
         klp = torch.empty(N * S, dtype=torch.float32, device=dev)
         _kd_split_kernel[((N + lag) * 2 * S,)](*tensors, sync, stats, klp, count_buf, cands, *scalars, S, lag,
-                                                   S_P2=triton.next_power_of_2(S), **modes)
+                                                   **modes, **options)
     else:
-        _kd_fused_kernel[(N,)](*tensors, L.ticket_counter(dev), count_buf, cands, *scalars,
-                               SINGLE=plan.path == "single", PREFETCH=plan.prefetch, **modes)
+        _kd_fused_kernel[(N,)](*tensors, L.ticket_counter(dev), count_buf, cands, *scalars, **modes, **options)
     return loss, rows, ce, kd, grad
 
 
