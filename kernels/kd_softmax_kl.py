@@ -90,6 +90,7 @@ from .._isats_grid import isats_default_candidates
 from . import _launch as L
 from ._launch import LaunchConfig
 from ._modes import COUNT_FIXED, COUNT_FROM_BUFFER, COUNT_IN_KERNEL, METHOD_IDS, REDUCE_BATCHMEAN, REDUCE_IDS
+from ._isats import cand_p2
 from ._llm import _llm_row_sum
 from ._modes import is_row_sum_divergence
 from ._row import (_batch_count, _load_chunk, _reduce_rows, _row_label, _row_outputs, _row_scalars, _stats_init,
@@ -141,13 +142,13 @@ def _kd_fused_kernel(
     REDUCE: tl.constexpr,       # REDUCE_NONE / _SUM / _BATCHMEAN
     COUNT_MODE: tl.constexpr,   # COUNT_FIXED / _IN_KERNEL / _FROM_BUFFER
     NUM_CAND: tl.constexpr,     # ISATS candidates (1 when unused)
-    CAND_P2: tl.constexpr,      # next power of two >= NUM_CAND
     BLOCK: tl.constexpr,        # columns per chunk (the whole row when SINGLE)
     SINGLE: tl.constexpr,       # C <= BLOCK: one read, everything from registers
     PREFETCH: tl.constexpr,     # chunked path: load chunk k+1 into registers while computing chunk k
     BLOCK_N: tl.constexpr,      # chunk of labels / row losses for counting and the final sum
 ):
     """One program per row: the single-block and the chunked (two-sweep) paths."""
+    CAND_P2: tl.constexpr = cand_p2(NUM_CAND)  # width of the ISATS candidate vectors
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_zn
     v_row = v_ptr + row * stride_vn
@@ -241,7 +242,8 @@ def _kd_split_kernel(
     grad_ptr, ce_ptr, kd_ptr, rows_ptr, loss_ptr,           # as _kd_fused_kernel
     sync_ptr,       # (2 + 2N,) int32, zero before the launch: [work ticket, loss ticket,
                     #   N statistics items done per row, N gradient items done per row]
-    stats_ptr,      # (N, S + 1, stats_record(CAND_P2)) fp32 scratch: each slice's statistics, then the row's
+    stats_ptr,      # (N, S + 1, stats_record(cand_p2(NUM_CAND))) fp32 scratch: each slice's statistics, then
+                    #   the row's
     klp_ptr,        # (N, S) fp32 scratch: each slice's partial KL
     count_ptr, cand_ptr,                                    # as _kd_fused_kernel
     N, C, ignore_index, fixed_count, ce_w, kd_w, eps,       # as _kd_fused_kernel
@@ -251,12 +253,13 @@ def _kd_split_kernel(
     METHOD: tl.constexpr, HAS_TARGET: tl.constexpr, SMOOTH: tl.constexpr, REUSE_CE: tl.constexpr,
     S_UNIT: tl.constexpr, T_UNIT: tl.constexpr, CE_GRAD: tl.constexpr, KD_GRAD: tl.constexpr,
     WRITE_GRAD: tl.constexpr, REDUCE: tl.constexpr, COUNT_MODE: tl.constexpr, NUM_CAND: tl.constexpr,
-    CAND_P2: tl.constexpr, BLOCK_N: tl.constexpr,           # as _kd_fused_kernel
+    BLOCK_N: tl.constexpr,                                  # as _kd_fused_kernel
     BLOCK: tl.constexpr,        # columns per slice (one register block)
     S_P2: tl.constexpr,         # next power of two >= S
 ):
     """The split-row path (module docstring): grid (N + LAG) * 2S; work step t holds the S
     statistics items of row t, then the S gradient items of row t - LAG."""
+    CAND_P2: tl.constexpr = cand_p2(NUM_CAND)  # width of the ISATS candidate vectors
     # The ticket, not program_id, orders the work: a ticket is taken only by a running program.
     w = tl.atomic_add(sync_ptr, 1)
     step = w // (2 * S)
@@ -394,7 +397,7 @@ def _compile_time(spec: Spec, N: int, C: int, has_target: bool, write_grad: bool
         CE_GRAD=write_grad and has_target and spec.ce_weight != 0,
         KD_GRAD=write_grad and spec.method != "ce" and spec.kd_weight != 0,
         WRITE_GRAD=write_grad, REDUCE=reduce_id, COUNT_MODE=count_mode, NUM_CAND=num_cand,
-        CAND_P2=max(2, triton.next_power_of_2(num_cand)), BLOCK_N=L.BLOCK_N, BLOCK=plan.block,
+        BLOCK_N=L.BLOCK_N, BLOCK=plan.block,
     )
     if plan.path == "split":
         modes.update(S_P2=triton.next_power_of_2(plan.slices))
@@ -438,7 +441,7 @@ def _launch(z: torch.Tensor, v: Optional[torch.Tensor], y: Optional[torch.Tensor
     if plan.path == "split":
         S, lag = plan.slices, plan.lag_rows
         sync = torch.zeros(2 + 2 * N, dtype=torch.int32, device=dev)
-        stats = torch.empty(N * (S + 1) * stats_record(modes["CAND_P2"]), dtype=torch.float32, device=dev)
+        stats = torch.empty(N * (S + 1) * stats_record(cand_p2(modes["NUM_CAND"])), dtype=torch.float32, device=dev)
         klp = torch.empty(N * S, dtype=torch.float32, device=dev)
         _kd_split_kernel[((N + lag) * 2 * S,)](*tensors, sync, stats, klp, count_buf, cands, *scalars, S, lag,
                                                    **modes, **options)
