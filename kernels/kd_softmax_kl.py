@@ -92,7 +92,8 @@ from ._launch import LaunchConfig
 from ._modes import COUNT_FIXED, COUNT_FROM_BUFFER, COUNT_IN_KERNEL, METHOD_IDS, REDUCE_BATCHMEAN, REDUCE_IDS
 from ._isats import cand_p2
 from ._llm import _llm_row_sum
-from ._modes import is_row_sum_divergence
+from ._modes import (FLAG_CE_GRAD, FLAG_HAS_TARGET, FLAG_KD_GRAD, FLAG_REUSE_CE, FLAG_S_UNIT, FLAG_SMOOTH, FLAG_T_UNIT,
+                     FLAG_WRITE_GRAD, has_flag, is_row_sum_divergence, pack_flags)
 from ._row import (_batch_count, _load_chunk, _reduce_rows, _row_label, _row_outputs, _row_scalars, _stats_init,
                    _stats_load, _stats_merge, _stats_store, _stats_update, _terms_and_grad, stats_record)
 
@@ -130,15 +131,8 @@ def _kd_fused_kernel(
     tau_max,        # largest ISATS candidate (the fallback choice)
     alpha,          # DKD TCKD weight
     beta,           # DKD NCKD weight
-    METHOD: tl.constexpr,       # METHOD_CE / _KD / _ATS / _ISATS / _DKD
-    HAS_TARGET: tl.constexpr,   # labels given: CE computed, label-dependent rows skipped
-    SMOOTH: tl.constexpr,       # eps != 0
-    REUSE_CE: tl.constexpr,     # the KD student logits are z itself (s == 1, not DKD, labels given)
-    S_UNIT: tl.constexpr,       # s == 1: no division of z
-    T_UNIT: tl.constexpr,       # tau_tt == tau_to == 1 (not ISATS): no division of v
-    CE_GRAD: tl.constexpr,      # CE enters the gradient (labels given and ce_w != 0)
-    KD_GRAD: tl.constexpr,      # the KD term enters the gradient (METHOD != ce and kd_w != 0)
-    WRITE_GRAD: tl.constexpr,   # store the gradient at all
+    METHOD: tl.constexpr,       # METHOD_CE / _KD / _ATS / _ISATS / _DKD / _JSD / _RKL
+    FLAGS: tl.constexpr,        # the boolean modes (._modes' FLAG_ bits), unpacked below
     REDUCE: tl.constexpr,       # REDUCE_NONE / _SUM / _BATCHMEAN
     COUNT_MODE: tl.constexpr,   # COUNT_FIXED / _IN_KERNEL / _FROM_BUFFER
     NUM_CAND: tl.constexpr,     # ISATS candidates (1 when unused)
@@ -148,6 +142,14 @@ def _kd_fused_kernel(
     BLOCK_N: tl.constexpr,      # chunk of labels / row losses for counting and the final sum
 ):
     """One program per row: the single-block and the chunked (two-sweep) paths."""
+    HAS_TARGET: tl.constexpr = has_flag(FLAGS, FLAG_HAS_TARGET)
+    SMOOTH: tl.constexpr = has_flag(FLAGS, FLAG_SMOOTH)
+    REUSE_CE: tl.constexpr = has_flag(FLAGS, FLAG_REUSE_CE)
+    S_UNIT: tl.constexpr = has_flag(FLAGS, FLAG_S_UNIT)
+    T_UNIT: tl.constexpr = has_flag(FLAGS, FLAG_T_UNIT)
+    CE_GRAD: tl.constexpr = has_flag(FLAGS, FLAG_CE_GRAD)
+    KD_GRAD: tl.constexpr = has_flag(FLAGS, FLAG_KD_GRAD)
+    WRITE_GRAD: tl.constexpr = has_flag(FLAGS, FLAG_WRITE_GRAD)
     CAND_P2: tl.constexpr = cand_p2(NUM_CAND)  # width of the ISATS candidate vectors
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_zn
@@ -250,15 +252,21 @@ def _kd_split_kernel(
     s, tau_tt, tau_to, tau_max, alpha, beta,                # as _kd_fused_kernel
     S,              # slices per row (BLOCK columns each)
     LAG,            # rows between a row's statistics items and its gradient items (<= N)
-    METHOD: tl.constexpr, HAS_TARGET: tl.constexpr, SMOOTH: tl.constexpr, REUSE_CE: tl.constexpr,
-    S_UNIT: tl.constexpr, T_UNIT: tl.constexpr, CE_GRAD: tl.constexpr, KD_GRAD: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, REDUCE: tl.constexpr, COUNT_MODE: tl.constexpr, NUM_CAND: tl.constexpr,
-    BLOCK_N: tl.constexpr,                                  # as _kd_fused_kernel
+    METHOD: tl.constexpr, FLAGS: tl.constexpr, REDUCE: tl.constexpr, COUNT_MODE: tl.constexpr,
+    NUM_CAND: tl.constexpr, BLOCK_N: tl.constexpr,          # as _kd_fused_kernel
     BLOCK: tl.constexpr,        # columns per slice (one register block)
     S_P2: tl.constexpr,         # next power of two >= S
 ):
     """The split-row path (module docstring): grid (N + LAG) * 2S; work step t holds the S
     statistics items of row t, then the S gradient items of row t - LAG."""
+    HAS_TARGET: tl.constexpr = has_flag(FLAGS, FLAG_HAS_TARGET)  # the flags as in _kd_fused_kernel
+    SMOOTH: tl.constexpr = has_flag(FLAGS, FLAG_SMOOTH)
+    REUSE_CE: tl.constexpr = has_flag(FLAGS, FLAG_REUSE_CE)
+    S_UNIT: tl.constexpr = has_flag(FLAGS, FLAG_S_UNIT)
+    T_UNIT: tl.constexpr = has_flag(FLAGS, FLAG_T_UNIT)
+    CE_GRAD: tl.constexpr = has_flag(FLAGS, FLAG_CE_GRAD)
+    KD_GRAD: tl.constexpr = has_flag(FLAGS, FLAG_KD_GRAD)
+    WRITE_GRAD: tl.constexpr = has_flag(FLAGS, FLAG_WRITE_GRAD)
     CAND_P2: tl.constexpr = cand_p2(NUM_CAND)  # width of the ISATS candidate vectors
     # The ticket, not program_id, orders the work: a ticket is taken only by a running program.
     w = tl.atomic_add(sync_ptr, 1)
@@ -390,15 +398,16 @@ def _compile_time(spec: Spec, N: int, C: int, has_target: bool, write_grad: bool
         count_mode = COUNT_IN_KERNEL.value if in_kernel else COUNT_FROM_BUFFER.value
     s, tau_tt, tau_to = _temperatures(spec)
     num_cand = len(spec.candidates) if spec.method == "isats" else 1
-    modes = dict(
-        METHOD=METHOD_IDS[spec.method], HAS_TARGET=has_target, SMOOTH=spec.label_smoothing != 0,
+    flags = pack_flags(
+        HAS_TARGET=has_target, SMOOTH=spec.label_smoothing != 0,
         REUSE_CE=has_target and spec.method in ("kd", "ats", "isats", "jsd", "rkl") and s == 1.0,
         S_UNIT=s == 1.0, T_UNIT=tau_tt == 1.0 and tau_to == 1.0 and spec.method != "isats",
         CE_GRAD=write_grad and has_target and spec.ce_weight != 0,
         KD_GRAD=write_grad and spec.method != "ce" and spec.kd_weight != 0,
-        WRITE_GRAD=write_grad, REDUCE=reduce_id, COUNT_MODE=count_mode, NUM_CAND=num_cand,
-        BLOCK_N=L.BLOCK_N, BLOCK=plan.block,
+        WRITE_GRAD=write_grad,
     )
+    modes = dict(METHOD=METHOD_IDS[spec.method], FLAGS=flags, REDUCE=reduce_id, COUNT_MODE=count_mode,
+                 NUM_CAND=num_cand, BLOCK_N=L.BLOCK_N, BLOCK=plan.block)
     if plan.path == "split":
         modes.update(S_P2=triton.next_power_of_2(plan.slices))
     else:
