@@ -16,45 +16,41 @@ import subprocess
 import sys
 import tempfile
 
-from ._modes import COUNT_FIXED, COUNT_FROM_BUFFER, COUNT_IN_KERNEL
-from ._modes import METHOD_IDS as M
-from ._modes import REDUCE_IDS as R
-
 
 class ToolchainMissing(RuntimeError):
     pass
 
 
-# (description, constexpr overrides). The base is kd + CE, fp16-family input, batchmean. Variants
-# with SPLIT compile the split-row kernel (its BLOCK is a slice; SINGLE / PREFETCH do not apply).
-_BUF = COUNT_FROM_BUFFER.value   # batchmean denominator from a device reduction (chunked / split paths)
-_CHUNKED = dict(BLOCK=2048, SINGLE=False, PREFETCH=True)
-_T_NOT_1 = dict(S_UNIT=False, T_UNIT=False)
-_NO_LABELS = dict(HAS_TARGET=False, REUSE_CE=False, CE_GRAD=False, COUNT_MODE=COUNT_FIXED.value)
-_ISATS16 = dict(METHOD=M["isats"], NUM_CAND=16, CAND_P2=16)
+# (description, the call): a Spec's fields (fastkd.kernels.kd_softmax_kl.Spec) over the base kd + CE,
+# batchmean, T = 1, plus the problem (N, C), whether labels are given and whether the split path is
+# forced. The kernel variant (its constexprs, block and warps) is derived from the call exactly as
+# the launcher derives it (kd_softmax_kl._compile_time). N > 1024 rows with labels and batchmean
+# read the denominator from a device reduction (the chunked / split paths at LM sizes).
+_LM = dict(N=8192, C=128256)
+_CHUNKED = dict(C=128256)
+_T4 = dict(temperature=4.0)
+_ISATS16 = dict(method="isats", candidates=tuple(1.0 + 0.5 * i for i in range(16)))
 VARIANTS = [
     ("kd+ce single 1024 (ImageNet)", dict()),
-    ("ats+smoothing single 8192", dict(METHOD=M["ats"], SMOOTH=True, BLOCK=8192, T_UNIT=False)),
-    ("kd+ce chunked (32000, 128256)", dict(**_CHUNKED, COUNT_MODE=_BUF)),
-    ("isats 16 candidates chunked", dict(**_ISATS16, **_CHUNKED, T_UNIT=False)),
-    ("isats 16 candidates single 4096", dict(**_ISATS16, BLOCK=4096, T_UNIT=False)),
-    ("dkd chunked, T != 1", dict(METHOD=M["dkd"], REUSE_CE=False, **_CHUNKED, COUNT_MODE=_BUF, **_T_NOT_1)),
-    ("dkd single 8192, T != 1", dict(METHOD=M["dkd"], REUSE_CE=False, BLOCK=8192, **_T_NOT_1)),
-    ("ce only, reduction none", dict(METHOD=M["ce"], REUSE_CE=False, REDUCE=R["none"], KD_GRAD=False)),
-    ("kd without labels chunked, T != 1", dict(**_NO_LABELS, **_CHUNKED, **_T_NOT_1)),
-    ("kd+ce split (128256)", dict(SPLIT=True, BLOCK=4096, S_P2=32, COUNT_MODE=_BUF)),
-    ("isats 16 candidates split", dict(SPLIT=True, **_ISATS16, BLOCK=2048, S_P2=64, COUNT_MODE=_BUF, T_UNIT=False)),
-    ("dkd split, T != 1", dict(SPLIT=True, METHOD=M["dkd"], REUSE_CE=False, BLOCK=4096, S_P2=32, COUNT_MODE=_BUF,
-                               **_T_NOT_1)),
+    ("ats+smoothing single 8192", dict(method="ats", label_smoothing=0.1, C=8192)),
+    ("kd+ce chunked (32000, 128256)", dict(**_LM)),
+    ("isats 16 candidates chunked", dict(**_ISATS16, **_CHUNKED)),
+    ("isats 16 candidates single 4096", dict(**_ISATS16, C=4096)),
+    ("dkd chunked, T != 1", dict(method="dkd", **_LM, **_T4)),
+    ("dkd single 8192, T != 1", dict(method="dkd", C=8192, **_T4)),
+    ("ce only, reduction none", dict(method="ce", kd_weight=0.0, reduction="none")),
+    ("kd without labels chunked, T != 1", dict(labels=False, **_CHUNKED, **_T4)),
+    ("kd+ce split (128256)", dict(split=True, **_CHUNKED)),
+    ("isats 16 candidates split", dict(split=True, **_ISATS16, **_CHUNKED)),
+    ("dkd split, T != 1", dict(split=True, method="dkd", **_CHUNKED, **_T4)),
 ]
 VARIANTS += [  # the language-model divergences (their row-sum sweep)
-    ("jsd chunked (128256), bf16 LM head", dict(METHOD=M["jsd"], **_CHUNKED, COUNT_MODE=_BUF)),
-    ("jsd single 8192, T != 1", dict(METHOD=M["jsd"], REUSE_CE=False, BLOCK=8192, **_T_NOT_1)),
-    ("rkl without labels chunked, T != 1", dict(METHOD=M["rkl"], **_NO_LABELS, **_CHUNKED, **_T_NOT_1)),
+    ("jsd chunked (128256), bf16 LM head", dict(method="jsd", beta=0.5, **_LM)),
+    ("jsd single 8192, T != 1", dict(method="jsd", beta=0.5, C=8192, **_T4)),
+    ("rkl without labels chunked, T != 1", dict(method="rkl", labels=False, **_CHUNKED, **_T4)),
 ]
-BASE = dict(METHOD=M["kd"], HAS_TARGET=True, SMOOTH=False, REUSE_CE=True, CE_GRAD=True, KD_GRAD=True, WRITE_GRAD=True,
-            REDUCE=R["batchmean"], COUNT_MODE=COUNT_IN_KERNEL.value, NUM_CAND=1, CAND_P2=2, BLOCK=1024, SINGLE=True,
-            PREFETCH=False, BLOCK_N=1024, S_UNIT=True, T_UNIT=True)
+BASE = dict(method="kd", ce_weight=1.0, kd_weight=1.0, label_smoothing=0.0, ignore_index=-100, reduction="batchmean",
+            N=256, C=1000, labels=True, split=False)
 
 _PTRS = {"z_ptr": "*bf16", "v_ptr": "*bf16", "y_ptr": "*i64", "grad_ptr": "*bf16", "ce_ptr": "*fp32",
          "kd_ptr": "*fp32", "rows_ptr": "*fp32", "loss_ptr": "*fp32", "counter_ptr": "*i32", "count_ptr": "*i64",
@@ -108,19 +104,14 @@ def compile_variants(arch: int = 90):
         raise ToolchainMissing("TRITON_INTERPRET is set: the kernels were defined for the interpreter")
     report = []
     for name, over in VARIANTS:
-        const = {**BASE, **over}
-        split = const.pop("SPLIT", False)
-        fn = K._kd_split_kernel if split else K._kd_fused_kernel
-        if split:
-            del const["SINGLE"], const["PREFETCH"]
+        call = {**BASE, **over}
+        N, C, labels, split = (call.pop(k) for k in ("N", "C", "labels", "split"))
+        plan, const = K._compile_time(K.Spec(**call), N, C, labels, True, L.LaunchConfig(split=split))
+        assert (plan.path == "split") == split, (plan, name)
+        fn = K._kd_split_kernel if plan.path == "split" else K._kd_fused_kernel
         sig = dict(_PTRS)
         sig.update({n: "i32" for n in _INTS})
         sig = {n: sig.get(n, "constexpr" if n in const else "fp32") for n in fn.arg_names}
-        method = "isats" if const["METHOD"] == 3 else "kd"
-        C = const["BLOCK"] if const.get("SINGLE") else 128256
-        plan = L.plan(C, method, L.LaunchConfig(split=split))
-        if plan.path != "single":  # the chunked / split variants are compiled at the shipped width
-            assert plan.path == ("split" if split else "chunked") and plan.block == const["BLOCK"], (plan, name)
         warps = plan.warps
         src = ASTSource(fn=fn, signature=sig, constexprs=const)
         try:

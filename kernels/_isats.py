@@ -22,6 +22,13 @@ import triton.language as tl
 from ._math import _pick
 
 
+@triton.constexpr_function
+def cand_p2(num_cand):
+    """Width of the per-candidate vectors: the next power of two >= ``num_cand``, at least 2
+    (the launcher and the kernels, where it is a compile-time constant, both derive it here)."""
+    return max(2, 1 << (num_cand - 1).bit_length())
+
+
 @triton.jit
 def _isats_update(M, S1, S2, vm, cand_ptr, NUM_CAND: tl.constexpr, CAND_P2: tl.constexpr):
     """Fold teacher chunk ``vm`` (-inf on the label column and outside the row) into the

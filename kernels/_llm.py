@@ -68,8 +68,8 @@ def _llm_parts(lps, lpt, beta, METHOD: tl.constexpr):
 def _llm_row_sum(z, v, in_row, norms, s, tau_to, beta, METHOD: tl.constexpr, REUSE_CE: tl.constexpr,
                  S_UNIT: tl.constexpr, T_UNIT: tl.constexpr):
     """One chunk's part of the gradient's row sum ``D = sum_c q_c a_c``."""
-    lps, lpt = _llm_logs(z, v, norms, s, tau_to, REUSE_CE, S_UNIT, T_UNIT)
-    term, q, a = _llm_parts(lps, lpt, beta, METHOD)
+    lps, lpt = _llm_logs(z, v, norms, s, tau_to, REUSE_CE=REUSE_CE, S_UNIT=S_UNIT, T_UNIT=T_UNIT)
+    term, q, a = _llm_parts(lps, lpt, beta, METHOD=METHOD)
     return tl.sum(tl.where(in_row, q * a, 0.0), axis=0)
 
 
@@ -77,7 +77,7 @@ def _llm_row_sum(z, v, in_row, norms, s, tau_to, beta, METHOD: tl.constexpr, REU
 def _llm_kl_and_grad(lps, lpt, in_row, s, beta, rsum, METHOD: tl.constexpr):
     """(the chunk's loss sum, the chunk's gradient of ``T^2 x divergence``) given the row sum
     ``rsum`` (see :func:`_llm_row_sum`)."""
-    term, q, a = _llm_parts(lps, lpt, beta, METHOD)
+    term, q, a = _llm_parts(lps, lpt, beta, METHOD=METHOD)
     kl = tl.sum(tl.where(in_row, term, 0.0), axis=0)
     # An infinite row (reverse KL: student mass on a class the teacher masks) has the reference's
     # gradient pattern, -inf where q > 0 and a is finite, NaN elsewhere, formed without inf - inf.

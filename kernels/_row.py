@@ -9,10 +9,10 @@ import triton.language as tl
 
 from ._isats import _isats_reduce, _isats_select, _isats_update
 from ._math import _div, _log_or_zero, _lse_merge, _lse_reduce, _lse_update
-from ._modes import (COUNT_FIXED, COUNT_IN_KERNEL, METHOD_ATS, METHOD_CE, METHOD_DKD, METHOD_ISATS, METHOD_KD,
+from ._modes import (COUNT_FIXED, COUNT_IN_KERNEL, METHOD_ATS, METHOD_CE, METHOD_DKD, METHOD_ISATS,
                      REDUCE_BATCHMEAN, REDUCE_NONE)
 from ._llm import _llm_kl_and_grad
-from ._modes import METHOD_JSD, METHOD_RKL
+from ._modes import is_ats_family, is_row_sum_divergence, one_teacher_temperature, reads_teacher_label
 
 
 @triton.jit
@@ -58,12 +58,13 @@ def _stats_update(z, v, cols, y, in_row, C, stats, temps, cand_ptr, METHOD: tl.c
     elif METHOD != METHOD_CE:
         if not REUSE_CE:
             ms, ss = _lse_update(ms, ss, _div(z, s, S_UNIT))
-        if METHOD == METHOD_KD or METHOD == METHOD_JSD or METHOD == METHOD_RKL:
+        if one_teacher_temperature(METHOD):
             mt, st = _lse_update(mt, st, _div(v, tau_to, T_UNIT))
         elif METHOD == METHOD_ATS:
             mt, st = _lse_update(mt, st, _div(v, tl.where(is_y, tau_tt, tau_to), T_UNIT))
         else:
-            M, S1, S2 = _isats_update(M, S1, S2, tl.where(is_y, float("-inf"), v), cand_ptr, NUM_CAND, CAND_P2)
+            M, S1, S2 = _isats_update(M, S1, S2, tl.where(is_y, float("-inf"), v), cand_ptr, NUM_CAND=NUM_CAND,
+                                       CAND_P2=CAND_P2)
     return mz, sz, zmean, ms, ss, mt, st, M, S1, S2
 
 
@@ -91,7 +92,7 @@ def _terms_and_grad(z, v, cols, y, in_row, g_ptrs, norms, scales, temps, coefs, 
             lps = (z - ms) - lss
         else:
             lps = (_div(z, s, S_UNIT) - ms) - lss  # DKD: log phat^s (meaningful on c != y)
-        if METHOD == METHOD_ATS or METHOD == METHOD_ISATS:
+        if is_ats_family(METHOD):
             u = _div(v, tl.where(is_y, tau_tt, tau_to), T_UNIT)
         else:
             u = _div(v, tau_to, T_UNIT)
@@ -104,11 +105,11 @@ def _terms_and_grad(z, v, cols, y, in_row, g_ptrs, norms, scales, temps, coefs, 
         if METHOD == METHOD_DKD:
             term = tl.where(is_y, 0.0, term)
         kl = tl.sum(tl.where(in_row, term, 0.0), axis=0)
-        if METHOD == METHOD_JSD or METHOD == METHOD_RKL:  # d: the row sum of the gradient (._llm)
-            kl, g_llm = _llm_kl_and_grad(lps, lpt, in_row, s, beta, d, METHOD)
+        if is_row_sum_divergence(METHOD):  # d: the row sum of the gradient (._llm)
+            kl, g_llm = _llm_kl_and_grad(lps, lpt, in_row, s, beta, d, METHOD=METHOD)
         if KD_GRAD:
             ps = tl.exp(lps)
-            if METHOD == METHOD_JSD or METHOD == METHOD_RKL:
+            if is_row_sum_divergence(METHOD):
                 gk = g_llm
             elif METHOD == METHOD_DKD:
                 gk = tl.where(is_y, s * alpha * d, s * (beta * (ps - pt) - alpha * d * ps))
@@ -141,7 +142,7 @@ def _row_label(z_row, v_row, y_ptr, row, stride_y, ignore_index, C, METHOD: tl.c
         bad = False
         row_on = True
         z_y = 0.0
-    if METHOD == METHOD_ATS or METHOD == METHOD_ISATS or METHOD == METHOD_DKD:
+    if reads_teacher_label(METHOD):
         v_y = tl.load(v_row + y_safe).to(tl.float32)
     else:
         v_y = 0.0
@@ -194,7 +195,8 @@ def _row_scalars(stats, z_y, v_y, C, eps, temps, tau_max, alpha, cand_ptr, METHO
     d = 0.0
     kd_extra = 0.0
     if METHOD == METHOD_ISATS:
-        row_to, mt, lst = _isats_select(M, S1, S2, v_y, tau_tt, tau_max, C, cand_ptr, NUM_CAND, CAND_P2)
+        row_to, mt, lst = _isats_select(M, S1, S2, v_y, tau_tt, tau_max, C, cand_ptr, NUM_CAND=NUM_CAND,
+                                         CAND_P2=CAND_P2)
     if METHOD == METHOD_DKD:
         # TCKD from log-sum-exp forms: log p_y = x_y - LSE, log(1 - p_y) = LSE_nt - LSE.
         ws_y = _div(z_y, s, S_UNIT)
@@ -253,9 +255,20 @@ def _reduce_rows(rows_ptr, loss_ptr, counter_ptr, N, count, REDUCE: tl.constexpr
 
 
 
+STATS_SCALARS: tl.constexpr = tl.constexpr(8)  # a statistics record: (mz, sz, zmean, ms, ss, mt, st, M), S1, S2
+
+
+@triton.constexpr_function
+def stats_record(cand_p2):
+    """Floats in one statistics record (the split path's scratch layout): the ``STATS_SCALARS``
+    scalars, then S1 and S2 (``cand_p2`` each). The launcher sizes the scratch with it, the
+    kernels address the records with it (a compile-time constant inside a kernel)."""
+    return STATS_SCALARS.value + 2 * cand_p2
+
+
 @triton.jit
 def _stats_store(p, stats, CAND_P2: tl.constexpr):
-    """Store row statistics at ``p``: 8 scalars, then S1 and S2 ([CAND_P2] each)."""
+    """Store row statistics at ``p``: the record of :func:`stats_record`."""
     mz, sz, zmean, ms, ss, mt, st, M, S1, S2 = stats
     tl.store(p, mz)
     tl.store(p + 1, sz)
@@ -266,8 +279,8 @@ def _stats_store(p, stats, CAND_P2: tl.constexpr):
     tl.store(p + 6, st)
     tl.store(p + 7, M)
     ci = tl.arange(0, CAND_P2)
-    tl.store(p + 8 + ci, S1)
-    tl.store(p + 8 + CAND_P2 + ci, S2)
+    tl.store(p + STATS_SCALARS + ci, S1)
+    tl.store(p + STATS_SCALARS + CAND_P2 + ci, S2)
 
 
 @triton.jit
@@ -278,15 +291,16 @@ def _stats_load(p, CAND_P2: tl.constexpr):
             tl.load(p + 2, cache_modifier=".cg"), tl.load(p + 3, cache_modifier=".cg"),
             tl.load(p + 4, cache_modifier=".cg"), tl.load(p + 5, cache_modifier=".cg"),
             tl.load(p + 6, cache_modifier=".cg"), tl.load(p + 7, cache_modifier=".cg"),
-            tl.load(p + 8 + ci, cache_modifier=".cg"), tl.load(p + 8 + CAND_P2 + ci, cache_modifier=".cg"))
+            tl.load(p + STATS_SCALARS + ci, cache_modifier=".cg"),
+            tl.load(p + STATS_SCALARS + CAND_P2 + ci, cache_modifier=".cg"))
 
 
 @triton.jit
 def _stats_merge(p, S, cand_ptr, METHOD: tl.constexpr, NUM_CAND: tl.constexpr, CAND_P2: tl.constexpr,
                  S_P2: tl.constexpr):
-    """Merge the S slices' statistics stored at ``p`` (S rows of 8 + 2 CAND_P2 floats) in one
-    vectorised, fixed-order reduction (deterministic)."""
-    KS: tl.constexpr = 8 + 2 * CAND_P2
+    """Merge the S slices' statistics stored at ``p`` (S records of :func:`stats_record` floats)
+    in one vectorised, fixed-order reduction (deterministic)."""
+    KS: tl.constexpr = stats_record(CAND_P2)
     k = tl.arange(0, S_P2)
     on = k < S
     q = p + k * KS
@@ -300,9 +314,9 @@ def _stats_merge(p, S, cand_ptr, METHOD: tl.constexpr, NUM_CAND: tl.constexpr, C
     M, S1, S2 = _stats_init(CAND_P2)[7:]
     if METHOD == METHOD_ISATS:
         ci = tl.arange(0, CAND_P2)
-        q2 = q[:, None] + 8 + ci[None, :]
+        q2 = q[:, None] + STATS_SCALARS + ci[None, :]
         M, S1, S2 = _isats_reduce(tl.load(q + 7, on, NEG_INF, cache_modifier=".cg"),
                                   tl.load(q2, on[:, None], 0.0, cache_modifier=".cg"),
                                   tl.load(q2 + CAND_P2, on[:, None], 0.0, cache_modifier=".cg"),
-                                  cand_ptr, NUM_CAND, CAND_P2)
+                                  cand_ptr, NUM_CAND=NUM_CAND, CAND_P2=CAND_P2)
     return mz, sz, zmean, ms, ss, mt, st, M, S1, S2

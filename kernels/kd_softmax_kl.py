@@ -90,10 +90,12 @@ from .._isats_grid import isats_default_candidates
 from . import _launch as L
 from ._launch import LaunchConfig
 from ._modes import COUNT_FIXED, COUNT_FROM_BUFFER, COUNT_IN_KERNEL, METHOD_IDS, REDUCE_BATCHMEAN, REDUCE_IDS
+from ._isats import cand_p2
 from ._llm import _llm_row_sum
-from ._modes import METHOD_JSD, METHOD_RKL
+from ._modes import (FLAG_CE_GRAD, FLAG_HAS_TARGET, FLAG_KD_GRAD, FLAG_REUSE_CE, FLAG_S_UNIT, FLAG_SMOOTH, FLAG_T_UNIT,
+                     FLAG_WRITE_GRAD, has_flag, is_row_sum_divergence, pack_flags)
 from ._row import (_batch_count, _load_chunk, _reduce_rows, _row_label, _row_outputs, _row_scalars, _stats_init,
-                   _stats_load, _stats_merge, _stats_store, _stats_update, _terms_and_grad)
+                   _stats_load, _stats_merge, _stats_store, _stats_update, _terms_and_grad, stats_record)
 
 __all__ = ["fused_distill", "KDSoftmaxKLFunction", "LaunchConfig", "METHOD_IDS", "REDUCE_IDS"]
 
@@ -129,32 +131,35 @@ def _kd_fused_kernel(
     tau_max,        # largest ISATS candidate (the fallback choice)
     alpha,          # DKD TCKD weight
     beta,           # DKD NCKD weight
-    METHOD: tl.constexpr,       # METHOD_CE / _KD / _ATS / _ISATS / _DKD
-    HAS_TARGET: tl.constexpr,   # labels given: CE computed, label-dependent rows skipped
-    SMOOTH: tl.constexpr,       # eps != 0
-    REUSE_CE: tl.constexpr,     # the KD student logits are z itself (s == 1, not DKD, labels given)
-    S_UNIT: tl.constexpr,       # s == 1: no division of z
-    T_UNIT: tl.constexpr,       # tau_tt == tau_to == 1 (not ISATS): no division of v
-    CE_GRAD: tl.constexpr,      # CE enters the gradient (labels given and ce_w != 0)
-    KD_GRAD: tl.constexpr,      # the KD term enters the gradient (METHOD != ce and kd_w != 0)
-    WRITE_GRAD: tl.constexpr,   # store the gradient at all
+    METHOD: tl.constexpr,       # METHOD_CE / _KD / _ATS / _ISATS / _DKD / _JSD / _RKL
+    FLAGS: tl.constexpr,        # the boolean modes (._modes' FLAG_ bits), unpacked below
     REDUCE: tl.constexpr,       # REDUCE_NONE / _SUM / _BATCHMEAN
     COUNT_MODE: tl.constexpr,   # COUNT_FIXED / _IN_KERNEL / _FROM_BUFFER
     NUM_CAND: tl.constexpr,     # ISATS candidates (1 when unused)
-    CAND_P2: tl.constexpr,      # next power of two >= NUM_CAND
     BLOCK: tl.constexpr,        # columns per chunk (the whole row when SINGLE)
     SINGLE: tl.constexpr,       # C <= BLOCK: one read, everything from registers
     PREFETCH: tl.constexpr,     # chunked path: load chunk k+1 into registers while computing chunk k
     BLOCK_N: tl.constexpr,      # chunk of labels / row losses for counting and the final sum
 ):
     """One program per row: the single-block and the chunked (two-sweep) paths."""
+    HAS_TARGET: tl.constexpr = has_flag(FLAGS, FLAG_HAS_TARGET)
+    SMOOTH: tl.constexpr = has_flag(FLAGS, FLAG_SMOOTH)
+    REUSE_CE: tl.constexpr = has_flag(FLAGS, FLAG_REUSE_CE)
+    S_UNIT: tl.constexpr = has_flag(FLAGS, FLAG_S_UNIT)
+    T_UNIT: tl.constexpr = has_flag(FLAGS, FLAG_T_UNIT)
+    CE_GRAD: tl.constexpr = has_flag(FLAGS, FLAG_CE_GRAD)
+    KD_GRAD: tl.constexpr = has_flag(FLAGS, FLAG_KD_GRAD)
+    WRITE_GRAD: tl.constexpr = has_flag(FLAGS, FLAG_WRITE_GRAD)
+    CAND_P2: tl.constexpr = cand_p2(NUM_CAND)  # width of the ISATS candidate vectors
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_zn
     v_row = v_ptr + row * stride_vn
     g_row = grad_ptr + row * C
     temps = (s, tau_tt, tau_to)
-    y, bad, row_on, z_y, v_y = _row_label(z_row, v_row, y_ptr, row, stride_y, ignore_index, C, METHOD, HAS_TARGET)
-    count = _batch_count(y_ptr, stride_y, count_ptr, N, ignore_index, fixed_count, REDUCE, COUNT_MODE, BLOCK_N)
+    y, bad, row_on, z_y, v_y = _row_label(z_row, v_row, y_ptr, row, stride_y, ignore_index, C, METHOD=METHOD,
+                                          HAS_TARGET=HAS_TARGET)
+    count = _batch_count(y_ptr, stride_y, count_ptr, N, ignore_index, fixed_count, REDUCE=REDUCE,
+                         COUNT_MODE=COUNT_MODE, BLOCK_N=BLOCK_N)
     inv_count = tl.math.div_rn(1.0, count)
 
     # ---- sweep 1: row statistics ---------------------------------------------------------
@@ -163,8 +168,9 @@ def _kd_fused_kernel(
     if SINGLE:
         in_row = cols0 < C
         z, v = _load_chunk(z_row, v_row, cols0, in_row, METHOD)
-        stats = _stats_update(z, v, cols0, y, in_row, C, stats, temps, cand_ptr, METHOD, HAS_TARGET, SMOOTH,
-                              REUSE_CE, S_UNIT, T_UNIT, NUM_CAND, CAND_P2)
+        stats = _stats_update(z, v, cols0, y, in_row, C, stats, temps, cand_ptr, METHOD=METHOD, HAS_TARGET=HAS_TARGET,
+                              SMOOTH=SMOOTH, REUSE_CE=REUSE_CE, S_UNIT=S_UNIT, T_UNIT=T_UNIT, NUM_CAND=NUM_CAND,
+                              CAND_P2=CAND_P2)
     else:
         n_chunks = tl.cdiv(C, BLOCK)
         if PREFETCH:
@@ -178,30 +184,36 @@ def _kd_fused_kernel(
                 z_nx, v_nx = _load_chunk(z_row, v_row, nxt, nxt < C, METHOD)
             else:
                 z, v = _load_chunk(z_row, v_row, cols, in_row, METHOD)
-            stats = _stats_update(z, v, cols, y, in_row, C, stats, temps, cand_ptr, METHOD, HAS_TARGET, SMOOTH,
-                                  REUSE_CE, S_UNIT, T_UNIT, NUM_CAND, CAND_P2)
+            stats = _stats_update(z, v, cols, y, in_row, C, stats, temps, cand_ptr, METHOD=METHOD,
+                                  HAS_TARGET=HAS_TARGET, SMOOTH=SMOOTH, REUSE_CE=REUSE_CE, S_UNIT=S_UNIT,
+                                  T_UNIT=T_UNIT, NUM_CAND=NUM_CAND, CAND_P2=CAND_P2)
 
-    ce, norms, row_to, d, kd_extra = _row_scalars(stats, z_y, v_y, C, eps, temps, tau_max, alpha, cand_ptr, METHOD,
-                                                  HAS_TARGET, SMOOTH, REUSE_CE, S_UNIT, T_UNIT, NUM_CAND, CAND_P2)
+    ce, norms, row_to, d, kd_extra = _row_scalars(stats, z_y, v_y, C, eps, temps, tau_max, alpha, cand_ptr,
+                                                  METHOD=METHOD, HAS_TARGET=HAS_TARGET, SMOOTH=SMOOTH,
+                                                  REUSE_CE=REUSE_CE, S_UNIT=S_UNIT, T_UNIT=T_UNIT, NUM_CAND=NUM_CAND,
+                                                  CAND_P2=CAND_P2)
     scales = (tl.where(row_on, ce_w * inv_count, 0.0), tl.where(row_on, kd_w * inv_count, 0.0), bad)
     temps2 = (s, tau_tt, row_to)
-    if METHOD == METHOD_JSD or METHOD == METHOD_RKL:
+    if is_row_sum_divergence(METHOD):
         # Their gradient holds a row sum over the final normalisers (._llm): one more sweep first.
         if SINGLE:
-            d = _llm_row_sum(z, v, in_row, norms, s, tau_to, beta, METHOD, REUSE_CE, S_UNIT, T_UNIT)
+            d = _llm_row_sum(z, v, in_row, norms, s, tau_to, beta, METHOD=METHOD, REUSE_CE=REUSE_CE, S_UNIT=S_UNIT,
+                             T_UNIT=T_UNIT)
         else:
             rsum = 0.0
             for k in range(0, tl.cdiv(C, BLOCK)):
                 cols = k * BLOCK + cols0
                 z_k, v_k = _load_chunk(z_row, v_row, cols, cols < C, METHOD)
-                rsum += _llm_row_sum(z_k, v_k, cols < C, norms, s, tau_to, beta, METHOD, REUSE_CE, S_UNIT, T_UNIT)
+                rsum += _llm_row_sum(z_k, v_k, cols < C, norms, s, tau_to, beta, METHOD=METHOD, REUSE_CE=REUSE_CE,
+                                     S_UNIT=S_UNIT, T_UNIT=T_UNIT)
             d = rsum
     coefs = (alpha, beta, eps, tl.math.div_rn(eps, C.to(tl.float32)), d)  # eps / C: smoothing mass per class
 
     # ---- sweep 2: loss terms with the final normalisers, gradient ------------------------
     if SINGLE:
-        kl = _terms_and_grad(z, v, cols0, y, in_row, g_row + cols0, norms, scales, temps2, coefs, METHOD, REUSE_CE,
-                             S_UNIT, T_UNIT, CE_GRAD, KD_GRAD, WRITE_GRAD)
+        kl = _terms_and_grad(z, v, cols0, y, in_row, g_row + cols0, norms, scales, temps2, coefs, METHOD=METHOD,
+                             REUSE_CE=REUSE_CE, S_UNIT=S_UNIT, T_UNIT=T_UNIT, CE_GRAD=CE_GRAD, KD_GRAD=KD_GRAD,
+                             WRITE_GRAD=WRITE_GRAD)
     else:
         # Backwards: the chunks read last in sweep 1 are the likeliest to still be in L2.
         kl = 0.0
@@ -217,11 +229,13 @@ def _kd_fused_kernel(
                 z_nx, v_nx = _load_chunk(z_row, v_row, nxt, (nxt >= 0) & (nxt < C), METHOD)
             else:
                 z, v = _load_chunk(z_row, v_row, cols, in_row, METHOD)
-            kl += _terms_and_grad(z, v, cols, y, in_row, g_row + cols, norms, scales, temps2, coefs, METHOD,
-                                  REUSE_CE, S_UNIT, T_UNIT, CE_GRAD, KD_GRAD, WRITE_GRAD)
+            kl += _terms_and_grad(z, v, cols, y, in_row, g_row + cols, norms, scales, temps2, coefs, METHOD=METHOD,
+                                  REUSE_CE=REUSE_CE, S_UNIT=S_UNIT, T_UNIT=T_UNIT, CE_GRAD=CE_GRAD,
+                                  KD_GRAD=KD_GRAD, WRITE_GRAD=WRITE_GRAD)
 
-    _row_outputs(row, ce, kl, kd_extra, s, beta, bad, row_on, ce_w, kd_w, ce_ptr, kd_ptr, rows_ptr, METHOD, HAS_TARGET)
-    _reduce_rows(rows_ptr, loss_ptr, counter_ptr, N, count, REDUCE, BLOCK_N)
+    _row_outputs(row, ce, kl, kd_extra, s, beta, bad, row_on, ce_w, kd_w, ce_ptr, kd_ptr, rows_ptr, METHOD=METHOD,
+                 HAS_TARGET=HAS_TARGET)
+    _reduce_rows(rows_ptr, loss_ptr, counter_ptr, N, count, REDUCE=REDUCE, BLOCK_N=BLOCK_N)
 
 
 @triton.jit
@@ -230,22 +244,30 @@ def _kd_split_kernel(
     grad_ptr, ce_ptr, kd_ptr, rows_ptr, loss_ptr,           # as _kd_fused_kernel
     sync_ptr,       # (2 + 2N,) int32, zero before the launch: [work ticket, loss ticket,
                     #   N statistics items done per row, N gradient items done per row]
-    stats_ptr,      # (N, S + 1, 8 + 2 CAND_P2) fp32 scratch: each slice's statistics, then the row's
+    stats_ptr,      # (N, S + 1, stats_record(cand_p2(NUM_CAND))) fp32 scratch: each slice's statistics, then
+                    #   the row's
     klp_ptr,        # (N, S) fp32 scratch: each slice's partial KL
     count_ptr, cand_ptr,                                    # as _kd_fused_kernel
     N, C, ignore_index, fixed_count, ce_w, kd_w, eps,       # as _kd_fused_kernel
     s, tau_tt, tau_to, tau_max, alpha, beta,                # as _kd_fused_kernel
     S,              # slices per row (BLOCK columns each)
     LAG,            # rows between a row's statistics items and its gradient items (<= N)
-    METHOD: tl.constexpr, HAS_TARGET: tl.constexpr, SMOOTH: tl.constexpr, REUSE_CE: tl.constexpr,
-    S_UNIT: tl.constexpr, T_UNIT: tl.constexpr, CE_GRAD: tl.constexpr, KD_GRAD: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, REDUCE: tl.constexpr, COUNT_MODE: tl.constexpr, NUM_CAND: tl.constexpr,
-    CAND_P2: tl.constexpr, BLOCK_N: tl.constexpr,           # as _kd_fused_kernel
+    METHOD: tl.constexpr, FLAGS: tl.constexpr, REDUCE: tl.constexpr, COUNT_MODE: tl.constexpr,
+    NUM_CAND: tl.constexpr, BLOCK_N: tl.constexpr,          # as _kd_fused_kernel
     BLOCK: tl.constexpr,        # columns per slice (one register block)
     S_P2: tl.constexpr,         # next power of two >= S
 ):
     """The split-row path (module docstring): grid (N + LAG) * 2S; work step t holds the S
     statistics items of row t, then the S gradient items of row t - LAG."""
+    HAS_TARGET: tl.constexpr = has_flag(FLAGS, FLAG_HAS_TARGET)  # the flags as in _kd_fused_kernel
+    SMOOTH: tl.constexpr = has_flag(FLAGS, FLAG_SMOOTH)
+    REUSE_CE: tl.constexpr = has_flag(FLAGS, FLAG_REUSE_CE)
+    S_UNIT: tl.constexpr = has_flag(FLAGS, FLAG_S_UNIT)
+    T_UNIT: tl.constexpr = has_flag(FLAGS, FLAG_T_UNIT)
+    CE_GRAD: tl.constexpr = has_flag(FLAGS, FLAG_CE_GRAD)
+    KD_GRAD: tl.constexpr = has_flag(FLAGS, FLAG_KD_GRAD)
+    WRITE_GRAD: tl.constexpr = has_flag(FLAGS, FLAG_WRITE_GRAD)
+    CAND_P2: tl.constexpr = cand_p2(NUM_CAND)  # width of the ISATS candidate vectors
     # The ticket, not program_id, orders the work: a ticket is taken only by a running program.
     w = tl.atomic_add(sync_ptr, 1)
     step = w // (2 * S)
@@ -253,24 +275,26 @@ def _kd_split_kernel(
     is_stats = item < S
     row = tl.where(is_stats, step, step - LAG).to(tl.int64)
     sl = tl.where(is_stats, item, item - S)
-    KS: tl.constexpr = 8 + 2 * CAND_P2  # floats per slice's statistics
+    KS: tl.constexpr = stats_record(CAND_P2)  # floats per slice's statistics
     if (row >= 0) & (row < N):
         z_row = z_ptr + row * stride_zn
         v_row = v_ptr + row * stride_vn
         temps = (s, tau_tt, tau_to)
         cols = sl * BLOCK + tl.arange(0, BLOCK)
         in_row = cols < C
-        y, bad, row_on, z_y, v_y = _row_label(z_row, v_row, y_ptr, row, stride_y, ignore_index, C, METHOD,
-                                              HAS_TARGET)
+        y, bad, row_on, z_y, v_y = _row_label(z_row, v_row, y_ptr, row, stride_y, ignore_index, C, METHOD=METHOD,
+                                              HAS_TARGET=HAS_TARGET)
         z, v = _load_chunk(z_row, v_row, cols, in_row, METHOD)
         row_stats = stats_ptr + row * (S + 1) * KS  # S slices' statistics, then the merged row's
         if is_stats:
-            stats = _stats_update(z, v, cols, y, in_row, C, _stats_init(CAND_P2), temps, cand_ptr, METHOD,
-                                  HAS_TARGET, SMOOTH, REUSE_CE, S_UNIT, T_UNIT, NUM_CAND, CAND_P2)
+            stats = _stats_update(z, v, cols, y, in_row, C, _stats_init(CAND_P2), temps, cand_ptr, METHOD=METHOD,
+                                  HAS_TARGET=HAS_TARGET, SMOOTH=SMOOTH, REUSE_CE=REUSE_CE, S_UNIT=S_UNIT,
+                                  T_UNIT=T_UNIT, NUM_CAND=NUM_CAND, CAND_P2=CAND_P2)
             _stats_store(row_stats + sl * KS, stats, CAND_P2)
             tl.debug_barrier()  # every thread's stores happen before the release below
             if tl.atomic_add(sync_ptr + 2 + row, 1, sem="acq_rel") == S - 1:  # the row's last: merge, publish
-                stats = _stats_merge(row_stats, S, cand_ptr, METHOD, NUM_CAND, CAND_P2, S_P2)
+                stats = _stats_merge(row_stats, S, cand_ptr, METHOD=METHOD, NUM_CAND=NUM_CAND, CAND_P2=CAND_P2,
+                                     S_P2=S_P2)
                 _stats_store(row_stats + S * KS, stats, CAND_P2)
                 tl.debug_barrier()
                 tl.atomic_add(sync_ptr + 2 + row, 1, sem="release")  # S + 1: the row's statistics are ready
@@ -281,26 +305,28 @@ def _kd_split_kernel(
                 done = tl.atomic_add(sync_ptr + 2 + row, 0, sem="acquire")
             tl.debug_barrier()
             stats = _stats_load(row_stats + S * KS, CAND_P2)
-            count = _batch_count(y_ptr, stride_y, count_ptr, N, ignore_index, fixed_count, REDUCE, COUNT_MODE,
-                                 BLOCK_N)
+            count = _batch_count(y_ptr, stride_y, count_ptr, N, ignore_index, fixed_count, REDUCE=REDUCE,
+                                 COUNT_MODE=COUNT_MODE, BLOCK_N=BLOCK_N)
             inv_count = tl.math.div_rn(1.0, count)
             ce, norms, row_to, d, kd_extra = _row_scalars(stats, z_y, v_y, C, eps, temps, tau_max, alpha, cand_ptr,
-                                                          METHOD, HAS_TARGET, SMOOTH, REUSE_CE, S_UNIT, T_UNIT,
-                                                          NUM_CAND, CAND_P2)
+                                                          METHOD=METHOD, HAS_TARGET=HAS_TARGET, SMOOTH=SMOOTH,
+                                                          REUSE_CE=REUSE_CE, S_UNIT=S_UNIT, T_UNIT=T_UNIT,
+                                                          NUM_CAND=NUM_CAND, CAND_P2=CAND_P2)
             ce_scale = tl.where(row_on, ce_w * inv_count, 0.0)
             kd_scale = tl.where(row_on, kd_w * inv_count, 0.0)
             eps_c = tl.math.div_rn(eps, C.to(tl.float32))
             kl = _terms_and_grad(z, v, cols, y, in_row, grad_ptr + row * C + cols, norms,
-                                 (ce_scale, kd_scale, bad), (s, tau_tt, row_to), (alpha, beta, eps, eps_c, d), METHOD,
-                                 REUSE_CE, S_UNIT, T_UNIT, CE_GRAD, KD_GRAD, WRITE_GRAD)
+                                 (ce_scale, kd_scale, bad), (s, tau_tt, row_to), (alpha, beta, eps, eps_c, d),
+                                 METHOD=METHOD, REUSE_CE=REUSE_CE, S_UNIT=S_UNIT, T_UNIT=T_UNIT, CE_GRAD=CE_GRAD,
+                                 KD_GRAD=KD_GRAD, WRITE_GRAD=WRITE_GRAD)
             tl.store(klp_ptr + row * S + sl, kl)
             tl.debug_barrier()
             if tl.atomic_add(sync_ptr + 2 + N + row, 1, sem="acq_rel") == S - 1:  # the row's last item
                 k = tl.arange(0, S_P2)
                 kl = tl.sum(tl.load(klp_ptr + row * S + k, mask=k < S, other=0.0, cache_modifier=".cg"), axis=0)
                 _row_outputs(row, ce, kl, kd_extra, s, beta, bad, row_on, ce_w, kd_w, ce_ptr, kd_ptr, rows_ptr,
-                             METHOD, HAS_TARGET)
-                _reduce_rows(rows_ptr, loss_ptr, sync_ptr + 1, N, count, REDUCE, BLOCK_N)
+                             METHOD=METHOD, HAS_TARGET=HAS_TARGET)
+                _reduce_rows(rows_ptr, loss_ptr, sync_ptr + 1, N, count, REDUCE=REDUCE, BLOCK_N=BLOCK_N)
 
 
 @triton.jit
@@ -344,12 +370,55 @@ class Spec:
     beta: float = 8.0
 
 
+def _temperatures(spec: Spec) -> tuple:
+    """(s, tau_tt, tau_to): the student temperature and the teacher's on the label / elsewhere."""
+    if spec.method in ("kd", "dkd", "jsd", "rkl"):
+        return (float(spec.temperature),) * 3
+    if spec.method in ("ats", "isats"):
+        return float(spec.student_temperature), float(spec.tau_target), float(spec.tau_other)
+    return 1.0, 1.0, 1.0
+
+
+def _compile_time(spec: Spec, N: int, C: int, has_target: bool, write_grad: bool,
+                  config: Optional[LaunchConfig] = None) -> tuple:
+    """(plan, constexprs): the launch plan of an (N, C) call and its kernel's compile-time
+    arguments. The one mapping from a call to a kernel variant: the launcher and
+    :mod:`._compile_check` (which compiles the variants without a GPU) both use it."""
+    plan = L.plan(C, spec.method, config, N)
+    if plan.path == "split" and spec.method in ("jsd", "rkl"):
+        # The split path writes each slice's gradient from the row's statistics alone; these
+        # divergences also need a row sum formed with them (._llm): the chunked path computes it.
+        _compat.log_once("fastkd: the split-row path has no jsd / rkl variant; they use the chunked path "
+                         "(numbers are unchanged, only speed differs)")
+        plan = L.plan(C, spec.method, dataclasses.replace(config or LaunchConfig(), split=False), N)
+    reduce_id = REDUCE_IDS[spec.reduction]
+    count_mode = COUNT_FIXED.value
+    if reduce_id == REDUCE_BATCHMEAN.value and has_target:
+        in_kernel = N <= L.COUNT_IN_KERNEL_MAX and plan.path != "split"
+        count_mode = COUNT_IN_KERNEL.value if in_kernel else COUNT_FROM_BUFFER.value
+    s, tau_tt, tau_to = _temperatures(spec)
+    num_cand = len(spec.candidates) if spec.method == "isats" else 1
+    flags = pack_flags(
+        HAS_TARGET=has_target, SMOOTH=spec.label_smoothing != 0,
+        REUSE_CE=has_target and spec.method in ("kd", "ats", "isats", "jsd", "rkl") and s == 1.0,
+        S_UNIT=s == 1.0, T_UNIT=tau_tt == 1.0 and tau_to == 1.0 and spec.method != "isats",
+        CE_GRAD=write_grad and has_target and spec.ce_weight != 0,
+        KD_GRAD=write_grad and spec.method != "ce" and spec.kd_weight != 0,
+        WRITE_GRAD=write_grad,
+    )
+    modes = dict(METHOD=METHOD_IDS[spec.method], FLAGS=flags, REDUCE=reduce_id, COUNT_MODE=count_mode,
+                 NUM_CAND=num_cand, BLOCK_N=L.BLOCK_N, BLOCK=plan.block)
+    if plan.path == "split":
+        modes.update(S_P2=triton.next_power_of_2(plan.slices))
+    else:
+        modes.update(SINGLE=plan.path == "single", PREFETCH=plan.prefetch)
+    return plan, modes
+
+
 def _launch(z: torch.Tensor, v: Optional[torch.Tensor], y: Optional[torch.Tensor], spec: Spec, write_grad: bool,
             config: Optional[LaunchConfig] = None):
     N, C = z.shape
     dev = z.device
-    method_id = METHOD_IDS[spec.method]
-    reduce_id = REDUCE_IDS[spec.reduction]
     has_target = y is not None
 
     grad = torch.empty((N, C), dtype=z.dtype, device=dev) if write_grad else z.new_empty((1,))
@@ -359,65 +428,34 @@ def _launch(z: torch.Tensor, v: Optional[torch.Tensor], y: Optional[torch.Tensor
         loss.zero_()
         return loss, rows, ce, kd, grad
 
-    # Temperatures per method: student s, teacher on the label / elsewhere.
-    if spec.method in ("kd", "dkd", "jsd", "rkl"):
-        s = tau_tt = tau_to = float(spec.temperature)
-    elif spec.method in ("ats", "isats"):
-        s, tau_tt, tau_to = float(spec.student_temperature), float(spec.tau_target), float(spec.tau_other)
-    else:
-        s = tau_tt = tau_to = 1.0
-    cands, num_cand, tau_max = loss, 1, 1.0  # placeholder pointer, never read
+    plan, modes = _compile_time(spec, N, C, has_target, write_grad, config)
+    s, tau_tt, tau_to = _temperatures(spec)
+    cands, tau_max = loss, 1.0  # placeholder pointer, never read
     if spec.method == "isats":
-        cands = L.candidates_tensor(spec.candidates, dev)
-        num_cand, tau_max = len(spec.candidates), float(max(spec.candidates))
+        cands, tau_max = L.candidates_tensor(spec.candidates, dev), float(max(spec.candidates))
+    # The batchmean denominator: N without labels; else counted in the kernel or read from a buffer.
+    fixed_count = float(N) if spec.reduction == "batchmean" and not has_target else 1.0
+    count_buf = (y != spec.ignore_index).sum() if modes["COUNT_MODE"] == COUNT_FROM_BUFFER.value else loss
 
-    plan = L.plan(C, spec.method, config, N)
-    if plan.path == "split" and spec.method in ("jsd", "rkl"):
-        # The split path writes each slice's gradient from the row's statistics alone; these
-        # divergences also need a row sum formed with them (._llm): the chunked path computes it.
-        _compat.log_once("fastkd: the split-row path has no jsd / rkl variant; they use the chunked path "
-                         "(numbers are unchanged, only speed differs)")
-        plan = L.plan(C, spec.method, dataclasses.replace(config or LaunchConfig(), split=False), N)
-    count_mode, fixed_count, count_buf = COUNT_FIXED.value, 1.0, loss
-    if reduce_id == REDUCE_BATCHMEAN.value:
-        if not has_target:
-            fixed_count = float(N)
-        elif N <= L.COUNT_IN_KERNEL_MAX and plan.path != "split":
-            count_mode = COUNT_IN_KERNEL.value
-        else:
-            count_mode = COUNT_FROM_BUFFER.value
-            count_buf = (y != spec.ignore_index).sum()
-
-    cand_p2 = max(2, triton.next_power_of_2(num_cand))
     tensors = (z, z.stride(0), v if v is not None else z, v.stride(0) if v is not None else 0,
                y if has_target else z, y.stride(0) if has_target else 0, grad, ce, kd, rows, loss)
     scalars = (N, C, int(spec.ignore_index), fixed_count, float(spec.ce_weight), float(spec.kd_weight),
                float(spec.label_smoothing), s, tau_tt, tau_to, tau_max, float(spec.alpha), float(spec.beta))
-    modes = dict(
-        METHOD=method_id, HAS_TARGET=has_target, SMOOTH=spec.label_smoothing != 0,
-        REUSE_CE=has_target and spec.method in ("kd", "ats", "isats", "jsd", "rkl") and s == 1.0,
-        S_UNIT=s == 1.0, T_UNIT=tau_tt == 1.0 and tau_to == 1.0 and spec.method != "isats",
-        CE_GRAD=write_grad and has_target and spec.ce_weight != 0,
-        KD_GRAD=write_grad and spec.method != "ce" and spec.kd_weight != 0,
-        WRITE_GRAD=write_grad, REDUCE=reduce_id, COUNT_MODE=count_mode, NUM_CAND=num_cand, CAND_P2=cand_p2,
-        BLOCK_N=L.BLOCK_N, BLOCK=plan.block, num_warps=plan.warps,
-        # No FMA contraction. With it, the compiler contracted ``u - max`` differently in the
-        # two sweeps, so sweep 2's log-probabilities disagreed with sweep 1's normaliser by a
-        # product's rounding residual, which a near-one-hot KL multiplies by 1e4-sized logit gaps
-        # (seen on an H100: ATS at +-1e4 logits off by 1e-4 relative). Without it the compiled
-        # kernel rounds like the interpreter; the kernel is memory-bound, so it costs nothing.
-        enable_fp_fusion=False,
-    )
+    # No FMA contraction. With it, the compiler contracted ``u - max`` differently in the two
+    # sweeps, so sweep 2's log-probabilities disagreed with sweep 1's normaliser by a product's
+    # rounding residual, which a near-one-hot KL multiplies by 1e4-sized logit gaps (seen on an
+    # H100: ATS at +-1e4 logits off by 1e-4 relative). Without it the compiled kernel rounds like
+    # the interpreter; the kernel is memory-bound, so it costs nothing.
+    options = dict(num_warps=plan.warps, enable_fp_fusion=False)
     if plan.path == "split":
         S, lag = plan.slices, plan.lag_rows
         sync = torch.zeros(2 + 2 * N, dtype=torch.int32, device=dev)
-        stats = torch.empty(N * (S + 1) * (8 + 2 * cand_p2), dtype=torch.float32, device=dev)
+        stats = torch.empty(N * (S + 1) * stats_record(cand_p2(modes["NUM_CAND"])), dtype=torch.float32, device=dev)
         klp = torch.empty(N * S, dtype=torch.float32, device=dev)
         _kd_split_kernel[((N + lag) * 2 * S,)](*tensors, sync, stats, klp, count_buf, cands, *scalars, S, lag,
-                                                   S_P2=triton.next_power_of_2(S), **modes)
+                                                   **modes, **options)
     else:
-        _kd_fused_kernel[(N,)](*tensors, L.ticket_counter(dev), count_buf, cands, *scalars,
-                               SINGLE=plan.path == "single", PREFETCH=plan.prefetch, **modes)
+        _kd_fused_kernel[(N,)](*tensors, L.ticket_counter(dev), count_buf, cands, *scalars, **modes, **options)
     return loss, rows, ce, kd, grad
 
 
