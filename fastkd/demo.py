@@ -1,6 +1,5 @@
-"""``fastkd demo``: capacity mismatch and ATS on a small real-image data set, end to end (344 s of CPU
-time measured, 13 minutes of wall time on a 2-core CPU shared with other jobs; an estimated 4-6
-minutes on 2 free cores: benchmarks/results/demo-animal-mnist-shared-cpu.md).
+"""``fastkd demo``: capacity mismatch and ATS on a small real-image data set, end to end (about 4
+minutes on 2 free CPU cores: benchmarks/results/demo-animal-mnist-cpu.md).
 
 1. Writes Animal-MNIST (``--data animal-mnist``, the default: 250 train and 250 test images of each
    of 10 classes of 28 x 28 animal silhouettes, 2,500 test images so that 2 SE of a difference is
