@@ -83,11 +83,9 @@ def make_animal_imagefolder(root, *, train_per_class: int = 250, test_per_class:
     loaders. Idempotent like :func:`fastkd.data.make_digits_imagefolder`: a finished folder
     carries a marker with its parameters and is reused; other parameters, or a non-empty foreign
     folder, are an error; the folder is built aside and renamed into place."""
-    import json
-    import os
-    import shutil
-    import tempfile
     from pathlib import Path
+
+    from ._folder import cached_image_folder
 
     root = Path(root).expanduser()
     for name, n in (("train_per_class", train_per_class), ("test_per_class", test_per_class)):
@@ -97,13 +95,30 @@ def make_animal_imagefolder(root, *, train_per_class: int = 250, test_per_class:
         raise ValueError(f"size must be an integer >= 8, got {size!r}")
     params = {"train_per_class": train_per_class, "test_per_class": test_per_class, "size": size, "seed": int(seed),
               "quality": _JPEG_QUALITY}
-    marker = root / _MARKER
-    if marker.is_file():
-        found = json.loads(marker.read_text())
-        if found.get("params") != params:
-            raise FileExistsError(f"{str(root)!r} holds an Animal-MNIST folder made with {found.get('params')}, "
-                                  f"not {params}; choose another root")
-        return root
+    def write(staging: Path) -> dict:
+        from PIL import Image
+
+        images, labels = load_animal_mnist()
+        if int(torch.bincount(labels, minlength=ANIMAL_CLASSES).min()) < train_per_class + test_per_class:
+            raise ValueError(f"Animal-MNIST has 1,000 images per class; {train_per_class} + {test_per_class} "
+                             "do not fit")
+
+        g = torch.Generator().manual_seed(seed)
+        for c in range(ANIMAL_CLASSES):
+            idx = (labels == c).nonzero()[:, 0]
+            idx = idx[torch.randperm(len(idx), generator=g)]
+            for split, part in (("train", idx[:train_per_class]),
+                                ("val", idx[train_per_class:train_per_class + test_per_class])):
+                folder = staging / split / str(c)
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in part.tolist():
+                    img = Image.fromarray(images[i].numpy())
+                    if size != 28:
+                        img = img.resize((size, size), Image.BICUBIC)
+                    img.convert("RGB").save(folder / f"{i:05d}.jpg", quality=_JPEG_QUALITY)
+        return {"train": train_per_class * ANIMAL_CLASSES, "val": test_per_class * ANIMAL_CLASSES}
+
+    return cached_image_folder(root, _MARKER, params, "an Animal-MNIST folder", write)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise FileExistsError(f"{str(root)!r} exists and is not an empty folder nor a fastkd Animal-MNIST folder")
     images, labels = load_animal_mnist()

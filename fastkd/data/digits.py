@@ -7,11 +7,9 @@ with a stratified split.
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from ._folder import cached_image_folder
 
 _MARKER = ".fastkd_digits.json"
 _JPEG_QUALITY = 95
@@ -31,13 +29,29 @@ def make_digits_imagefolder(root, *, seed: int = 0, val_fraction: float = 0.2, s
     if isinstance(size, bool) or not isinstance(size, int) or size < 8:
         raise ValueError(f"size must be an integer >= 8 (the digits are 8 x 8), got {size!r}")
     params = {"seed": int(seed), "val_fraction": float(val_fraction), "size": int(size), "quality": _JPEG_QUALITY}
-    marker = root / _MARKER
-    if marker.is_file():
-        found = json.loads(marker.read_text())
-        if found.get("params") != params:
-            raise FileExistsError(f"{str(root)!r} holds a digits folder made with {found.get('params')}, "
-                                  f"not {params}; choose another root")
-        return root
+
+    def write(staging: Path) -> dict:
+        import numpy as np
+        from PIL import Image
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        digits = load_digits()
+        images = np.clip(digits.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
+        labels = digits.target.astype(int)
+        order = np.arange(len(labels))
+        train_idx, val_idx = train_test_split(order, test_size=val_fraction, stratify=labels, random_state=seed)
+        counts = {}
+        for split, idx in (("train", train_idx), ("val", val_idx)):
+            for i in sorted(idx):
+                folder = staging / split / str(labels[i])
+                folder.mkdir(parents=True, exist_ok=True)
+                img = Image.fromarray(images[i]).resize((size, size), Image.BICUBIC).convert("RGB")
+                img.save(folder / f"{i:04d}.jpg", quality=_JPEG_QUALITY)
+            counts[split] = len(idx)
+        return counts
+
+    return cached_image_folder(root, _MARKER, params, "a digits folder", write)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise FileExistsError(f"{str(root)!r} exists and is not an empty folder nor a fastkd digits folder")
 
