@@ -95,6 +95,7 @@ def make_animal_imagefolder(root, *, train_per_class: int = 250, test_per_class:
         raise ValueError(f"size must be an integer >= 8, got {size!r}")
     params = {"train_per_class": train_per_class, "test_per_class": test_per_class, "size": size, "seed": int(seed),
               "quality": _JPEG_QUALITY}
+
     def write(staging: Path) -> dict:
         from PIL import Image
 
@@ -119,40 +120,3 @@ def make_animal_imagefolder(root, *, train_per_class: int = 250, test_per_class:
         return {"train": train_per_class * ANIMAL_CLASSES, "val": test_per_class * ANIMAL_CLASSES}
 
     return cached_image_folder(root, _MARKER, params, "an Animal-MNIST folder", write)
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise FileExistsError(f"{str(root)!r} exists and is not an empty folder nor a fastkd Animal-MNIST folder")
-    images, labels = load_animal_mnist()
-    if int(torch.bincount(labels, minlength=ANIMAL_CLASSES).min()) < train_per_class + test_per_class:
-        raise ValueError(f"Animal-MNIST has 1,000 images per class; {train_per_class} + {test_per_class} do not fit")
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(seed)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
-        for c in range(ANIMAL_CLASSES):
-            idx = (labels == c).nonzero()[:, 0]
-            idx = idx[torch.randperm(len(idx), generator=g)]
-            for split, part in (("train", idx[:train_per_class]), ("val", idx[train_per_class:train_per_class
-                                                                                + test_per_class])):
-                folder = staging / split / str(c)
-                folder.mkdir(parents=True, exist_ok=True)
-                for i in part.tolist():
-                    img = Image.fromarray(images[i].numpy())
-                    if size != 28:
-                        img = img.resize((size, size), Image.BICUBIC)
-                    img.convert("RGB").save(folder / f"{i:05d}.jpg", quality=_JPEG_QUALITY)
-        counts = {"train": train_per_class * ANIMAL_CLASSES, "val": test_per_class * ANIMAL_CLASSES}
-        (staging / _MARKER).write_text(json.dumps({"params": params, "counts": counts}, indent=1))
-        if root.exists():
-            root.rmdir()
-        try:
-            os.replace(staging, root)
-        except OSError:
-            if not marker.is_file():
-                raise
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return root
