@@ -171,13 +171,16 @@ class ConfigField(NamedTuple):
 
 
 def config_fields() -> dict:
-    """``{config field: ConfigField}`` for every field the table maps, in first-use order."""
+    """``{config field: ConfigField}`` for every field the table maps, in first-use order; a field
+    several methods share joins their differing helps (``"KD temperature T; DKD temperature T; ..."``)."""
     out: dict[str, list] = {}
     for m in METHOD_TABLE.values():
         for p in m.params:
-            entry = out.setdefault(p.field, [[], p.kind, p.help])
+            entry = out.setdefault(p.field, [[], p.kind, []])
             entry[0].append(m.name)
-    return {k: ConfigField(tuple(ms), kind, help) for k, (ms, kind, help) in out.items()}
+            if p.help not in entry[2]:
+                entry[2].append(p.help)
+    return {k: ConfigField(tuple(ms), kind, "; ".join(helps)) for k, (ms, kind, helps) in out.items()}
 
 
 def methods_using(field: str) -> tuple:

@@ -89,3 +89,8 @@ def test_every_temperature_says_which_logits_it_divides():
             assert p.scales in ("both", "teacher", "student"), (method.name, p)
             if p.kind != "temperature":
                 assert p.scales in ("both", "teacher"), (method.name, p)
+
+
+def test_the_config_fields_help_comes_from_the_table():
+    for name, f in M.config_fields().items():
+        assert C.FIELDS[name].metadata["help"].startswith(f.help), name
