@@ -39,6 +39,12 @@ def test_wheel_has_fastkd_kernels_and_no_top_level_kernels(wheel):
         assert f"fastkd/{sub}/__init__.py" in names, sub
 
 
+def test_wheel_ships_the_data_the_demo_and_presets_read(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "fastkd/data/assets/animal_mnist.npz" in names and "fastkd/data/assets/LICENSE-animal-mnist.txt" in names
+    assert any(n.startswith("fastkd/configs/") and n.endswith(".yaml") for n in names)
+
+
 def test_wheel_declares_console_script_and_extras(wheel):
     z = zipfile.ZipFile(wheel)
     (ep,) = [n for n in z.namelist() if n.endswith("entry_points.txt")]
