@@ -481,7 +481,7 @@ def _digits_task(train_per_class: int, val_per_class: int, test_per_class: int, 
     by the training mean and std, in the digit-pairs task's container."""
     from sklearn.datasets import load_digits
 
-    from ..data.mnist import DigitPairs
+    from ..data.mnist import split_per_class
 
     d = load_digits()
     x, y = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0, torch.tensor(d.target, dtype=torch.long)
@@ -489,21 +489,11 @@ def _digits_task(train_per_class: int, val_per_class: int, test_per_class: int, 
     if int(torch.bincount(y).min()) < need:
         raise ValueError(f"the digits' smallest class has {int(torch.bincount(y).min())} images; "
                          f"{train_per_class}+{val_per_class}+{test_per_class} per class do not fit")
-    g = torch.Generator().manual_seed(seed)
-    parts = ([], [], [])
-    for c in range(10):
-        idx = (y == c).nonzero()[:, 0]
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        for k, (a, b) in enumerate(((0, train_per_class), (train_per_class, train_per_class + val_per_class),
-                                    (train_per_class + val_per_class, need))):
-            parts[k].append(idx[a:b])
-    tr, va, te = (torch.cat(p) for p in parts)
-    mean, std = x[tr].mean(), x[tr].std()
-    norm = lambda i: (x[i] - mean) / std  # noqa: E731
     desc = (f"scikit-learn digits (1,797 real 8x8 images, 10 classes); images per class {train_per_class}/"
             f"{val_per_class}/{test_per_class} train/val/test, disjoint (seed {seed}); val is carved from the "
             f"training images")
-    return DigitPairs(norm(tr), y[tr], norm(va), y[va], norm(te), y[te], 8, desc, num_classes=10)
+    return split_per_class(x, y, 10, train_per_class, val_per_class, test_per_class, seed=seed, image_size=8,
+                           description=desc)
 
 
 def _load_task(cfg: StudyConfig):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .mnist import DigitPairs
+from .mnist import DigitPairs, split_per_class
 
 __all__ = ["load_animal_mnist", "make_animal_task", "make_animal_imagefolder", "ANIMAL_CLASSES"]
 
@@ -54,22 +54,11 @@ def make_animal_task(train_per_class: int, val_per_class: int, test_per_class: i
     x = images.float()[:, None] / 255.0
     if image_size != 28:
         x = F.interpolate(x, size=(image_size, image_size), mode="area")
-    g = torch.Generator().manual_seed(seed)
-    parts = ([], [], [])
-    for c in range(ANIMAL_CLASSES):
-        idx = (labels == c).nonzero()[:, 0]
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        parts[0].append(idx[:train_per_class])
-        parts[1].append(idx[train_per_class:train_per_class + val_per_class])
-        parts[2].append(idx[train_per_class + val_per_class:need])
-    tr, va, te = (torch.cat(p) for p in parts)
-    mean, std = x[tr].mean(), x[tr].std()
-    norm = lambda i: (x[i] - mean) / std  # noqa: E731
-    desc = (f"Animal-MNIST (animal-mnist wheel, 10 classes of 28x28 silhouettes), {image_size}x{image_size} px; "
+    desc = (f"Animal-MNIST (10 classes of 28x28 silhouettes, shipped with fastkd), {image_size}x{image_size} px; "
             f"images per class {train_per_class}/{val_per_class}/{test_per_class} train/val/test, disjoint "
             f"(seed {seed}); val is carved from the training images")
-    return DigitPairs(norm(tr), labels[tr], norm(va), labels[va], norm(te), labels[te], image_size, desc,
-                      num_classes=ANIMAL_CLASSES)
+    return split_per_class(x, labels, ANIMAL_CLASSES, train_per_class, val_per_class, test_per_class, seed=seed,
+                           image_size=image_size, description=desc)
 
 
 _MARKER = ".fastkd_animal_mnist.json"

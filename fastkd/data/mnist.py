@@ -98,3 +98,23 @@ def make_digit_pairs(train_per_class: int, val_per_class: int, test_per_class: i
             f"into disjoint train/val/test digit pools (seed {seed}); pairs per class "
             f"{train_per_class}/{val_per_class}/{test_per_class}; val is carved from the training digits")
     return DigitPairs(norm(x_tr), y_tr, norm(x_va), y_va, norm(x_te), y_te, digit_size, desc)
+
+
+def split_per_class(x: Tensor, labels: Tensor, num_classes: int, train_per_class: int, val_per_class: int,
+                    test_per_class: int, *, seed: int, image_size: int, description: str) -> DigitPairs:
+    """Per class, ``*_per_class`` disjoint train / val / test rows of ``x`` (seeded; the val rows are
+    carved from what would be training images), normalised by the training mean and std: the
+    container of the study's single-image tasks (scikit-learn digits, Animal-MNIST)."""
+    g = torch.Generator().manual_seed(seed)
+    parts = ([], [], [])
+    bounds = (0, train_per_class, train_per_class + val_per_class, train_per_class + val_per_class + test_per_class)
+    for c in range(num_classes):
+        idx = (labels == c).nonzero()[:, 0]
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        for k in range(3):
+            parts[k].append(idx[bounds[k]:bounds[k + 1]])
+    tr, va, te = (torch.cat(p) for p in parts)
+    mean, std = x[tr].mean(), x[tr].std()
+    norm = lambda i: (x[i] - mean) / std  # noqa: E731
+    return DigitPairs(norm(tr), labels[tr], norm(va), labels[va], norm(te), labels[te], image_size, description,
+                      num_classes=num_classes)
