@@ -19,6 +19,7 @@ non-finite is saved (:mod:`fastkd.engine.nonfinite`).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 from pathlib import Path
@@ -185,6 +186,16 @@ class Trainer:
                 self.dpk_train = DDP(self.dpk, device_ids=ids)
         if self.cfg.compile:
             self.student_train = torch.compile(self.student_train)
+
+    def _release_process_group(self) -> None:
+        """Drop the DDP wrappers, leave the process group, and free what held it now, while the
+        interpreter is fully alive: a DDP reducer left to interpreter exit (the trainer sits in
+        reference cycles) takes gloo's communication threads down during finalisation, which can
+        abort a finished rank (SIGABRT, "terminate called without an active exception")."""
+        self.student_train, self.dpk_train = getattr(self, "student", None), getattr(self, "dpk", None)
+        D.shutdown(self.dist)
+        if self.dist.distributed:
+            gc.collect()
 
     def _check_teacher(self) -> None:
         """Before epoch 0: the teacher's top-1 on a few validation batches; near chance stops the run
@@ -384,7 +395,7 @@ class Trainer:
                 self.teacher_source.close()
             if getattr(self, "student_hooks", None) is not None:
                 self.student_hooks.remove()
-            D.shutdown(self.dist)
+            self._release_process_group()
             if getattr(self, "_lock", None) is not None:
                 self._lock.release()
             if failed and self.is_main:

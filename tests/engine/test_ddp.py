@@ -98,3 +98,23 @@ def test_a_stopped_rank_ends_the_run_after_the_dist_timeout(tmp_path):
     assert "timed out after 3 s (--dist-timeout)" in err and "Traceback" not in err, err[-3000:]
     assert procs[0].returncode == 2
     assert waited < 90
+
+
+def test_a_finished_run_leaves_no_reducer_for_interpreter_exit(tmp_path, run_fastkd):
+    """When 'train' returns on a rank, its DDP wrapper (and the reducer holding gloo's threads) is
+    gone already: left to interpreter finalisation, it could abort a rank that had finished (a
+    SIGABRT once seen in CI after a two-process cached run)."""
+    script = tmp_path / "train_then_count.py"
+    script.write_text(
+        "import gc, sys\n"
+        "from fastkd import cli\n"
+        "rc = cli.main(sys.argv[1:])\n"
+        "alive = sum(type(o).__name__ == 'DistributedDataParallel' for o in gc.get_objects())\n"
+        "print(f'ddp-alive={alive}', flush=True)\n"
+        "sys.exit(rc)\n")
+    args = ["train", "--data-backend", "synthetic", "--synthetic-samples", "32", "--synthetic-classes", "4",
+            "--image-size", "8", "--batch-size", "8", "--student", "fastkd:resnet8", "--method", "ce",
+            "--epochs", "1", "--device", "cpu", "--threads", "1", "--output", tmp_path / "run"]
+    proc = run_fastkd(["--standalone", "--nproc_per_node", "2", script, *args], module=("-m", "torch.distributed.run"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("ddp-alive=0") == 2, proc.stdout[-2000:]

@@ -38,6 +38,7 @@ SCRIPT = textwrap.dedent('''
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=lambda m: name + ": " + m)
     sys.stdout.write(f"rank {rank} ok\\n")  # one write per line: the two ranks share the pipe
     sys.stdout.flush()
+    del ddp  # the reducer (it holds the process group) freed now, not during interpreter exit
     dist.destroy_process_group()
 ''')
 
