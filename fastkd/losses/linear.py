@@ -6,8 +6,8 @@
 its gradients with respect to ``hidden``, ``weight`` and ``bias``, but the rows go through in
 chunks of ``chunk_size``: per chunk, the student logits ``h_c W^T + b`` are formed, the loss and
 its gradient with respect to those logits are computed at once (the fused KD + CE kernel on the
-Triton backend, per-chunk autograd on the PyTorch reference on the torch backend) and turned
-into the chunk's share of the parameter gradients::
+Triton backend; on the torch backend, the PyTorch reference's autograd on an eighth of the chunk's
+rows at a time, its gradient written over the chunk's logits) and turned into the chunk's share of the parameter gradients::
 
     grad_hidden[c] = grad_logits_c @ W          grad_W += grad_logits_c^T @ h_c          grad_b += sum(grad_logits_c)
 
@@ -147,13 +147,21 @@ class _Teacher:
 # --------------------------------------------------------------------------------------------
 # The chunked forward (loss and every gradient)
 # --------------------------------------------------------------------------------------------
+REF_SPLIT = 8  # the torch backend runs its reference on an eighth of a chunk's rows at a time
+
+
 def _chunk_loss_and_grad(z: Tensor, v: Optional[Tensor], y: Optional[Tensor], crit: DistillLoss, method: str,
                          ce_w: float, kd_w: float, kd_params: dict, backend: str, want_grad: bool):
     """(sum of the chunk's weighted row losses, fp32 (fp64) scalar; d sum / d z or None). The weights
-    already hold the batchmean 1/count."""
+    already hold the batchmean 1/count.
+
+    The torch backend overwrites ``z`` with its gradient, and runs the reference's autograd on
+    ``REF_SPLIT`` row blocks of the chunk in turn: the reference keeps about fifteen logits-sized
+    temporaries for its backward, so a whole chunk at once would hold fifteen chunks of memory
+    (every row's loss and gradient is the same either way; only the sum's order changes)."""
     ii = crit.ignore_index
-    zl = z.detach().requires_grad_(want_grad)
     if backend == "triton":
+        zl = z.detach().requires_grad_(want_grad)
         with torch.enable_grad():  # autograd.Function.forward runs with grad mode off
             loss, _ = F._fused(zl, v, y, method=method, ce_weight=ce_w, kd_weight=kd_w,
                                label_smoothing=crit.label_smoothing, ignore_index=ii, reduction="sum", **kd_params)
@@ -161,6 +169,23 @@ def _chunk_loss_and_grad(z: Tensor, v: Optional[Tensor], y: Optional[Tensor], cr
             return loss.detach(), None
         (g,) = torch.autograd.grad(loss, zl)  # the gradient the kernel wrote in forward (grad_output 1: no pass)
         return loss.detach(), g
+    total = torch.zeros((), dtype=ref.upcast(z[:0]).dtype, device=z.device)
+    step = max(1, -(-z.shape[0] // REF_SPLIT))
+    for a in range(0, z.shape[0], step):
+        b = a + step
+        part, g = _reference_loss_and_grad(z[a:b], v[a:b] if v is not None else None,
+                                           y[a:b] if y is not None else None, crit, method, ce_w, kd_w, kd_params,
+                                           want_grad)
+        total += part
+        if want_grad:
+            z[a:b] = g  # these rows' logits are no longer needed
+    return total, (z if want_grad else None)
+
+
+def _reference_loss_and_grad(z: Tensor, v: Optional[Tensor], y: Optional[Tensor], crit: DistillLoss, method: str,
+                             ce_w: float, kd_w: float, kd_params: dict, want_grad: bool):
+    ii = crit.ignore_index
+    zl = z.detach().requires_grad_(want_grad)
     with torch.enable_grad() if want_grad else torch.no_grad():
         zf = ref.upcast(zl)
         if y is None:

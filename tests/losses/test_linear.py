@@ -203,6 +203,31 @@ def test_peak_logits_are_one_chunk(monkeypatch):
     assert shapes == [(6, 50)] * 6 + [(2, 50)] * 2  # student and teacher logits of 4 chunks (6, 6, 6, 2)
 
 
+def test_the_torch_backend_keeps_autograd_temporaries_of_a_row_block_only():
+    """The torch backend runs the reference's autograd on an eighth of a chunk's rows at a time:
+    every logits-shaped tensor saved for its backward has at most that many rows (a whole chunk
+    would keep about fifteen chunk-sized temporaries)."""
+    h, W, b, head, y = make(N=40, V=50, seed=6)
+    rows = []
+
+    def pack(t):
+        if t.dim() == 2 and t.shape[1] == 50:
+            rows.append(t.shape[0])
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fastkd.fused_linear_distill(h.requires_grad_(), W, head, y, method="jsd", bias=b, chunk_size=16,
+                                           backend="torch")
+    assert rows and max(rows) == 2, rows  # an eighth of the 16-row chunk
+    loss.backward()
+    h2 = h.detach().clone().requires_grad_()
+    _, dense = teacher_form("dense", head, y)
+    full = fastkd.DistillLoss("jsd", backend="torch")(h2 @ W.T + b, dense, y)
+    full.backward()
+    torch.testing.assert_close(loss, full)
+    torch.testing.assert_close(h.grad, h2.grad)
+
+
 def test_default_chunk_size_follows_liger_with_a_floor():
     assert LIN.default_chunk_size(8192, 4096, 128256) == 256  # Liger's rule: chunk x V ~ N x H
     assert LIN.default_chunk_size(8192, 8192, 32000) == 2048
