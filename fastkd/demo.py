@@ -124,6 +124,32 @@ def _evaluate(checkpoint: Path, model_name: str, folder: Path, image_size: int, 
     return 100.0 * correct / loader.num_samples, loader.description
 
 
+def _teacher_columns(checkpoint: Path, teacher: str, teacher_checkpoint: Path, folder: Path, args, device,
+                     num_classes: int) -> dict:
+    """``teacher_top1``, ``agreement`` and ``kl`` of a student trained from the teacher cache (its
+    run has no teacher model to validate with): the trainer's own validation function on the test
+    folder, the teacher loaded from its checkpoint."""
+    from .data import create_loader
+    from .engine.meters import evaluate
+    from .engine.runner import TeacherRunner
+    from .models import create_model, load_weights
+
+    loader = create_loader(folder, train=False, batch_size=args.batch_size, image_size=args.image_size,
+                           backend="torch", device=str(device), num_threads=0)
+    student = load_weights(create_model(STUDENT, num_classes=num_classes), checkpoint).to(device)
+    runner = TeacherRunner(load_weights(create_model(teacher, num_classes=num_classes), teacher_checkpoint), device)
+    m = evaluate(student, loader, device, teacher=runner)
+    return {k: m[k] for k in ("teacher_top1", "agreement", "kl")}
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    """Whether two runs' checkpoints hold the same student weights, bit for bit."""
+    import torch
+
+    wa, wb = (torch.load(p, map_location="cpu", weights_only=True)["model"] for p in (a, b))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def _diagnostic(ckpts: dict, folder: Path, image_size: int, device, num_classes: int) -> dict:
     """Per teacher, the ATS regime diagnostic on the (fit) training images."""
     from .analysis import metrics as M
@@ -197,26 +223,14 @@ def main(args: argparse.Namespace) -> int:
 
     s_short = STUDENT.split(":")[1]
     large = TEACHERS[-1]
-    jobs = [("ce", None, {"method": "ce"})]
-    jobs += [(f"kd-from-{t.split(':')[1]}", t, KD) for t in TEACHERS]
-    jobs += [(f"ats{a:g},{b:g}-from-{large.split(':')[1]}", large, {**ATS, "tau_target": a, "tau_other": b})
-             for a, b in ATS_GRID]
-    jobs += [(f"diagonal{t:g}-from-{large.split(':')[1]}", large, {**ATS, "tau_target": t, "tau_other": t})
-             for t in DIAGONAL]
-    for name, teacher, params in jobs:
-        extra = {} if teacher is None else {"teacher": teacher, "teacher_checkpoint": str(teacher_ckpt[teacher])}
-        r = _run(f"student-{s_short}-{name}", out, common, student=STUDENT, epochs=args.student_epochs, **extra,
-                 **params)
-        r["holdout_top1"], r["holdout_loader"] = _evaluate(Path(r["output"]) / "last.pt", STUDENT, holdout,
-                                                           args.image_size, device, num_classes)
-        rows.append({**r, "student": s_short, "teacher": teacher.split(":")[1] if teacher else "-",
-                     "method": _method_label(params), "key": name, "params": params})
+    l_short = large.split(":")[1]
 
-    # The same KD student from the teacher-output cache of the larger teacher: no teacher forward.
+    # The larger teacher's outputs once, in a teacher-output cache: the KD student trains from it
+    # beside its online twin (the speed ratio; the same weights bit for bit), and the ATS and
+    # diagonal students read it instead of running the teacher five more times.
     from .cache.build import CacheSpec, build_cache
     from .engine.config import make_config
 
-    l_short = large.split(":")[1]
     cache_dir = out / f"cache-{l_short}"
     t0 = time.perf_counter()
     build_cache(make_config(output=str(out / "cache-build"), **common, student=STUDENT, teacher=large,
@@ -224,12 +238,26 @@ def main(args: argparse.Namespace) -> int:
                 cache_dir, CacheSpec())
     cache_build_s = time.perf_counter() - t0
     name = f"kd-from-{l_short}-cached"
-    r = _run(f"student-{s_short}-{name}", out, common, student=STUDENT, epochs=args.student_epochs,
-             teacher_cache=str(cache_dir), **KD)
-    r["holdout_top1"], r["holdout_loader"] = _evaluate(Path(r["output"]) / "last.pt", STUDENT, holdout,
-                                                       args.image_size, device, num_classes)
-    rows.append({**r, "student": s_short, "teacher": f"{l_short} cache", "method": _method_label(KD), "key": name,
-                 "params": KD})
+    jobs = [("ce", None, {"method": "ce"}, False)]
+    jobs += [(f"kd-from-{t.split(':')[1]}", t, KD, False) for t in TEACHERS]
+    jobs += [(name, large, KD, True)]
+    jobs += [(f"ats{a:g},{b:g}-from-{l_short}", large, {**ATS, "tau_target": a, "tau_other": b}, True)
+             for a, b in ATS_GRID]
+    jobs += [(f"diagonal{t:g}-from-{l_short}", large, {**ATS, "tau_target": t, "tau_other": t}, True)
+             for t in DIAGONAL]
+    for key, teacher, params, cached in jobs:
+        extra = ({} if teacher is None else {"teacher_cache": str(cache_dir)} if cached
+                 else {"teacher": teacher, "teacher_checkpoint": str(teacher_ckpt[teacher])})
+        r = _run(f"student-{s_short}-{key}", out, common, student=STUDENT, epochs=args.student_epochs, **extra,
+                 **params)
+        r["holdout_top1"], r["holdout_loader"] = _evaluate(Path(r["output"]) / "last.pt", STUDENT, holdout,
+                                                           args.image_size, device, num_classes)
+        if cached:  # no teacher model in the run: its teacher columns from the same evaluation, afterwards
+            r["final"].update(_teacher_columns(Path(r["output"]) / "last.pt", large, teacher_ckpt[large], fit / "val",
+                                               args, device, num_classes))
+        rows.append({**r, "student": s_short, "cached": cached,
+                     "teacher": (teacher.split(":")[1] + (" cache" if cached else "")) if teacher else "-",
+                     "method": _method_label(params), "key": key, "params": params})
 
     students = [r for r in rows if r["key"] not in ("ce", name) and not r["key"].startswith("teacher")]
     ats_rows = [r for r in students if r["key"].startswith("ats")]
@@ -251,6 +279,8 @@ def main(args: argparse.Namespace) -> int:
         "large": l_short, "small": TEACHERS[0].split(":")[1],
         "speed": {"ce": speed("ce"), "kd_online": speed(f"kd-from-{l_short}"), "kd_cached": speed(name)},
         "kd_cached": by_key[name]["final"]["val_top1"], "cache_build_s": cache_build_s,
+        "kd_cached_same_weights": _same_weights(Path(by_key[f"kd-from-{l_short}"]["output"]) / "last.pt",
+                                                Path(by_key[name]["output"]) / "last.pt"),
     }
 
     print("\n" + format_diagnostic(diag, ats_sel))
@@ -319,6 +349,9 @@ def format_table(rows: list[dict], student_epochs: int, teacher_epochs: int) -> 
             f"{teacher_epochs} for teachers): 'test' is val/, 'val' the validation split carved from train/. "
             "KL(t||s) is KL(sm(v)||sm(z)) at temperature 1 on the test images (the KL the training loss uses differs: "
             "T=4 for KD, the ATS temperatures for ATS). * = chosen by validation top-1 (ATS grid, diagonal).")
+    if any(r.get("cached") for r in rows):
+        note += (" '<- T cache' rows trained from the teacher-output cache of T (no teacher forward); their teacher "
+                 "columns come from the same validation function, run on the final weights after training.")
     # Decoders differ slightly (DALI vs PIL): name the loader behind each column.
     test_loaders = sorted({f"{r['final']['loader']} loader, {r['final']['decoder']}" for r in rows
                            if "loader" in r["final"]})
@@ -363,5 +396,9 @@ def conclusions(x: dict) -> list[str]:
                f"{sp['kd_cached'] / sp['ce']:.2f}x the student-only run ({sp['ce']:.0f} images/s); online KD from "
                f"{x['large']} ran at {sp['kd_online'] / sp['ce']:.2f}x (building the cache took "
                f"{x['cache_build_s']:.0f} s). Its student reached {x['kd_cached']:.1f}%, {w_cache} the online KD "
-               f"student's {kd_l:.1f}%.")
+               f"student's {kd_l:.1f}%, "
+               + ("with the same weights bit for bit; the ATS and diagonal students read the same cache."
+                  if x["kd_cached_same_weights"] else
+                  "but with other weights (the cached teacher rows are not exactly the online teacher's here); the "
+                  "ATS and diagonal students read the same cache."))
     return out

@@ -12,7 +12,8 @@ def _numbers(**kw):
     x = {"n_test": 360, "ce": 88.0, "kd": {"resnet20": 89.0, "resnet8x4": 89.5}, "ats_released": 90.0,
          "ats_selected": 91.0, "ats_selected_point": (6.0, 2.0), "diagonal_selected": 90.5,
          "diagonal_selected_t": 2.0, "large": "resnet8x4", "small": "resnet20",
-         "speed": {"ce": 1000.0, "kd_online": 400.0, "kd_cached": 900.0}, "kd_cached": 89.4, "cache_build_s": 12.0}
+         "speed": {"ce": 1000.0, "kd_online": 400.0, "kd_cached": 900.0}, "kd_cached": 89.4, "cache_build_s": 12.0,
+         "kd_cached_same_weights": True}
     x.update(kw)
     return x
 
@@ -31,6 +32,9 @@ def test_conclusions_follow_the_numbers():
     fast = " ".join(conclusions(_numbers(n_test=2500, speed={"ce": 500.0, "kd_online": 100.0, "kd_cached": 750.0},
                                          kd_cached=70.0)))
     assert "1.50x the student-only run" in fast and "70.0%, below the online KD" in fast
+    assert "with the same weights bit for bit" in text and "but with other weights" not in text
+    other = " ".join(conclusions(_numbers(kd_cached_same_weights=False)))
+    assert "but with other weights" in other and "bit for bit" not in other
 
 
 @pytest.mark.slow
@@ -40,7 +44,8 @@ def test_demo_runs_every_stage_and_prints_the_table(tmp_path, capsys):
                    "--workers", "0"])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "test top-1" in text and "resnet8 <- resnet8x4 [ats (4,2) s=1]" in text
+    assert "test top-1" in text and "resnet8 <- resnet8x4 cache [ats (4,2) s=1]" in text
+    assert "resnet8 <- resnet8x4 [kd T=4 s=4]" in text and "resnet8 <- resnet8x4 cache [kd T=4 s=4]" in text
     # every accuracy names the loader that read its images (the demo reads through the torch loader)
     assert "train top-1" in text and "% (torch loader, PIL); label on top" in text
     assert "Images read by: 'test' and 'teacher test' the torch loader, PIL; 'val' the torch loader, PIL." in text
@@ -54,8 +59,8 @@ def test_demo_runs_every_stage_and_prints_the_table(tmp_path, capsys):
         f = r["final"]
         assert 0 <= f["val_top1"] <= 100 and f["images_per_s"] > 0
         assert (f["loader"], f["decoder"]) == ("torch", "PIL")
-        if "-from-" in name and not name.endswith("-cached"):  # a student reports its teacher checkpoint's accuracy
-            t = teachers[name.rsplit("-from-", 1)[1]]
+        if "-from-" in name:  # a student reports its teacher checkpoint's accuracy (from the cache too)
+            t = teachers[name.rsplit("-from-", 1)[1].removesuffix("-cached")]
             assert f["teacher_top1"] == t["final"]["val_top1"]
             assert 0 <= r["holdout_top1"] <= 100
     # one ATS point and one diagonal point are chosen, by the validation (holdout) numbers
@@ -66,6 +71,9 @@ def test_demo_runs_every_stage_and_prints_the_table(tmp_path, capsys):
     assert results["conclusions"] == conclusions(results["numbers"]) and len(results["conclusions"]) == 4
     cached = runs["student-resnet8-kd-from-resnet8x4-cached"]
     assert 0 <= cached["holdout_top1"] <= 100 and (demo_dir / "cache-resnet8x4").is_dir()
+    # the ATS grid and the diagonal read the cache, which trains the online KD student's weights exactly
+    assert all(runs[n]["cached"] for n in runs if "-ats" in n or "-diagonal" in n)
+    assert results["numbers"]["kd_cached_same_weights"] is True and "with the same weights bit for bit" in text
     assert all(v > 0 for v in results["numbers"]["speed"].values())
     assert "KD from the teacher cache ran at" in text
     assert all(0 <= d["ats_label_on_top"]["4,2"] <= 1 for d in results["diagnostic"].values())
