@@ -229,7 +229,7 @@ def build_cache(cfg: C.TrainConfig, output, spec: CacheSpec) -> dict:
     dist = D.init(cfg.device)
     device = dist.device
     amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
-    lock = None
+    lock = loader = None
     try:
         loader = train_loader(cfg, dist, teacher_view=True)
         classes = loader.classes
@@ -328,6 +328,8 @@ def build_cache(cfg: C.TrainConfig, output, spec: CacheSpec) -> dict:
             runner.close()
         return summary
     finally:
+        if loader is not None:
+            loader.close()
         if lock is not None:
             lock.release()
         D.shutdown(dist)
@@ -360,8 +362,9 @@ def _check_teacher(cfg: C.TrainConfig, runner, dist, classes) -> None:
                         channels_last=cfg.channels_last, skip_corrupt=cfg.skip_corrupt, **norms, **extra)
     if list(val.classes) != list(classes):
         raise ValueError(f"the training and validation splits of {cfg.data} hold different classes")
-    check_teacher(runner, val, dist.device, len(classes), name=cfg.teacher, view=view, what="fastkd cache build",
-                  dist=dist)
+    with val:
+        check_teacher(runner, val, dist.device, len(classes), name=cfg.teacher, view=view,
+                      what="fastkd cache build", dist=dist)
 
 
 #: How the teacher forward was computed: a continued build must keep them (the trainer warns on them).

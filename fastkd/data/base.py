@@ -366,6 +366,18 @@ class BaseLoader:
             return t.pin_memory().to(self.spec.device, non_blocking=True)
         return t
 
+    def close(self) -> None:
+        """Release what the loader runs in the background (worker processes, pipelines) now; the
+        loader can still be iterated afterwards (it starts them again). A training run calls this
+        when it ends, so that nothing is left for the garbage collector to stop at some later
+        moment, inside another run."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # ---- what a backend implements ---------------------------------------------------------
     def _run(self, plan: ShardPlan, start: int, resume_extra: Optional[dict]) -> Iterator[tuple[Batch, int]]:
         """Yield ``(batch, next_entry)`` for entries ``start..`` of ``plan``."""

@@ -212,6 +212,17 @@ class DaliLoader(BaseLoader):
         # dataset index -> a UTF-8 path DALI can take (tar shards are read by offset, not by name)
         self._aliases = {} if hasattr(self.index, "read") else self._alias_undecodable_names()
 
+    def close(self) -> None:
+        """Drop the running and the prebuilt pipelines (their threads end with them) and the
+        builder thread."""
+        self._active = None
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead[3].cancel()
+        if self._builder is not None:
+            self._builder.shutdown(wait=True)
+            self._builder = None
+
     def _placeholder_path(self) -> str:
         """A small uniform-grey PNG that stands in for corrupt files (removed with the loader)."""
         if self._placeholder is None:

@@ -277,6 +277,15 @@ class TorchLoader(BaseLoader):
         if self.gpu_decode:
             log_once("fastkd.data: torch backend decodes JPEGs on the GPU (nvJPEG via torchvision)")
 
+    def close(self) -> None:
+        """Stop the persistent worker processes (what the DataLoader's own finaliser does, but now:
+        left to the garbage collector, they were stopped inside a later run, where each waited out
+        PyTorch's 5-second join timeout)."""
+        it = getattr(self._dataloader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self._dataloader._iterator = None
+
     def _run(self, plan: ShardPlan, start: int, resume_extra) -> Iterator[tuple[Batch, int]]:
         bs = self.spec.batch_size
         entries = np.arange(start, len(plan), dtype=np.int64)

@@ -395,6 +395,9 @@ class Trainer:
                 self.teacher_source.close()
             if getattr(self, "student_hooks", None) is not None:
                 self.student_hooks.remove()
+            for loader in (getattr(self, "train_loader", None), getattr(self, "val_loader", None)):
+                if loader is not None:
+                    loader.close()
             self._release_process_group()
             if getattr(self, "_lock", None) is not None:
                 self._lock.release()

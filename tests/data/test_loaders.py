@@ -318,6 +318,28 @@ def test_torch_workers_give_the_same_batches(image_folder):
         assert torch.equal(a["teacher"], b["teacher"])
 
 
+def test_close_stops_the_workers_and_the_loader_reads_on(image_folder):
+    """A run ends by closing its loaders: their persistent worker processes stop then, not when the
+    garbage collector gets to them (inside a later run, where each waited out a 5-second join)."""
+    import multiprocessing
+
+    before = set(multiprocessing.active_children())
+    kw = dict(train=True, batch_size=5, teacher_image_size=20, seed=4)
+    loader = make(image_folder, "torch", num_threads=2, **kw)
+    first = run(loader)
+    assert len(set(multiprocessing.active_children()) - before) == 2  # persistent: alive between passes
+    loader.close()
+    assert set(multiprocessing.active_children()) - before == set()
+    loader.set_epoch(0)
+    again = run(loader)  # new workers, the same batches
+    assert len(again) == len(first) == 5
+    for a, b in zip(first, again):
+        assert torch.equal(a["indices"], b["indices"]) and torch.equal(a["images"], b["images"])
+    with loader:
+        pass
+    assert set(multiprocessing.active_children()) - before == set()
+
+
 @pytest.mark.parametrize("num_threads", [0, 2])
 def test_iterating_leaves_the_global_torch_rng_alone(image_folder, num_threads):
     # The engine's checkpoints save torch's global generator (dropout, DPK masks): a loader pass

@@ -224,3 +224,21 @@ def test_dpk_ratio_leaves_padding_rows_out():
     torch.testing.assert_close(padded.r, plain.r, rtol=1e-6, atol=0)
     assert padded.ratios != [0.5]
     torch.testing.assert_close(b, a, rtol=1e-6, atol=0)
+
+
+def test_a_finished_run_leaves_no_loader_workers(digits_root, tmp_path):
+    """Its loaders' worker processes stop when run() returns, while the trainer still exists (the
+    demo and the study run many trainings in one process: left to the garbage collector, they
+    stopped inside later runs, where each waited out a 5-second join timeout)."""
+    import multiprocessing
+
+    from fastkd.engine.trainer import Trainer
+
+    before = set(multiprocessing.active_children())
+    trainer = Trainer(C.make_config(data=str(digits_root), student="fastkd:resnet8", method="ce", epochs=1,
+                                    data_backend="torch", batch_size=256, image_size=8, workers=1, device="cpu",
+                                    output=str(tmp_path / "run")))
+    result = trainer.run()
+    assert result["final"]["val_samples"] > 0
+    assert set(multiprocessing.active_children()) - before == set()
+    assert trainer.val_loader is not None  # the loaders remain usable objects; only their workers stopped
