@@ -281,10 +281,12 @@ class TorchLoader(BaseLoader):
         """Stop the persistent worker processes (what the DataLoader's own finaliser does, but now:
         left to the garbage collector, they were stopped inside a later run, where each waited out
         PyTorch's 5-second join timeout)."""
-        it = getattr(self._dataloader, "_iterator", None)
+        it, self._dataloader._iterator = getattr(self._dataloader, "_iterator", None), None
         if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
-        self._dataloader._iterator = None
+            try:
+                it._shutdown_workers()
+            except RuntimeError:  # "DataLoader worker ... is killed by signal": a signal to the whole
+                pass  # process group ended them already; the error that stops the run is the caller's
 
     def _run(self, plan: ShardPlan, start: int, resume_extra) -> Iterator[tuple[Batch, int]]:
         bs = self.spec.batch_size
