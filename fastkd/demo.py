@@ -1,4 +1,4 @@
-"""``fastkd demo``: capacity mismatch and ATS on a small real-image data set, end to end (about 4
+"""``fastkd demo``: capacity mismatch and ATS on a small real-image data set, end to end (about 3.5
 minutes on 2 free CPU cores: benchmarks/results/demo-animal-mnist-cpu.md).
 
 1. Writes Animal-MNIST (``--data animal-mnist``, the default: 250 train and 250 test images of each

@@ -408,6 +408,21 @@ def test_dali_next_epoch_pipeline_built_ahead_gives_the_same_batches(image_folde
     assert sorted(torch.cat([b["indices"] for b in run(loader)]).tolist()) == list(range(21))
 
 
+def test_closing_a_dali_loader_drops_its_pipelines_and_it_reads_on(image_folder):
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    kw = dict(train=True, batch_size=6, teacher_image_size=20, seed=7)
+    loader = make(image_folder, "dali", **kw)
+    first = run(loader)  # its end builds epoch 1's pipeline ahead, in a builder thread
+    assert loader._ahead is not None and loader._builder is not None
+    loader.close()
+    assert loader._ahead is None and loader._builder is None and loader._active is None
+    loader.set_epoch(0)
+    again = run(loader)
+    assert len(again) == len(first) == 4
+    for a, b in zip(first, again):
+        assert torch.equal(a["indices"], b["indices"]) and torch.equal(a["images"], b["images"])
+
+
 def test_every_pil_mode_decodes_as_dali_does(modes_folder, backend):
     """16-bit grey PNG / TIFF, float TIFF, grey + alpha, palette with transparency, bilevel, RGBA and
     16-bit RGB: the same 8-bit RGB pixels from both backends (PIL's own convert("RGB") turned the
