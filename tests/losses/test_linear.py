@@ -302,3 +302,27 @@ def test_gpu_fused_kernel_per_chunk_matches_the_reference(method):
     teacher, dense = teacher_form("head", head, y)
     compare(method, h, W, b, teacher, dense, y, dict(ce_weight=0.5, kd_weight=0.5, **PARAMS[method]), "triton", 96,
             dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("method", ["kd", "jsd", "rkl"])
+@pytest.mark.parametrize("temperature", [1e-3, 100.0])
+def test_row_blocks_match_full_logits_at_the_temperature_limits(method, temperature):
+    """fp64, 37 rows in 16-row chunks (row blocks of 2, a last chunk of 5): the torch backend's
+    value and gradients equal DistillLoss on the full logits at both ends of the temperature range."""
+    g = torch.Generator().manual_seed(11)
+    h = torch.randn(37, 8, generator=g, dtype=torch.float64)
+    W = torch.randn(50, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(37, 50, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, 50, (37,), generator=g)
+    y[:3] = II
+    h1, W1 = h.clone().requires_grad_(), W.clone().requires_grad_()
+    got = fastkd.fused_linear_distill(h1, W1, v, y, method=method, temperature=temperature, chunk_size=16,
+                                      backend="torch")
+    got.backward()
+    h2, W2 = h.clone().requires_grad_(), W.clone().requires_grad_()
+    want = fastkd.DistillLoss(method, temperature=temperature, backend="torch")(h2 @ W2.T, v, y)
+    want.backward()
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(W1.grad, W2.grad, rtol=1e-12, atol=1e-14)
